@@ -1,0 +1,25 @@
+"""Anomaly detectors behind one interface (``AnomalyDetector``), registered by name."""
+
+from monai_ad.detectors.base import (
+    DETECTORS,
+    AnomalyDetector,
+    SliceScores,
+    available_detectors,
+    create_detector,
+    iter_slice_batches,
+    register_detector,
+)
+from monai_ad.detectors.patchcore import PatchCore
+from monai_ad.detectors.simplenet import SimpleNet
+
+__all__ = [
+    "DETECTORS",
+    "AnomalyDetector",
+    "PatchCore",
+    "SimpleNet",
+    "SliceScores",
+    "available_detectors",
+    "create_detector",
+    "iter_slice_batches",
+    "register_detector",
+]

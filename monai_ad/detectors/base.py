@@ -1,0 +1,260 @@
+"""The one detector interface every part of monai_ad uses.
+
+A detector is built from hyper-parameters only (scikit-learn style), learns its state in ``fit`` from normal
+slices, and scores batches of slices without changing state. The whole state (hyper-parameters, learned
+tensors, operating thresholds and the pre-processing it was trained with) saves to one file that loads with
+``torch.load(..., weights_only=True)``.
+
+Slices are ``[B, 1, H, W]`` float tensors in ``[0, 1]`` (HU-windowed CT, see ``monai_ad.transforms``); an
+optional ``roi`` of the same shape marks the liver. ``H == W == detector.image_size``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from monai_ad.errors import InputError
+from monai_ad.io import atomic_write
+
+FILE_FORMAT = "monai_ad.detector/1"
+
+DETECTORS: dict[str, type["AnomalyDetector"]] = {}
+
+
+def register_detector(name: str):
+    """Class decorator: make a detector available by ``name`` (CLI, bundles, app)."""
+
+    def _register(cls: type["AnomalyDetector"]) -> type["AnomalyDetector"]:
+        cls.name = name
+        DETECTORS[name] = cls
+        return cls
+
+    return _register
+
+
+def create_detector(name: str, **hparams: Any) -> "AnomalyDetector":
+    _import_builtin_detectors()
+    if name not in DETECTORS:
+        raise InputError(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTORS))}")
+    return DETECTORS[name](**hparams)
+
+
+def available_detectors() -> list[str]:
+    _import_builtin_detectors()
+    return sorted(DETECTORS)
+
+
+def _import_builtin_detectors() -> None:
+    import monai_ad.detectors  # noqa: F401  (registers the built-in detectors)
+
+
+@dataclass
+class SliceScores:
+    """Scores of a batch of slices: ``pixel [B, H, W]`` (higher = more abnormal) and ``slice [B]``."""
+
+    pixel: torch.Tensor
+    slice: torch.Tensor
+
+
+def iter_slice_batches(data: Any, batch_size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
+    """Normalise the inputs ``fit``/``calibrate`` accept into ``{"image", "roi"?}`` batches.
+
+    ``data`` is a ``[N, 1, H, W]`` tensor/array, or an iterable (e.g. a DataLoader) of such tensors, of
+    ``(image, roi)`` pairs, or of dicts with ``"image"`` and optionally ``"roi"``.
+    """
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        data = torch.as_tensor(data)
+        for start in range(0, data.shape[0], batch_size):
+            yield {"image": data[start : start + batch_size]}
+        return
+    for item in data:
+        if isinstance(item, Mapping):
+            yield {k: item[k] for k in ("image", "roi") if item.get(k) is not None}
+        elif isinstance(item, (tuple, list)):
+            yield {"image": item[0], "roi": item[1]} if len(item) > 1 and item[1] is not None else {"image": item[0]}
+        else:
+            yield {"image": torch.as_tensor(item)}
+
+
+class AnomalyDetector(nn.Module, ABC):
+    """Base class: subclasses implement ``_fit`` and ``_score`` and call ``super().__init__(**hparams)``.
+
+    Subclasses keep learned tensors as parameters or buffers (so ``.to(device)`` moves them and they are
+    saved). Buffers whose size is only known after fitting may be registered as empty tensors: loading
+    replaces them with the saved ones. Frozen pretrained backbones are rebuilt from their hyper-parameters
+    rather than saved; list their prefixes in ``unsaved_prefixes``.
+    """
+
+    name: ClassVar[str] = "detector"
+    unsaved_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, image_size: int = 224, **hparams: Any):
+        super().__init__()
+        self.hparams: dict[str, Any] = {"image_size": int(image_size), **hparams}
+        self.image_size = int(image_size)
+        self.thresholds: dict[str, Any] = {}
+        self.preprocessing: dict[str, Any] = {}
+        self.register_buffer("_fitted", torch.zeros((), dtype=torch.bool))
+
+    # ------------------------------------------------------------------ state
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self._fitted)
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, data: Any, *, batch_size: int = 16, progress: bool = True) -> "AnomalyDetector":
+        """Learn from normal slices (see ``iter_slice_batches`` for the accepted forms). Returns ``self``."""
+        self._fit(_Reiterable(data, batch_size), progress=progress)
+        self._fitted.fill_(True)
+        return self
+
+    @abstractmethod
+    def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
+        """Fit on batches ``{"image": [B,1,H,W], "roi"?: [B,1,H,W]}``; may iterate ``batches`` many times."""
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score(self, image: torch.Tensor, roi: torch.Tensor | None = None) -> SliceScores:
+        """Score a batch ``[B, 1, H, W]``; pixel maps and slice scores are returned on the detector's device."""
+        if not self.is_fitted:
+            raise InputError(f"the {self.name} detector is not fitted; train it first")
+        if image.ndim != 4 or image.shape[1] != 1:
+            raise ValueError(f"expected slices of shape [B, 1, H, W], got {tuple(image.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.device
+            image = image.to(device, torch.float32, non_blocking=True)
+            roi = None if roi is None else roi.to(device, non_blocking=True) > 0
+            return self._score(image, roi)
+        finally:
+            self.train(was_training)
+
+    @abstractmethod
+    def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
+        """Score a batch already on the detector's device (called under ``torch.no_grad`` in eval mode)."""
+
+    @torch.no_grad()
+    def calibrate(self, data: Any, quantile: float = 0.99, batch_size: int = 16) -> dict[str, Any]:
+        """Set the operating thresholds from held-out *normal* slices.
+
+        ``slice``: the ``quantile`` of normal slice scores. ``pixel``: the ``quantile`` of the per-slice
+        maximum of the pixel map inside the ROI, so that about ``1 - quantile`` of normal slices hold any
+        voxel above it. Both are stored with the model and can be overridden at inference.
+        """
+        slice_scores, pixel_max = [], []
+        for batch in iter_slice_batches(data, batch_size):
+            roi = batch.get("roi")
+            scores = self.score(batch["image"], roi)
+            pixel = scores.pixel
+            if roi is not None:
+                roi_b = roi.to(pixel.device)[:, 0] > 0
+                keep = roi_b.flatten(1).any(1)
+                pixel = torch.where(roi_b, pixel, torch.full_like(pixel, -math.inf))[keep]
+                slice_scores.append(scores.slice[keep].float().cpu())
+            else:
+                slice_scores.append(scores.slice.float().cpu())
+            pixel_max.append(pixel.flatten(1).amax(1).float().cpu())
+        if not slice_scores or sum(len(s) for s in slice_scores) == 0:
+            raise InputError("no normal slices with a liver ROI to calibrate the threshold on")
+        slice_all = torch.cat(slice_scores).numpy()
+        pixel_all = torch.cat(pixel_max).numpy()
+        self.thresholds = {
+            "slice": float(np.quantile(slice_all, quantile)),
+            "pixel": float(np.quantile(pixel_all, quantile)),
+            "method": "quantile of held-out normal slices",
+            "quantile": float(quantile),
+            "n_slices": int(slice_all.size),
+        }
+        return self.thresholds
+
+    # ------------------------------------------------------------------ persistence
+    def _saved_state(self) -> dict[str, torch.Tensor]:
+        return {
+            k: v.detach().cpu()
+            for k, v in self.state_dict().items()
+            if not any(k.startswith(p) for p in self.unsaved_prefixes)
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the whole detector to ``path`` atomically."""
+        payload = {
+            "format": FILE_FORMAT,
+            "detector": self.name,
+            "hparams": self.hparams,
+            "thresholds": self.thresholds,
+            "preprocessing": self.preprocessing,
+            "state": self._saved_state(),
+        }
+        return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+    @staticmethod
+    def load(path: str | os.PathLike, device: str | torch.device | None = None) -> "AnomalyDetector":
+        """Load a detector saved by ``save`` (any registered kind)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError("model file not found", path)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, not a torch file, or holds unsafe objects
+            raise InputError(f"not a readable monai_ad model file ({type(exc).__name__})", path) from None
+        if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+            raise InputError(f"not a monai_ad model file (expected format {FILE_FORMAT})", path)
+        _import_builtin_detectors()
+        name = payload["detector"]
+        if name not in DETECTORS:
+            raise InputError(f"model is a {name!r} detector, which this version does not know", path)
+        detector = DETECTORS[name](**payload["hparams"])
+        try:
+            detector._load_saved_state(payload["state"])
+        except (RuntimeError, KeyError, AttributeError) as exc:
+            raise InputError(f"model state does not match the {name} detector: {str(exc).splitlines()[0]}", path) from None
+        detector.thresholds = dict(payload.get("thresholds") or {})
+        detector.preprocessing = dict(payload.get("preprocessing") or {})
+        if device is not None:
+            detector.to(device)
+        return detector.eval()
+
+    def _load_saved_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        state = dict(state)
+        for key in list(state):
+            module_name, _, attr = key.rpartition(".")
+            module = self.get_submodule(module_name) if module_name else self
+            if attr in module._buffers:  # sized at fit time: adopt the saved shape
+                module._buffers[attr] = state.pop(key).to(self.device)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not any(k.startswith(p) for p in self.unsaved_prefixes)]
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+
+
+class _Reiterable:
+    """Lets ``_fit`` loop over the training data several times, whatever form it came in."""
+
+    def __init__(self, data: Any, batch_size: int):
+        if isinstance(data, Iterator):  # a one-shot generator: keep its batches
+            data = list(iter_slice_batches(data, batch_size))
+        self.data, self.batch_size = data, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter_slice_batches(self.data, self.batch_size)
+
+    def __len__(self) -> int:
+        if isinstance(self.data, (torch.Tensor, np.ndarray)):
+            return math.ceil(len(self.data) / self.batch_size)
+        return len(self.data)
