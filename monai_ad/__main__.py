@@ -1,0 +1,5 @@
+import sys
+
+from monai_ad.cli import main
+
+sys.exit(main())

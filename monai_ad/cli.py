@@ -1,0 +1,268 @@
+"""``monai-ad`` (also ``python -m monai_ad``): phantom data, train, infer, evaluate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from monai_ad.errors import InputError
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _key_values(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise InputError(f"{what} must be KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def _roi_labels(values: Sequence[int] | None):
+    return None if not values else list(values)
+
+
+def _volumes_in(path: Path) -> list[Path]:
+    """A file, a DICOM series folder, or a folder of volumes (files, or one sub-folder per DICOM series)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise InputError("not found", path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+    if files:
+        return files
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    if subdirs:
+        return subdirs
+    if any(p.is_file() for p in path.iterdir()):
+        return [path]  # a DICOM series folder
+    raise InputError("folder holds no volumes", path)
+
+
+def _match_rois(images: list[Path], roi: Path | None) -> list[Path | None]:
+    if roi is None:
+        return [None] * len(images)
+    if roi.is_file() or len(images) == 1:
+        return [roi] * len(images)
+    if not roi.is_dir():
+        raise InputError("not found", roi)
+    from monai_ad.engine import case_name
+
+    masks = {case_name(p): p for p in _volumes_in(roi)}
+    missing = [str(p) for p in images if case_name(p) not in masks]
+    if missing:
+        raise InputError(f"no mask with the same name for {len(missing)} image(s), e.g. {missing[0]}", roi)
+    return [masks[case_name(p)] for p in images]
+
+
+# ----------------------------------------------------------------------------- subcommands
+def cmd_phantom(args: argparse.Namespace) -> None:
+    from monai_ad.data.phantom import write_phantom_dataset
+
+    datalist = write_phantom_dataset(
+        args.out, n_normal=args.normal, n_abnormal=args.abnormal, seed=args.seed, preset=args.preset, progress=not args.quiet
+    )
+    print(f"datalist: {datalist}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from monai_ad import engine
+
+    hparams = _key_values(args.set, "--set")
+    if args.backbone:
+        hparams["backbone"] = args.backbone
+    if args.weights:
+        hparams["weights"] = args.weights
+    if args.allow_random_weights:
+        hparams["allow_random_weights"] = True
+    preprocessing = _key_values(args.preprocess, "--preprocess")
+    detector = engine.train(
+        args.detector,
+        args.datalist,
+        args.out,
+        hparams=hparams,
+        preprocessing=preprocessing,
+        roi_labels=_roi_labels(args.roi_label),
+        quantile=args.quantile,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(f"model: {args.out}")
+    print(f"thresholds: {json.dumps(detector.thresholds)}")
+
+
+def _predict_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "roi_labels": _roi_labels(args.roi_label),
+        "pixel_threshold": args.threshold,
+        "slice_threshold": args.slice_threshold,
+        "min_lesion_mm3": args.min_lesion_mm3,
+        "device": args.device,
+    }
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    from monai_ad import engine
+
+    images = _volumes_in(Path(args.image))
+    if args.roi is None:
+        raise InputError(
+            "no liver mask given: pass --roi with a liver label file (or an organ segmentation and --roi-label)",
+            args.image,
+        )
+    rois = _match_rois(images, Path(args.roi))
+    results = engine.infer(args.model, images, rois, args.out, progress=not args.quiet, **_predict_options(args))
+    for result in results:
+        s = result.summary
+        print(f"{result.case}: {len(s['abnormal_slices'])} abnormal slice(s), {len(s['lesions'])} region(s)")
+        for kind, path in result.files.items():
+            print(f"  {kind}: {path}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from monai_ad import engine
+
+    values = engine.evaluate(
+        args.model, args.datalist, args.out, key=args.key, progress=not args.quiet, **_predict_options(args)
+    )
+    _print_metrics(values)
+
+
+def _print_metrics(values: dict[str, Any]) -> None:
+    for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auroc_roi", "aupro", "dice", "dice_volume", "slice_f1"):
+        value = values.get(key)
+        print(f"  {key:16s} {'n/a' if value is None else f'{value:.4f}'}")
+    for kind, path in values.get("files", {}).items():
+        print(f"  {kind}: {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from monai_ad import engine
+    from monai_ad.data.phantom import write_phantom_dataset
+
+    out = Path(args.out)
+    start = time.perf_counter()
+    print(f"[1/4] phantom CT dataset ({args.normal} normal + {args.abnormal} abnormal, preset {args.preset})")
+    datalist = write_phantom_dataset(
+        out / "data", n_normal=args.normal, n_abnormal=args.abnormal, seed=args.seed, preset=args.preset, progress=not args.quiet
+    )
+    print(f"[2/4] training {args.detector} on the normal volumes")
+    hparams = _key_values(args.set, "--set")
+    if args.detector == "simplenet":
+        hparams.setdefault("meta_epochs", args.epochs)
+    model = out / f"{args.detector}.pt"
+    engine.train(args.detector, datalist, model, hparams=hparams, device=args.device, progress=not args.quiet)
+    print("[3/4] inference and evaluation on the held-out volumes")
+    values = engine.evaluate(model, datalist, out / "evaluation", progress=not args.quiet, device=args.device)
+    print("[4/4] done in {:.0f} s".format(time.perf_counter() - start))
+    print(f"  data: {datalist}")
+    print(f"  model: {model}")
+    print(f"  heatmaps, label maps, summaries: {out / 'evaluation' / 'volumes'}")
+    _print_metrics(values)
+
+
+# ----------------------------------------------------------------------------- parser
+def _add_predict_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--roi-label", type=int, action="append", help="label value(s) of the liver in the mask (default: any non-zero; 5 for TotalSegmentator)")
+    p.add_argument("--threshold", type=float, help="pixel threshold for the label map (default: the model's calibrated one)")
+    p.add_argument("--slice-threshold", type=float, help="slice-score threshold for abnormal slices (default: the model's)")
+    p.add_argument("--min-lesion-mm3", type=float, default=20.0, help="smallest region kept in the label map (mm³)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monai-ad", description="Unsupervised anomaly detection in 3-D CT (liver).")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="log details; show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a synthetic abdominal CT dataset with a datalist")
+    p.add_argument("--out", required=True)
+    p.add_argument("--normal", type=int, default=8)
+    p.add_argument("--abnormal", type=int, default=4)
+    p.add_argument("--preset", default="small", help="tiny, small or full (512×512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("train", help="fit a detector on the normal volumes of a datalist")
+    p.add_argument("--datalist", required=True)
+    p.add_argument("--detector", default="simplenet")
+    p.add_argument("--out", required=True, help="model file to write (.pt)")
+    p.add_argument("--backbone", help="efficientnet_lite0 (default), vgg16, wide_resnet50_2, resnet18")
+    p.add_argument("--weights", help="backbone weights file (needed for wide_resnet50_2 / resnet18)")
+    p.add_argument("--allow-random-weights", action="store_true", help="explicitly accept a randomly initialised backbone")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="detector hyper-parameter (repeatable)")
+    p.add_argument("--preprocess", action="append", metavar="KEY=VALUE", help="pre-processing option (repeatable)")
+    p.add_argument("--roi-label", type=int, action="append", help="label value(s) of the liver in the masks")
+    p.add_argument("--quantile", type=float, default=0.99, help="threshold = this quantile of held-out normal scores")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("infer", help="heatmap, label map and summary for a volume or a folder of volumes")
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", required=True, help="a volume (NIfTI, NRRD, MHA), a DICOM series folder, or a folder of them")
+    p.add_argument("--roi", help="liver mask or organ segmentation (file, or folder with masks named as the images)")
+    p.add_argument("--out", required=True)
+    _add_predict_options(p)
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("evaluate", help="metrics and PNG report on a labelled datalist")
+    p.add_argument("--model", required=True)
+    p.add_argument("--datalist", required=True)
+    p.add_argument("--key", default="test", help="datalist section (default: test)")
+    p.add_argument("--out", required=True)
+    _add_predict_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="phantom data → train → infer → evaluate, end to end")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--detector", default="simplenet")
+    p.add_argument("--normal", type=int, default=8)
+    p.add_argument("--abnormal", type=int, default=4)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--epochs", type=int, default=4, help="SimpleNet meta-epochs (the paper uses 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="detector hyper-parameter (repeatable)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    try:
+        args.func(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # anything unexpected still gets one line; --verbose shows the traceback
+        if args.verbose:
+            raise
+        print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

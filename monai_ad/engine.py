@@ -1,0 +1,380 @@
+"""The workflows behind the CLI and the bundles: train on normal volumes, infer on a volume, evaluate."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import Invertd
+from tqdm.auto import tqdm
+
+from monai_ad.detectors.base import AnomalyDetector, create_detector
+from monai_ad.errors import InputError
+from monai_ad.inferers import SliceAnomalyInferer
+from monai_ad.io import atomic_path, write_json
+from monai_ad.postprocess import abnormal_slices, axial_axis, label_lesions, source_slice_indices
+from monai_ad.transforms.array import HUWindow, SelectROI
+from monai_ad.transforms.pipeline import (
+    IMAGE,
+    ROI,
+    LoadVolumed,
+    PreprocessConfig,
+    build_preprocessing,
+    require_roi,
+    run_pipeline,
+)
+
+logger = logging.getLogger(__name__)
+
+HEATMAP = "heatmap"
+LESION_LABEL = 2  # LiTS convention: 0 background, 1 liver, 2 lesion
+
+
+# ----------------------------------------------------------------------------- data
+def load_datalist(path: str | os.PathLike, key: str) -> list[dict[str, Any]]:
+    """Items of one section of a MONAI datalist JSON, with paths made absolute against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("datalist not found", path)
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"is not valid JSON ({exc})", path) from None
+    if not isinstance(content, dict) or not isinstance(content.get(key), list) or not content[key]:
+        raise InputError(f"has no non-empty {key!r} list", path)
+    items = []
+    for item in content[key]:
+        item = dict(item)
+        for k in (IMAGE, ROI, "label"):
+            if isinstance(item.get(k), str):
+                item[k] = str((path.parent / item[k]).resolve())
+        items.append(item)
+    return items
+
+
+def roi_source(item: Mapping[str, Any]) -> Any:
+    """A case's liver mask: its ``roi`` entry, else its label (LiTS style: liver + lesion)."""
+    return item.get(ROI) or item.get("label")
+
+
+def case_name(image_path: str | os.PathLike) -> str:
+    name = Path(image_path).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def preprocess_case(pipeline, image: Any, roi: Any) -> dict[str, Any]:
+    data = {IMAGE: image, ROI: roi}
+    require_roi(data, image)
+    return run_pipeline(pipeline, data)
+
+
+def collect_slices(
+    items: Sequence[Mapping[str, Any]],
+    config: PreprocessConfig,
+    roi_labels: Sequence[int] | int | None = None,
+    progress: bool = True,
+    desc: str = "slices",
+) -> dict[str, torch.Tensor]:
+    """The scored axial slices of several volumes: ``{"image": [N,1,S,S] float16, "roi": [N,1,S,S] bool}``.
+
+    Slices are kept in half precision (windowed intensities in [0, 1] lose nothing a detector sees).
+    """
+    pipeline = build_preprocessing(config, roi_labels)
+    images, rois = [], []
+    for item in tqdm(items, desc=desc, disable=not progress, unit="volume"):
+        data = preprocess_case(pipeline, item[IMAGE], roi_source(item))
+        img, roi = data[IMAGE].as_tensor(), data[ROI].as_tensor() > 0
+        keep = roi.flatten(0, 2).sum(0) >= config.min_roi_pixels
+        images.append(img[..., keep].permute(3, 0, 1, 2).half())
+        rois.append(roi[..., keep].permute(3, 0, 1, 2))
+    image = torch.cat(images)
+    if image.shape[0] == 0:
+        raise InputError("no slice of the given volumes contains enough of the liver ROI")
+    return {"image": image, "roi": torch.cat(rois)}
+
+
+class SliceBatches:
+    """Re-iterable batches over collected slices (float32 per batch), as ``AnomalyDetector.fit`` accepts."""
+
+    def __init__(self, slices: Mapping[str, torch.Tensor], batch_size: int = 16, shuffle: bool = False, seed: int = 0):
+        self.slices, self.batch_size, self.shuffle = slices, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-self.slices["image"].shape[0] // self.batch_size)
+
+    def __iter__(self):
+        n = self.slices["image"].shape[0]
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield {"image": self.slices["image"][idx].float(), "roi": self.slices["roi"][idx]}
+
+
+# ----------------------------------------------------------------------------- training
+def train(
+    detector: str | AnomalyDetector,
+    datalist: str | os.PathLike,
+    output: str | os.PathLike,
+    hparams: Mapping[str, Any] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    roi_labels: Sequence[int] | int | None = None,
+    quantile: float = 0.99,
+    device: str | None = None,
+    progress: bool = True,
+) -> AnomalyDetector:
+    """Fit a detector on the datalist's ``training`` normals, set thresholds on its ``validation`` normals
+    (or on a held-out fifth of the training volumes when there is none), save it to ``output``."""
+    if isinstance(detector, str):
+        detector = create_detector(detector, **dict(hparams or {}))
+    detector.to(resolve_device(device))
+    config = PreprocessConfig.from_dict({**dict(preprocessing or {}), "image_size": detector.image_size})
+    training = load_datalist(datalist, "training")
+    try:
+        validation = load_datalist(datalist, "validation")
+    except InputError:
+        n_hold = max(1, len(training) // 5) if len(training) > 1 else 0
+        validation, training = training[:n_hold], training[n_hold:] or training
+    train_slices = collect_slices(training, config, roi_labels, progress, desc="training volumes")
+    logger.info("fitting %s on %d normal slices", detector.name, train_slices["image"].shape[0])
+    detector.fit(SliceBatches(train_slices, batch_size=int(detector.hparams.get("batch_size", 16))), progress=progress)
+    valid_slices = collect_slices(validation, config, roi_labels, progress, desc="validation volumes")
+    detector.calibrate(SliceBatches(valid_slices, batch_size=32), quantile=quantile)
+    detector.preprocessing = config.to_dict()
+    detector.save(output)
+    return detector
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------- inference
+@dataclass
+class VolumeResult:
+    """A detector's reading of one volume, in the scan's own geometry."""
+
+    case: str
+    heatmap: np.ndarray  # float32, the input image's shape
+    label_map: np.ndarray  # uint8, 1 = anomaly
+    affine: np.ndarray
+    summary: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+
+
+class VolumePredictor:
+    """Everything needed to read volumes with one trained detector (built once, used for many volumes)."""
+
+    def __init__(
+        self,
+        detector: AnomalyDetector | str | os.PathLike,
+        roi_labels: Sequence[int] | int | None = None,
+        pixel_threshold: float | None = None,
+        slice_threshold: float | None = None,
+        min_lesion_mm3: float = 20.0,
+        batch_size: int = 32,
+        device: str | None = None,
+    ):
+        if not isinstance(detector, AnomalyDetector):
+            detector = AnomalyDetector.load(detector, device=resolve_device(device))
+        self.detector = detector
+        self.config = PreprocessConfig.from_dict(detector.preprocessing or {"image_size": detector.image_size})
+        self.pipeline = build_preprocessing(self.config, roi_labels)
+        self.invert = Invertd(keys=HEATMAP, transform=self.pipeline, orig_keys=IMAGE, nearest_interp=False)
+        self.inferer = SliceAnomalyInferer(batch_size=batch_size, min_roi_pixels=self.config.min_roi_pixels)
+        thresholds = detector.thresholds or {}
+        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
+        self.slice_threshold = slice_threshold if slice_threshold is not None else thresholds.get("slice")
+        if self.pixel_threshold is None or self.slice_threshold is None:
+            raise InputError("the model has no stored thresholds: pass --threshold and --slice-threshold")
+        self.min_lesion_mm3 = min_lesion_mm3
+
+    def __call__(self, image: Any, roi: Any, output_dir: str | os.PathLike | None = None, name: str | None = None) -> VolumeResult:
+        data = preprocess_case(self.pipeline, image, roi)
+        scores = self.inferer.score_volume(data[IMAGE], data[ROI], self.detector)
+        data[HEATMAP] = scores.heatmap
+        inverted = self.invert(data)[HEATMAP]
+        heatmap = inverted.as_tensor()[0].numpy().astype(np.float32, copy=False)
+        affine = np.asarray(inverted.affine, dtype=np.float64)
+
+        source_index = source_slice_indices(np.asarray(data[IMAGE].affine), affine, scores.slice_scores.shape[0])
+        n_source = heatmap.shape[axial_axis(affine)]
+        slice_scores: list[float | None] = [None] * n_source
+        for k, (value, done) in enumerate(zip(scores.slice_scores.tolist(), scores.scored.tolist())):
+            if done and 0 <= source_index[k] < n_source:
+                slice_scores[source_index[k]] = float(value)
+
+        label_map, lesions = label_lesions(heatmap, affine, self.pixel_threshold, self.min_lesion_mm3)
+        name = name or case_name(image)
+        summary = {
+            "case": name,
+            "image": str(image),
+            "roi": str(roi),
+            "detector": self.detector.name,
+            "shape": list(heatmap.shape),
+            "spacing_mm": [round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
+            "axial_axis": axial_axis(affine),
+            "thresholds": {"pixel": float(self.pixel_threshold), "slice": float(self.slice_threshold),
+                           "calibration": self.detector.thresholds},
+            "slice_scores": slice_scores,
+            "abnormal_slices": abnormal_slices(slice_scores, self.slice_threshold),
+            "lesions": lesions,
+            "coordinates": "world (mm) in the affine's space: RAS as written to the NIfTI outputs",
+        }
+        result = VolumeResult(name, heatmap, label_map, affine, summary)
+        if output_dir is not None:
+            result.files = write_outputs(result, output_dir)
+        return result
+
+
+def write_outputs(result: VolumeResult, output_dir: str | os.PathLike) -> dict[str, str]:
+    """Heatmap and label map as NIfTI in the input's geometry, and the JSON summary; all or nothing."""
+    out = Path(output_dir)
+    files = {
+        "heatmap": out / f"{result.case}_heatmap.nii.gz",
+        "label_map": out / f"{result.case}_anomaly.nii.gz",
+        "summary": out / f"{result.case}_summary.json",
+    }
+    summary = {**result.summary, "files": {k: str(v) for k, v in files.items()}}
+    with contextlib.ExitStack() as stack:
+        tmp = {k: stack.enter_context(atomic_path(v)) for k, v in files.items()}
+        nib.save(nib.Nifti1Image(result.heatmap, result.affine), tmp["heatmap"])
+        label_img = nib.Nifti1Image(result.label_map, result.affine)
+        label_img.header.set_intent("label")
+        nib.save(label_img, tmp["label_map"])
+        tmp["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+    result.summary = summary
+    return {k: str(v) for k, v in files.items()}
+
+
+def infer(
+    model: str | os.PathLike | AnomalyDetector,
+    images: Sequence[Any],
+    rois: Sequence[Any],
+    output_dir: str | os.PathLike,
+    progress: bool = True,
+    **options: Any,
+) -> list[VolumeResult]:
+    predictor = VolumePredictor(model, **options)
+    results = []
+    for image, roi in tqdm(list(zip(images, rois)), desc="inference", disable=not progress, unit="volume"):
+        results.append(predictor(image, roi, output_dir))
+    return results
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(
+    model: str | os.PathLike | AnomalyDetector,
+    datalist: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    key: str = "test",
+    write_volumes: bool = True,
+    montage_size: int = 8,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Read every labelled case of the datalist, compute the metrics, write metrics JSON/CSV and the PNG report."""
+    from monai_ad import metrics, report
+
+    predictor = VolumePredictor(model, **options)
+    items = load_datalist(datalist, key)
+    out = Path(output_dir)
+    loader = LoadVolumed([IMAGE, ROI, "label"], allow_missing_keys=True)
+    window = HUWindow(predictor.config.window)
+    slice_labels, slice_scores, slice_ids = [], [], []
+    gt_slices, map_slices, roi_slices = [], [], []
+    montage_pool, curves = [], []
+    tp = fp = fn = 0
+    for item in tqdm(items, desc="evaluation", disable=not progress, unit="volume"):
+        if not item.get("label"):
+            raise InputError(f"test case {item.get(IMAGE)} has no 'label' to evaluate against", datalist)
+        result = predictor(item[IMAGE], roi_source(item), out / "volumes" if write_volumes else None)
+        loaded = loader({IMAGE: item[IMAGE], "label": item["label"]})
+        label = loaded["label"].as_tensor()[0].numpy()
+        if label.shape != result.heatmap.shape:
+            raise InputError(f"label shape {label.shape} does not match image shape {result.heatmap.shape}", item["label"])
+        lesion = label == LESION_LABEL
+        if item.get(ROI):
+            liver = SelectROI(options.get("roi_labels"))(loader({ROI: item[ROI]})[ROI]).as_tensor()[0].numpy() > 0
+        else:
+            liver = label > 0
+        axis = axial_axis(result.affine)
+        scored = [z for z, s in enumerate(result.summary["slice_scores"]) if s is not None]
+        heat = np.moveaxis(result.heatmap, axis, 0)[scored]
+        gt = np.moveaxis(lesion, axis, 0)[scored]
+        roi = np.moveaxis(liver, axis, 0)[scored]
+        pred = np.moveaxis(result.label_map > 0, axis, 0)[scored]
+        image = window(loaded[IMAGE].as_tensor())[0].numpy()
+        image = np.moveaxis(image, axis, 0)[scored]
+        scores = np.asarray([result.summary["slice_scores"][z] for z in scored], dtype=float)
+        labels = gt.reshape(len(scored), -1).any(1).astype(int)
+        gt_slices.append(gt), map_slices.append(heat), roi_slices.append(roi)
+        slice_labels.append(labels), slice_scores.append(scores)
+        slice_ids += [(result.case, z) for z in scored]
+        tp += int((pred & gt).sum())
+        fp += int((pred & ~gt).sum())
+        fn += int((~pred & gt).sum())
+        full_curve = np.full(len(result.summary["slice_scores"]), np.nan)
+        full_curve[scored] = scores
+        full_labels = np.zeros(len(full_curve), dtype=int)
+        full_labels[scored] = labels
+        curves.append(report.ScoreCurve(name=result.case, scores=full_curve, labels=full_labels))
+        for i, z in enumerate(scored):
+            montage_pool.append((scores[i], result.case, z, image[i], heat[i], gt[i], pred[i]))
+        montage_pool = sorted(montage_pool, key=lambda t: -t[0])[:montage_size]
+
+    all_labels, all_scores = np.concatenate(slice_labels), np.concatenate(slice_scores)
+    values = metrics.evaluate_scores(
+        slice_labels=all_labels,
+        slice_scores=all_scores,
+        masks=np.concatenate(gt_slices),
+        maps=np.concatenate(map_slices),
+        roi=np.concatenate(roi_slices),
+        pixel_threshold=predictor.pixel_threshold,
+        slice_threshold=predictor.slice_threshold,
+    )
+    values["dice_volume"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else None
+    values.update(
+        {
+            "detector": predictor.detector.name,
+            "datalist": str(datalist),
+            "section": key,
+            "n_volumes": len(items),
+            "thresholds": {"pixel": predictor.pixel_threshold, "slice": predictor.slice_threshold},
+        }
+    )
+    montage = [
+        report.MontageItem(image=img, heatmap=h, gt=g, pred=p, title=f"{case}  z={z}  score {s:.3g}")
+        for s, case, z, img, h, g, p in montage_pool
+    ]
+    write_json(out / "metrics.json", values)
+    write_metrics_csv(out / "metrics.csv", values)
+    report.render_report(
+        out / "report.png",
+        montage=montage,
+        curves=curves,
+        roc=(all_labels, all_scores) if 0 < all_labels.sum() < len(all_labels) else None,
+        slice_threshold=predictor.slice_threshold,
+        title=f"{predictor.detector.name} on {Path(datalist).name} [{key}]",
+    )
+    values["files"] = {"metrics": str(out / "metrics.json"), "csv": str(out / "metrics.csv"), "report": str(out / "report.png")}
+    return values
+
+
+def write_metrics_csv(path: str | os.PathLike, values: Mapping[str, Any]) -> None:
+    rows = [(k, v) for k, v in values.items() if v is None or isinstance(v, (int, float, str))]
+    with atomic_path(path) as tmp:
+        tmp.write_text("metric,value\n" + "".join(f"{k},{'' if v is None else v}\n" for k, v in rows))

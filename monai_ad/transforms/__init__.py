@@ -1,0 +1,37 @@
+"""The volumetric pipeline: array transforms, their dictionary twins, and the shared pre-processing."""
+
+from monai_ad.transforms.array import (
+    ABDOMEN_WINDOW,
+    BMAD_WINDOW,
+    CheckCTVolume,
+    CheckSameGeometry,
+    CropROI,
+    HistogramEqualize,
+    HUWindow,
+    MaskOutsideROI,
+    NormalizeLiverHU,
+    PadToSquare,
+    SelectROI,
+    axial_slices,
+    stack_axial_slices,
+)
+from monai_ad.transforms.dictionary import (
+    CheckCTVolumed,
+    CheckSameGeometryd,
+    CropROId,
+    HistogramEqualized,
+    HUWindowd,
+    MaskOutsideROId,
+    NormalizeLiverHUd,
+    PadToSquared,
+    SelectROId,
+)
+from monai_ad.transforms.pipeline import (
+    IMAGE,
+    ROI,
+    LoadVolumed,
+    PreprocessConfig,
+    build_preprocessing,
+    require_roi,
+    run_pipeline,
+)

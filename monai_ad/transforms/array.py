@@ -1,0 +1,257 @@
+"""Array transforms of the volumetric pipeline. Each works on one channel-first tensor ``[C, X, Y, Z]``.
+
+The dictionary twins in ``monai_ad.transforms.dictionary`` apply them to named items.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.utils import TraceKeys
+from monai.transforms import BorderPad, Crop, InvertibleTransform, Pad, Transform
+from monai.transforms.utils import generate_spatial_bounding_box
+
+from monai_ad.errors import InputError
+
+ABDOMEN_WINDOW = (-160.0, 240.0)  # level 40 HU, width 400 HU
+BMAD_WINDOW = (-200.0, 250.0)
+
+
+def source_path(img: torch.Tensor) -> str | None:
+    """The file an image came from, when it is a MetaTensor loaded by MONAI."""
+    if isinstance(img, MetaTensor):
+        name = img.meta.get("filename_or_obj")
+        if name:
+            return str(name)
+    return None
+
+
+def pixdim(img: torch.Tensor) -> np.ndarray:
+    """Voxel spacing in mm of a channel-first MetaTensor (ones for a plain tensor)."""
+    if isinstance(img, MetaTensor):
+        return np.asarray(img.pixdim, dtype=float)
+    return np.ones(img.ndim - 1)
+
+
+class CheckCTVolume(Transform):
+    """Reject what is not a single 3-D CT volume in Hounsfield units, with a one-line reason naming the file.
+
+    Checks: one channel and three spatial dimensions of at least ``min_size`` voxels (not a 2-D image, not a
+    4-D series), finite values, and an intensity range that looks like HU: some air or fat below
+    ``min_low_hu`` and some soft tissue above ``min_high_hu`` (rejects images scaled to [0, 1] or [0, 255]
+    and raw scanner values with the rescale slope/intercept not applied).
+    """
+
+    def __init__(self, min_size: int = 2, min_low_hu: float = -200.0, min_high_hu: float = 0.0, max_hu: float = 32767.0):
+        self.min_size, self.min_low_hu, self.min_high_hu, self.max_hu = min_size, min_low_hu, min_high_hu, max_hu
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        path = source_path(img)
+        spatial = tuple(img.shape[1:])
+        if img.shape[0] != 1:
+            raise InputError(f"has {img.shape[0]} channels/time points, expected one 3-D CT volume", path)
+        if len(spatial) != 3:
+            raise InputError(f"is {len(spatial)}-D with shape {spatial}, expected a 3-D CT volume", path)
+        if min(spatial) < self.min_size:
+            raise InputError(f"has shape {spatial}: a single slice, not a 3-D CT volume", path)
+        values = torch.as_tensor(img).float()
+        if not torch.isfinite(values).all():
+            raise InputError(f"contains {int((~torch.isfinite(values)).sum())} NaN or infinite voxels", path)
+        sample = values.flatten()[:: max(1, values.numel() // 1_000_000)]
+        low, high = torch.quantile(sample, torch.tensor([0.005, 0.995])).tolist()
+        if low > self.min_low_hu or high < self.min_high_hu or high > self.max_hu:
+            raise InputError(
+                f"intensities {low:.4g}..{high:.4g} do not look like CT in Hounsfield units "
+                f"(expected air/fat below {self.min_low_hu:g} HU and soft tissue above {self.min_high_hu:g} HU)",
+                path,
+            )
+        return img
+
+
+class CheckSameGeometry(Transform):
+    """Reject a mask whose shape or affine differs from its image's (tolerance in mm)."""
+
+    def __init__(self, atol_mm: float = 1e-2):
+        self.atol_mm = atol_mm
+
+    def __call__(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        path = source_path(mask)
+        if tuple(mask.shape[1:]) != tuple(image.shape[1:]):
+            raise InputError(
+                f"mask shape {tuple(mask.shape[1:])} does not match image shape {tuple(image.shape[1:])}"
+                f" ({source_path(image)})",
+                path,
+            )
+        if isinstance(mask, MetaTensor) and isinstance(image, MetaTensor):
+            if not np.allclose(np.asarray(mask.affine), np.asarray(image.affine), atol=self.atol_mm):
+                raise InputError(f"mask geometry (affine) does not match the image's ({source_path(image)})", path)
+        return mask
+
+
+class SelectROI(Transform):
+    """Binary ROI from a label map: voxels whose value is in ``labels`` (any non-zero label when None).
+
+    For a LiTS-style label (1 liver, 2 lesion) the default gives the whole liver; for an organ segmentation
+    such as TotalSegmentator's, pass the liver's value (5). An empty ROI is an error naming the file.
+    """
+
+    def __init__(self, labels: Sequence[int] | int | None = None):
+        self.labels = None if labels is None else [int(v) for v in np.atleast_1d(labels)]
+
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        if self.labels is None:
+            roi = mask > 0
+        else:
+            roi = torch.zeros_like(torch.as_tensor(mask), dtype=torch.bool)
+            for value in self.labels:
+                roi |= torch.as_tensor(mask) == value
+        if not bool(roi.any()):
+            which = "any non-zero label" if self.labels is None else f"label value(s) {self.labels}"
+            raise InputError(f"the liver ROI is empty: no voxel has {which}", source_path(mask))
+        out = roi.to(torch.uint8)
+        if isinstance(mask, MetaTensor) and not isinstance(out, MetaTensor):
+            out = MetaTensor(out, meta=mask.meta, applied_operations=mask.applied_operations)
+        return out
+
+
+class NormalizeLiverHU(Transform):
+    """Shift intensities so the median HU inside the ROI equals ``reference_hu``.
+
+    Between patients the liver's baseline moves by tens of HU (contrast phase, scanner, kV); without this a
+    detector trained on one phase sees the whole liver of another as abnormal. Lesions are a minority of the
+    liver, so the median follows the parenchyma.
+    """
+
+    def __init__(self, reference_hu: float = 110.0):
+        self.reference_hu = reference_hu
+
+    def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        inside = img[roi.expand_as(img) > 0]
+        return img + (self.reference_hu - torch.median(inside.float()).item())
+
+
+class HUWindow(Transform):
+    """Clip to a HU window ``(low, high)`` and scale it to ``[0, 1]``. Default: the abdominal window."""
+
+    def __init__(self, window: Sequence[float] = ABDOMEN_WINDOW):
+        self.low, self.high = float(window[0]), float(window[1])
+        if not self.high > self.low:
+            raise ValueError(f"HU window must be (low, high) with high > low, got {tuple(window)}")
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        out = (img.float() - self.low) / (self.high - self.low)
+        return out.clamp_(0.0, 1.0)
+
+
+class HistogramEqualize(Transform):
+    """Histogram equalisation of each axial slice inside the ROI, on windowed ``[0, 1]`` intensities.
+
+    As in BMAD's liver preparation: 256 bins over the ROI's voxels, values mapped through the slice's CDF;
+    ``bmad_squeeze`` also applies BMAD's ``v -> 30 + 0.8 v`` for outputs below 150/255. Outside the ROI the
+    image is left as it is. Unlike BMAD, the same HU handling is used for training and test slices.
+    """
+
+    def __init__(self, bins: int = 256, bmad_squeeze: bool = False):
+        self.bins, self.bmad_squeeze = bins, bmad_squeeze
+
+    def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        out = img.clone()
+        levels = (img.clamp(0, 1) * (self.bins - 1)).round().long()
+        inside = roi.expand_as(img) > 0
+        for z in range(img.shape[-1]):
+            m = inside[..., z]
+            if not bool(m.any()):
+                continue
+            lv = levels[..., z][m]
+            hist = torch.bincount(lv, minlength=self.bins).double()
+            cdf = hist.cumsum(0)
+            cdf = (cdf - cdf[lv.min()]) / max(float(cdf[-1] - cdf[lv.min()]), 1.0)
+            mapped = cdf[lv].to(img.dtype)
+            if self.bmad_squeeze:
+                low = mapped < 150.0 / 255.0
+                mapped = torch.where(low, (30.0 + 0.8 * mapped * 255.0) / 255.0, mapped)
+            out[..., z][m] = mapped
+        return out
+
+
+class MaskOutsideROI(Transform):
+    """Set voxels outside the ROI to ``value`` (0: black background, as BMAD's masked liver slices)."""
+
+    def __init__(self, value: float = 0.0):
+        self.value = value
+
+    def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        return torch.where(roi.expand_as(img) > 0, img, torch.as_tensor(self.value, dtype=img.dtype))
+
+
+def roi_box(roi: torch.Tensor, margin_mm: float | Sequence[float], spacing: Sequence[float]) -> tuple[list[int], list[int]]:
+    """Bounding box of the ROI grown by ``margin_mm`` (converted to voxels per axis) and clipped to the image."""
+    margin = np.broadcast_to(np.asarray(margin_mm, dtype=float), (len(spacing),))
+    margin_vox = [int(np.ceil(m / max(s, 1e-6))) for m, s in zip(margin, spacing)]
+    start, end = generate_spatial_bounding_box(roi, margin=margin_vox, allow_smaller=True)
+    return list(start), list(end)
+
+
+class CropROI(InvertibleTransform):
+    """Crop an image to its ROI's bounding box plus a margin in millimetres; ``inverse`` pads it back.
+
+    The way back fills the region outside the crop with the lowest value of the data being inverted
+    (``inverse_fill="min"``): a heatmap gets its lowest score there, a label map its background 0.
+    """
+
+    def __init__(self, margin_mm: float | Sequence[float] = 10.0, inverse_fill: str = "min"):
+        if inverse_fill not in ("min", "zero"):
+            raise ValueError(f"inverse_fill must be 'min' or 'zero', got {inverse_fill!r}")
+        self.margin_mm, self.inverse_fill = margin_mm, inverse_fill
+        self.cropper = Crop()
+
+    def slices(self, roi: torch.Tensor) -> tuple[slice, ...]:
+        start, end = roi_box(roi, self.margin_mm, pixdim(roi))
+        return tuple(slice(s, e) for s, e in zip(start, end))
+
+    def __call__(self, img: torch.Tensor, roi: torch.Tensor | None = None, slices: tuple[slice, ...] | None = None) -> torch.Tensor:
+        return self.cropper(img, slices if slices is not None else self.slices(img if roi is None else roi))
+
+    def inverse(self, data: torch.Tensor) -> torch.Tensor:
+        transform = self.cropper.pop_transform(data)
+        cropped = transform[TraceKeys.EXTRA_INFO]["cropped"]
+        fill = float(data.min()) if self.inverse_fill == "min" and data.numel() else 0.0
+        pad = BorderPad(cropped, mode="constant", value=fill)
+        with pad.trace_transform(False):
+            return pad(data)
+
+
+class PadToSquare(InvertibleTransform):
+    """Pad the two in-plane axes symmetrically to a square, so resizing does not distort the anatomy."""
+
+    def __init__(self, value: float = 0.0):
+        self.padder = Pad(mode="constant", value=value)
+
+    @staticmethod
+    def pad_width(spatial_shape: Sequence[int]) -> list[tuple[int, int]]:
+        side = max(spatial_shape[0], spatial_shape[1])
+        widths = [(0, 0)]
+        for n in spatial_shape[:2]:
+            extra = side - n
+            widths.append((extra // 2, extra - extra // 2))
+        widths += [(0, 0)] * (len(spatial_shape) - 2)
+        return widths
+
+    def __call__(self, img: torch.Tensor, to_pad: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        return self.padder(img, to_pad=to_pad if to_pad is not None else self.pad_width(img.shape[1:]))
+
+    def inverse(self, data: torch.Tensor) -> torch.Tensor:
+        return self.padder.inverse(data)
+
+
+def axial_slices(volume: torch.Tensor) -> torch.Tensor:
+    """``[C, X, Y, Z]`` (RAS, axial slices along Z) → ``[Z, C, X, Y]``."""
+    return volume.permute(3, 0, 1, 2)
+
+
+def stack_axial_slices(slices: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``axial_slices``: ``[Z, C, X, Y]`` → ``[C, X, Y, Z]``."""
+    return slices.permute(1, 2, 3, 0)

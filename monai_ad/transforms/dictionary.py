@@ -1,0 +1,139 @@
+"""Dictionary twins of ``monai_ad.transforms.array``: the same work applied to named items."""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import InvertibleTransform, MapTransform
+
+from monai_ad.transforms.array import (
+    ABDOMEN_WINDOW,
+    CheckCTVolume,
+    CheckSameGeometry,
+    CropROI,
+    HistogramEqualize,
+    HUWindow,
+    MaskOutsideROI,
+    NormalizeLiverHU,
+    PadToSquare,
+    SelectROI,
+)
+
+
+class _Applyd(MapTransform):
+    """Apply an array transform to each key, optionally passing the ROI item as its second argument."""
+
+    transform: object
+    roi_key: str | None = None
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        extra = () if self.roi_key is None else (d[self.roi_key],)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key], *extra)
+        return d
+
+
+class CheckCTVolumed(_Applyd):
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = CheckCTVolume(**kwargs)
+
+
+class CheckSameGeometryd(MapTransform):
+    """Check that each of ``keys`` (masks) has the geometry of ``ref_key`` (the image)."""
+
+    def __init__(self, keys: KeysCollection, ref_key: str = "image", atol_mm: float = 1e-2, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key = ref_key
+        self.check = CheckSameGeometry(atol_mm)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            self.check(d[key], d[self.ref_key])
+        return d
+
+
+class SelectROId(_Applyd):
+    def __init__(self, keys: KeysCollection, labels: Sequence[int] | int | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = SelectROI(labels)
+
+
+class NormalizeLiverHUd(_Applyd):
+    def __init__(self, keys: KeysCollection, roi_key: str = "roi", reference_hu: float = 110.0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform, self.roi_key = NormalizeLiverHU(reference_hu), roi_key
+
+
+class HUWindowd(_Applyd):
+    def __init__(self, keys: KeysCollection, window: Sequence[float] = ABDOMEN_WINDOW, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = HUWindow(window)
+
+
+class HistogramEqualized(_Applyd):
+    def __init__(self, keys: KeysCollection, roi_key: str = "roi", bins: int = 256, bmad_squeeze: bool = False, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform, self.roi_key = HistogramEqualize(bins, bmad_squeeze), roi_key
+
+
+class MaskOutsideROId(_Applyd):
+    def __init__(self, keys: KeysCollection, roi_key: str = "roi", value: float = 0.0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform, self.roi_key = MaskOutsideROI(value), roi_key
+
+
+class CropROId(MapTransform, InvertibleTransform):
+    """Crop every key to the bounding box of ``source_key`` (the ROI) grown by ``margin_mm``; invertible."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        source_key: str = "roi",
+        margin_mm: float | Sequence[float] = 10.0,
+        inverse_fill: str = "min",
+        allow_missing_keys: bool = False,
+    ):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.source_key = source_key
+        self.crop = CropROI(margin_mm, inverse_fill)
+
+    def __call__(self, data):
+        d = dict(data)
+        slices = self.crop.slices(d[self.source_key])
+        for key in self.key_iterator(d):
+            d[key] = self.crop(d[key], slices=slices)
+        return d
+
+    def inverse(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.crop.inverse(d[key])
+        return d
+
+
+class PadToSquared(MapTransform, InvertibleTransform):
+    """Pad the in-plane axes of every key to the square of the first key's larger side; invertible."""
+
+    def __init__(self, keys: KeysCollection, value: float = 0.0, allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.pad = PadToSquare(value)
+
+    def __call__(self, data):
+        d = dict(data)
+        widths = None
+        for key in self.key_iterator(d):
+            widths = widths or self.pad.pad_width(d[key].shape[1:])
+            d[key] = self.pad(d[key], to_pad=widths)
+        return d
+
+    def inverse(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.pad.inverse(d[key])
+        return d
+

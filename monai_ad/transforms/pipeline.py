@@ -1,0 +1,150 @@
+"""The volumetric pipeline every detector shares: CT volume + liver mask → square axial ROI slices.
+
+All spatial steps are invertible MONAI transforms, so ``Invertd`` with this pipeline takes a heatmap computed
+on the slices back to the scan's own shape, orientation and affine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
+
+from monai.transforms import Compose, LoadImaged, MapTransform, Orientationd, Resized
+
+from monai_ad.errors import InputError
+from monai_ad.transforms.array import ABDOMEN_WINDOW
+from monai_ad.transforms.dictionary import (
+    CheckCTVolumed,
+    CheckSameGeometryd,
+    CropROId,
+    HistogramEqualized,
+    HUWindowd,
+    MaskOutsideROId,
+    NormalizeLiverHUd,
+    PadToSquared,
+    SelectROId,
+)
+
+IMAGE, ROI = "image", "roi"
+
+
+@dataclass
+class PreprocessConfig:
+    """How a CT volume becomes detector input. Stored with every trained model, so inference matches training.
+
+    ``normalize_liver_hu``: shift each volume so its median liver HU is this value (None: off).
+    ``min_roi_pixels``: an axial slice is scored when its ROI covers at least this many pixels at
+    ``image_size``; other slices get the lowest score.
+    """
+
+    image_size: int = 224
+    window: tuple[float, float] = ABDOMEN_WINDOW
+    margin_mm: float = 10.0
+    normalize_liver_hu: float | None = 110.0
+    histogram_equalization: bool = False
+    mask_outside_roi: bool = True
+    min_roi_pixels: int = 16
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "PreprocessConfig":
+        known = {f.name for f in fields(cls)}
+        values = dict(values or {})
+        unknown = set(values) - known
+        if unknown:
+            raise InputError(f"unknown pre-processing option(s): {', '.join(sorted(unknown))}")
+        if "window" in values:
+            values["window"] = tuple(float(v) for v in values["window"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["window"] = list(d["window"])
+        return d
+
+
+class LoadVolumed(LoadImaged):
+    """``LoadImaged`` (channel first, float32) whose failures become one-line errors naming the file.
+
+    NIfTI, NRRD, MHA and DICOM series folders are read through MONAI's readers (nibabel, ITK).
+    """
+
+    def __init__(self, keys, allow_missing_keys: bool = False, **kwargs):
+        kwargs.setdefault("image_only", True)
+        kwargs.setdefault("ensure_channel_first", True)
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(keys, allow_missing_keys=allow_missing_keys, **kwargs)
+
+    def __call__(self, data, reader=None):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = d[key]
+            if isinstance(path, (str, os.PathLike)):
+                if not os.path.exists(path):
+                    raise InputError("file not found", path)
+                try:
+                    d[key] = self._loader(path, reader)
+                except Exception as exc:  # any reader failure: unreadable, truncated, wrong format
+                    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                    raise InputError(f"cannot be read as a medical image ({reason[:200]})", path) from None
+        return d
+
+
+def build_preprocessing(
+    config: PreprocessConfig | Mapping[str, Any] | None = None,
+    roi_labels: Sequence[int] | int | None = None,
+    load: bool = True,
+) -> Compose:
+    """The pre-processing ``Compose`` over ``{"image": CT, "roi": liver mask or organ label map}``.
+
+    Output: ``image`` and ``roi`` as ``[1, S, S, Z]`` (RAS; axial slices along the last axis; S =
+    ``config.image_size``), the image windowed to ``[0, 1]``. ``roi_labels`` selects the liver in the mask
+    (default: any non-zero label, which suits LiTS-style 1 liver / 2 lesion labels; 5 for TotalSegmentator).
+    """
+    cfg = config if isinstance(config, PreprocessConfig) else PreprocessConfig.from_dict(config)
+    keys = [IMAGE, ROI]
+    steps: list[MapTransform] = []
+    if load:
+        steps.append(LoadVolumed(keys))
+    steps += [
+        CheckCTVolumed(IMAGE),
+        CheckSameGeometryd(ROI, ref_key=IMAGE),
+        SelectROId(ROI, labels=roi_labels),
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        CropROId(keys, source_key=ROI, margin_mm=cfg.margin_mm),
+    ]
+    if cfg.normalize_liver_hu is not None:
+        steps.append(NormalizeLiverHUd(IMAGE, roi_key=ROI, reference_hu=cfg.normalize_liver_hu))
+    steps.append(HUWindowd(IMAGE, window=cfg.window))
+    if cfg.histogram_equalization:
+        steps.append(HistogramEqualized(IMAGE, roi_key=ROI))
+    if cfg.mask_outside_roi:
+        steps.append(MaskOutsideROId(IMAGE, roi_key=ROI))
+    steps += [
+        PadToSquared(keys),
+        Resized(keys, spatial_size=(cfg.image_size, cfg.image_size, -1), mode=("bilinear", "nearest")),
+    ]
+    return Compose(steps)
+
+
+def run_pipeline(pipeline: Compose, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Run a pipeline; an ``InputError`` raised inside (wrapped by MONAI) comes out as itself."""
+    try:
+        return pipeline(dict(data))
+    except Exception as exc:
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, InputError):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
+def require_roi(data: Mapping[str, Any], image_path: Any = None) -> None:
+    """No liver mask, no guess: say so."""
+    if data.get(ROI) in (None, ""):
+        raise InputError(
+            "no liver mask given: pass a liver label file or an organ segmentation with its liver label value "
+            "(e.g. --roi seg.nii.gz --roi-label 5)",
+            image_path if image_path is not None else data.get(IMAGE),
+        )
