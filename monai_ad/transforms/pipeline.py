@@ -108,9 +108,9 @@ def build_preprocessing(
         steps.append(LoadVolumed(keys))
     steps += [
         CheckCTVolumed(IMAGE),
-        CheckSameGeometryd(ROI, ref_key=IMAGE),
-        SelectROId(ROI, labels=roi_labels),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        CheckSameGeometryd(ROI, ref_key=IMAGE),  # after re-orientation: the same grid stored in another axis order is fine
+        SelectROId(ROI, labels=roi_labels),
         CropROId(keys, source_key=ROI, margin_mm=cfg.margin_mm),
     ]
     if cfg.normalize_liver_hu is not None:

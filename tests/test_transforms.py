@@ -1,0 +1,143 @@
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd
+
+from monai_ad.errors import InputError
+from monai_ad.postprocess import axial_axis, label_lesions, source_slice_indices
+from monai_ad.transforms import (
+    IMAGE,
+    ROI,
+    CheckCTVolume,
+    CropROI,
+    HistogramEqualize,
+    HUWindow,
+    HUWindowd,
+    NormalizeLiverHU,
+    PadToSquare,
+    SelectROI,
+    axial_slices,
+    build_preprocessing,
+    run_pipeline,
+    stack_axial_slices,
+)
+
+
+def meta(array, spacing=(1.0, 1.0, 1.0)):
+    return MetaTensor(torch.as_tensor(array), affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)))
+
+
+def test_hu_window_maps_window_to_unit_range():
+    img = torch.tensor([[-1000.0, -160.0, 40.0, 240.0, 3000.0]])
+    out = HUWindow((-160, 240))(img)
+    assert torch.allclose(out, torch.tensor([[0.0, 0.0, 0.5, 1.0, 1.0]]))
+    d = HUWindowd("image", window=(0, 100))({"image": torch.tensor([50.0])})
+    assert float(d["image"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        HUWindow((100, 0))
+
+
+def test_normalize_liver_hu_moves_roi_median():
+    img = torch.full((1, 4, 4, 2), 70.0)
+    roi = torch.zeros_like(img)
+    roi[:, :2] = 1
+    out = NormalizeLiverHU(110.0)(img, roi)
+    assert torch.allclose(out, torch.full_like(img, 110.0))
+
+
+def test_histogram_equalize_flattens_roi_histogram_and_keeps_outside():
+    rng = np.random.default_rng(0)
+    img = torch.as_tensor(rng.beta(8, 2, size=(1, 32, 32, 3)).astype(np.float32))
+    roi = torch.zeros_like(img)
+    roi[:, 4:28, 4:28] = 1
+    out = HistogramEqualize()(img, roi)
+    inside = out[roi > 0].numpy()
+    assert abs(np.median(inside) - 0.5) < 0.06  # equalised: uniform-like over [0, 1]
+    assert torch.equal(out[roi == 0], img[roi == 0])
+
+
+def test_select_roi_by_label_and_empty_roi_error():
+    seg = meta(np.array([[[[0, 5, 6], [5, 0, 1]]]], dtype=np.float32))
+    assert SelectROI(5)(seg).sum() == 2
+    assert SelectROI(None)(seg).sum() == 4
+    with pytest.raises(InputError, match="liver ROI is empty"):
+        SelectROI(9)(seg)
+
+
+def test_crop_roi_margin_in_mm_and_inverse_fills_lowest_value():
+    roi = meta(np.zeros((1, 20, 20, 10), dtype=np.float32), spacing=(0.5, 0.5, 2.0))
+    roi[:, 8:12, 8:12, 4:6] = 1
+    crop = CropROI(margin_mm=2.0)  # 4 voxels in-plane, 1 slice along z
+    out = crop(roi.clone(), roi)
+    assert tuple(out.shape[1:]) == (12, 12, 4)
+    heat = out.clone() + 3.0  # lowest value 3
+    back = crop.inverse(heat)
+    assert tuple(back.shape) == (1, 20, 20, 10)
+    assert float(back[0, 0, 0, 0]) == 3.0
+    assert torch.allclose(back.affine, roi.affine)
+
+
+def test_pad_to_square_and_inverse():
+    img = meta(np.ones((1, 6, 10, 3), dtype=np.float32))
+    pad = PadToSquare()
+    out = pad(img)
+    assert tuple(out.shape) == (1, 10, 10, 3)
+    assert tuple(pad.inverse(out).shape) == (1, 6, 10, 3)
+
+
+def test_axial_slicing_round_trip():
+    vol = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    s = axial_slices(vol)
+    assert s.shape == (5, 2, 3, 4)
+    assert torch.equal(s[2], vol[..., 2])
+    assert torch.equal(stack_axial_slices(s), vol)
+
+
+@pytest.mark.parametrize(
+    "array,message",
+    [
+        (np.zeros((1, 8, 8), dtype=np.float32), "is 2-D"),
+        (np.zeros((1, 8, 8, 1), dtype=np.float32), "single slice"),
+        (np.zeros((3, 8, 8, 8), dtype=np.float32), "channels/time points"),
+        (np.full((1, 8, 8, 8), np.nan, dtype=np.float32), "NaN"),
+        (np.random.default_rng(0).random((1, 8, 8, 8)).astype(np.float32), "do not look like CT"),
+        (np.random.default_rng(0).integers(0, 4096, (1, 8, 8, 8)).astype(np.float32), "do not look like CT"),
+    ],
+)
+def test_check_ct_volume_rejects(array, message):
+    with pytest.raises(InputError, match=message):
+        CheckCTVolume()(meta(array) if array.ndim == 4 else MetaTensor(torch.as_tensor(array)))
+
+
+def test_check_ct_volume_accepts_ct():
+    array = np.random.default_rng(0).normal(40, 30, (1, 8, 8, 8)).astype(np.float32)
+    array[0, 0] = -1000
+    CheckCTVolume()(meta(array))
+
+
+def test_pipeline_round_trip_restores_geometry_and_lesion_position(oblique_case):
+    """Heatmap computed on the pre-processed slices → Invertd → the input's exact shape and affine, and the
+    bright lesion lands at its true world position."""
+    pipeline = build_preprocessing({"image_size": 48, "normalize_liver_hu": None}, roi_labels=None)
+    data = run_pipeline(pipeline, {IMAGE: str(oblique_case["image"]), ROI: str(oblique_case["label"])})
+    assert tuple(data[IMAGE].shape[:3]) == (1, 48, 48)
+    data["heatmap"] = data[IMAGE].clone()  # the windowed image itself, as a stand-in heatmap
+    inverted = Invertd(keys="heatmap", transform=pipeline, orig_keys=IMAGE, nearest_interp=False)(data)["heatmap"]
+    assert tuple(inverted.shape[1:]) == oblique_case["shape"]
+    assert np.allclose(np.asarray(inverted.affine), oblique_case["affine"], atol=1e-5)
+
+    heat = inverted.as_tensor()[0].numpy()
+    label_map, lesions = label_lesions(heat, np.asarray(inverted.affine), threshold=0.7, min_volume_mm3=10)
+    assert len(lesions) == 1
+    assert np.linalg.norm(np.asarray(lesions[0]["centroid_mm"]) - oblique_case["world_center"]) < 1.5
+    overlap = (label_map > 0) & oblique_case["sphere"]
+    dice = 2 * overlap.sum() / ((label_map > 0).sum() + oblique_case["sphere"].sum())
+    assert dice > 0.7
+
+    # slice indices of the RAS-oriented, cropped volume map back onto the source's slice axis (axis 0 here)
+    assert axial_axis(oblique_case["affine"]) == 0
+    index = source_slice_indices(np.asarray(data[IMAGE].affine), oblique_case["affine"], data[IMAGE].shape[-1])
+    assert sorted(np.abs(np.diff(index)).tolist()) == [1] * (len(index) - 1)  # one source slice per RAS slice
+    lesion_area = (data[IMAGE][0] > 0.8).sum(dim=(0, 1)).numpy()  # per RAS slice
+    assert index[int(np.argmax(lesion_area))] == 9  # the sphere's centre slice in the source
