@@ -1,0 +1,159 @@
+"""The CLI end to end on tiny phantoms, and its answers to bad input."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai_ad.cli import main
+
+TINY_PATCHCORE = ["--set", "image_size=64", "--set", "coreset_ratio=0.2"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["--quiet", "phantom", "--out", str(root / "data"), "--normal", "4", "--abnormal", "2", "--preset", "tiny"]) == 0
+    datalist = root / "data" / "datalist.json"
+    model = root / "patchcore.pt"
+    assert main(["--quiet", "train", "--datalist", str(datalist), "--detector", "patchcore", "--out", str(model), *TINY_PATCHCORE]) == 0
+    return {"root": root, "datalist": datalist, "model": model, "content": json.loads(datalist.read_text())}
+
+
+def run_cli(*args):
+    """Run ``python -m monai_ad`` as a user would; returns (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "monai_ad", "--quiet", *map(str, args)], capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_train_writes_a_loadable_model_with_thresholds(workspace):
+    payload = torch.load(workspace["model"], weights_only=True)
+    assert payload["detector"] == "patchcore"
+    assert payload["thresholds"]["pixel"] > 0 and payload["thresholds"]["n_slices"] > 0
+    assert payload["preprocessing"]["image_size"] == 64
+
+
+def test_infer_writes_heatmap_label_map_and_summary_in_input_geometry(workspace, tmp_path):
+    case = next(c for c in workspace["content"]["test"] if c["abnormal"])
+    image = workspace["datalist"].parent / case["image"]
+    label = workspace["datalist"].parent / case["label"]
+    code, out, err = run_cli("infer", "--model", workspace["model"], "--image", image, "--roi", label, "--out", tmp_path)
+    assert code == 0, err
+    name = image.name.replace(".nii.gz", "")
+    src = nib.load(str(image))
+    heat = nib.load(str(tmp_path / f"{name}_heatmap.nii.gz"))
+    lab = nib.load(str(tmp_path / f"{name}_anomaly.nii.gz"))
+    assert heat.shape == src.shape and lab.shape == src.shape
+    assert np.allclose(heat.affine, src.affine, atol=1e-4) and np.allclose(lab.affine, src.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(lab.dataobj))) <= {0, 1}
+    summary = json.loads((tmp_path / f"{name}_summary.json").read_text())
+    assert len(summary["slice_scores"]) == src.shape[2]
+    assert all(isinstance(i, int) for i in summary["abnormal_slices"])
+    heat_data = np.asarray(heat.dataobj)
+    liver = np.asarray(nib.load(str(label)).dataobj) > 0
+    assert heat_data[~liver].max() <= heat_data[liver].min() + 1e-6  # outside the ROI: the lowest score
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_evaluate_writes_metrics_and_report(workspace, tmp_path):
+    code, out, err = run_cli("evaluate", "--model", workspace["model"], "--datalist", workspace["datalist"], "--out", tmp_path)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auroc_roi", "aupro", "dice", "slice_f1"):
+        assert key in metrics
+    assert metrics["pixel_auroc_roi"] > 0.5
+    assert (tmp_path / "metrics.csv").read_text().startswith("metric,value")
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- bad input
+def _case(workspace):
+    case = workspace["content"]["test"][0]
+    base = workspace["datalist"].parent
+    return base / case["image"], base / case["label"]
+
+
+def _bad_input(workspace, tmp_path, image, roi, match, model=None):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("infer", "--model", model or workspace["model"], "--image", image, "--roi", roi, "--out", out)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert match in lines[0], lines[0]
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written
+    return lines[0]
+
+
+def test_bad_input_unreadable_and_truncated(workspace, tmp_path):
+    image, label = _case(workspace)
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"this is not an image")
+    line = _bad_input(workspace, tmp_path, junk, label, "cannot be read")
+    assert str(junk) in line
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    _bad_input(workspace, tmp_path, truncated, label, str(truncated))
+
+
+def test_bad_input_2d_and_4d(workspace, tmp_path):
+    image, label = _case(workspace)
+    img = nib.load(str(image))
+    two_d = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 3], img.affine), str(two_d))
+    _bad_input(workspace, tmp_path, two_d, label, "2-D")
+    four_d = tmp_path / "series.nii.gz"
+    data = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), img.affine), str(four_d))
+    _bad_input(workspace, tmp_path, four_d, label, "channels/time points")
+
+
+def test_bad_input_mask_mismatch_and_empty_roi(workspace, tmp_path):
+    image, label = _case(workspace)
+    lab = nib.load(str(label))
+    data = np.asarray(lab.dataobj)
+    small = tmp_path / "small_mask.nii.gz"
+    nib.save(nib.Nifti1Image(data[:-4], lab.affine), str(small))
+    _bad_input(workspace, tmp_path, image, small, "does not match image shape")
+    moved = tmp_path / "moved_mask.nii.gz"
+    affine = lab.affine.copy()
+    affine[:3, 3] += 25.0
+    nib.save(nib.Nifti1Image(data, affine), str(moved))
+    _bad_input(workspace, tmp_path, image, moved, "geometry")
+    empty = tmp_path / "empty_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros_like(data), lab.affine), str(empty))
+    _bad_input(workspace, tmp_path, image, empty, "ROI is empty")
+
+
+def test_bad_input_nan_and_not_hu(workspace, tmp_path):
+    image, label = _case(workspace)
+    img = nib.load(str(image))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    nan = tmp_path / "nan.nii.gz"
+    bad = data.copy()
+    bad[5, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(bad, img.affine), str(nan))
+    _bad_input(workspace, tmp_path, nan, label, "NaN")
+    scaled = tmp_path / "scaled.nii.gz"
+    nib.save(nib.Nifti1Image((data - data.min()) / (data.max() - data.min()), img.affine), str(scaled))
+    _bad_input(workspace, tmp_path, scaled, label, "do not look like CT")
+
+
+def test_bad_input_models(workspace, tmp_path):
+    image, label = _case(workspace)
+    _bad_input(workspace, tmp_path, image, label, "model file not found", model=tmp_path / "none.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(workspace["model"].read_bytes()[:1000])
+    _bad_input(workspace, tmp_path, image, label, "not a readable monai_ad model", model=truncated)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    _bad_input(workspace, tmp_path, image, label, "not a monai_ad model file", model=other)
+
+
+def test_missing_roi_is_refused_clearly(workspace, tmp_path):
+    image, _ = _case(workspace)
+    code, _, stderr = run_cli("infer", "--model", workspace["model"], "--image", image, "--out", tmp_path / "o")
+    assert code == 2 and "no liver mask given" in stderr and len(stderr.strip().splitlines()) == 1
