@@ -81,19 +81,36 @@ def cmd_phantom(args: argparse.Namespace) -> None:
     print(f"datalist: {datalist}")
 
 
+def _load_config(path: str | None) -> dict[str, Any]:
+    """A training config JSON: ``{"detector": ..., "hparams": {...}, "preprocessing": {...}}``."""
+    if not path:
+        return {}
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError("config file not found", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"is not valid JSON ({exc})", path) from None
+    unknown = set(config) - {"detector", "hparams", "preprocessing", "description"} if isinstance(config, dict) else {"?"}
+    if unknown:
+        raise InputError(f"unknown config key(s) {sorted(unknown)}; expected detector, hparams, preprocessing", path)
+    return config
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from monai_ad import engine
 
-    hparams = _key_values(args.set, "--set")
+    config = _load_config(args.config)
+    hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
     if args.backbone:
         hparams["backbone"] = args.backbone
     if args.weights:
         hparams["weights"] = args.weights
     if args.allow_random_weights:
         hparams["allow_random_weights"] = True
-    preprocessing = _key_values(args.preprocess, "--preprocess")
+    preprocessing = {**config.get("preprocessing", {}), **_key_values(args.preprocess, "--preprocess")}
     detector = engine.train(
-        args.detector,
+        args.detector or config.get("detector", "simplenet"),
         args.datalist,
         args.out,
         hparams=hparams,
@@ -202,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fit a detector on the normal volumes of a datalist")
     p.add_argument("--datalist", required=True)
-    p.add_argument("--detector", default="simplenet")
+    p.add_argument("--detector", help="simplenet (default), patchcore")
+    p.add_argument("--config", help="JSON with detector, hparams and preprocessing (see sample_configs/)")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
     p.add_argument("--backbone", help="efficientnet_lite0 (default), vgg16, wide_resnet50_2, resnet18")
     p.add_argument("--weights", help="backbone weights file (needed for wide_resnet50_2 / resnet18)")
