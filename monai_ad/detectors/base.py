@@ -230,6 +230,18 @@ class AnomalyDetector(nn.Module, ABC):
             detector.to(device)
         return detector.eval()
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Also accepts a whole saved detector file's content, as frameworks that ``torch.load`` a checkpoint and
+        pass it to ``network.load_state_dict`` do (MONAI Label's infer tasks)."""
+        if state_dict.get("format") == FILE_FORMAT:
+            if state_dict.get("detector") != self.name:
+                raise RuntimeError(f"checkpoint holds a {state_dict.get('detector')!r} detector, not {self.name!r}")
+            self._load_saved_state(state_dict["state"])
+            self.thresholds = dict(state_dict.get("thresholds") or {})
+            self.preprocessing = dict(state_dict.get("preprocessing") or {})
+            return nn.modules.module._IncompatibleKeys([], [])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _load_saved_state(self, state: Mapping[str, torch.Tensor]) -> None:
         state = dict(state)
         for key in list(state):
@@ -237,7 +249,7 @@ class AnomalyDetector(nn.Module, ABC):
             module = self.get_submodule(module_name) if module_name else self
             if attr in module._buffers:  # sized at fit time: adopt the saved shape
                 module._buffers[attr] = state.pop(key).to(self.device)
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing, unexpected = super().load_state_dict(state, strict=False)
         missing = [k for k in missing if not any(k.startswith(p) for p in self.unsaved_prefixes)]
         if missing or unexpected:
             raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
