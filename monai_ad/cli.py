@@ -203,13 +203,20 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="monai-ad", description="Unsupervised anomaly detection in 3-D CT (liver).")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--verbose", action="store_true", help="log details; show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    def common(defaults: bool) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(add_help=False, argument_default=None if defaults else argparse.SUPPRESS)
+        p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)", **({"default": "auto"} if defaults else {}))
+        p.add_argument("--quiet", action="store_true", help="no progress bars", **({} if defaults else {"default": argparse.SUPPRESS}))
+        p.add_argument("--verbose", action="store_true", help="log details; show tracebacks", **({} if defaults else {"default": argparse.SUPPRESS}))
+        return p
 
-    p = sub.add_parser("phantom", help="write a synthetic abdominal CT dataset with a datalist")
+    parser = argparse.ArgumentParser(
+        prog="monai-ad", description="Unsupervised anomaly detection in 3-D CT (liver).", parents=[common(True)]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    shared = common(False)
+
+    p = sub.add_parser("phantom", parents=[shared], help="write a synthetic abdominal CT dataset with a datalist")
     p.add_argument("--out", required=True)
     p.add_argument("--normal", type=int, default=8)
     p.add_argument("--abnormal", type=int, default=4)
@@ -217,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_phantom)
 
-    p = sub.add_parser("train", help="fit a detector on the normal volumes of a datalist")
+    p = sub.add_parser("train", parents=[shared], help="fit a detector on the normal volumes of a datalist")
     p.add_argument("--datalist", required=True)
     p.add_argument("--detector", help="simplenet (default), patchcore")
     p.add_argument("--config", help="JSON with detector, hparams and preprocessing (see sample_configs/)")
@@ -231,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantile", type=float, default=0.99, help="threshold = this quantile of held-out normal scores")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("infer", help="heatmap, label map and summary for a volume or a folder of volumes")
+    p = sub.add_parser("infer", parents=[shared], help="heatmap, label map and summary for a volume or a folder of volumes")
     p.add_argument("--model", required=True)
     p.add_argument("--image", required=True, help="a volume (NIfTI, NRRD, MHA), a DICOM series folder, or a folder of them")
     p.add_argument("--roi", help="liver mask or organ segmentation (file, or folder with masks named as the images)")
@@ -239,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_options(p)
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("evaluate", help="metrics and PNG report on a labelled datalist")
+    p = sub.add_parser("evaluate", parents=[shared], help="metrics and PNG report on a labelled datalist")
     p.add_argument("--model", required=True)
     p.add_argument("--datalist", required=True)
     p.add_argument("--key", default="test", help="datalist section (default: test)")
@@ -247,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_options(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="phantom data → train → infer → evaluate, end to end")
+    p = sub.add_parser("demo", parents=[shared], help="phantom data → train → infer → evaluate, end to end")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--detector", default="simplenet")
     p.add_argument("--normal", type=int, default=8)

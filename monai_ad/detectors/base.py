@@ -244,13 +244,15 @@ class AnomalyDetector(nn.Module, ABC):
 
     def _load_saved_state(self, state: Mapping[str, torch.Tensor]) -> None:
         state = dict(state)
+        adopted = set()
         for key in list(state):
             module_name, _, attr = key.rpartition(".")
             module = self.get_submodule(module_name) if module_name else self
-            if attr in module._buffers:  # sized at fit time: adopt the saved shape
+            if attr in module._buffers:  # buffers may be sized at fit time: adopt the saved tensor as it is
                 module._buffers[attr] = state.pop(key).to(self.device)
+                adopted.add(key)
         missing, unexpected = super().load_state_dict(state, strict=False)
-        missing = [k for k in missing if not any(k.startswith(p) for p in self.unsaved_prefixes)]
+        missing = [k for k in missing if k not in adopted and not any(k.startswith(p) for p in self.unsaved_prefixes)]
         if missing or unexpected:
             raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
 
