@@ -22,9 +22,11 @@ from monai_ad.inferers import SliceAnomalyInferer
 from monai_ad.io import atomic_path, write_json
 from monai_ad.postprocess import abnormal_slices, axial_axis, label_lesions, source_slice_indices
 from monai_ad.transforms.array import HUWindow, SelectROI
+from monai_ad.transforms.dictionary import FillOutsideROId
 from monai_ad.transforms.pipeline import (
     IMAGE,
     ROI,
+    ROI_SOURCE,
     LoadVolumed,
     PreprocessConfig,
     build_preprocessing,
@@ -194,6 +196,7 @@ class VolumePredictor:
         self.config = PreprocessConfig.from_dict(detector.preprocessing or {"image_size": detector.image_size})
         self.pipeline = build_preprocessing(self.config, roi_labels)
         self.invert = Invertd(keys=HEATMAP, transform=self.pipeline, orig_keys=IMAGE, nearest_interp=False)
+        self.fill_outside = FillOutsideROId(HEATMAP, roi_key=ROI_SOURCE)
         self.inferer = SliceAnomalyInferer(batch_size=batch_size, min_roi_pixels=self.config.min_roi_pixels)
         thresholds = detector.thresholds or {}
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
@@ -206,7 +209,7 @@ class VolumePredictor:
         data = preprocess_case(self.pipeline, image, roi)
         scores = self.inferer.score_volume(data[IMAGE], data[ROI], self.detector)
         data[HEATMAP] = scores.heatmap
-        inverted = self.invert(data)[HEATMAP]
+        inverted = self.fill_outside(self.invert(data))[HEATMAP]
         heatmap = inverted.as_tensor()[0].numpy().astype(np.float32, copy=False)
         affine = np.asarray(inverted.affine, dtype=np.float64)
 

@@ -49,6 +49,7 @@ class SimpleNet(AnomalyDetector):
         pre_dim: int | None = None,
         target_dim: int | None = None,
         noise_std: float = 0.015,
+        standardize: bool = True,
         margin: float = 0.5,
         hidden_dim: int = 1024,
         meta_epochs: int = 40,
@@ -65,6 +66,7 @@ class SimpleNet(AnomalyDetector):
         super().__init__(
             image_size=image_size, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
             allow_random_weights=allow_random_weights, pre_dim=pre_dim, target_dim=target_dim, noise_std=noise_std,
+            standardize=standardize,
             margin=margin, hidden_dim=hidden_dim, meta_epochs=meta_epochs, gan_epochs=gan_epochs,
             batch_size=batch_size, dsc_lr=dsc_lr, dsc_weight_decay=dsc_weight_decay, adaptor_lr=adaptor_lr,
             sigma=sigma, cache_features=cache_features, amp=amp, seed=seed,
@@ -77,6 +79,8 @@ class SimpleNet(AnomalyDetector):
         nn.init.xavier_normal_(self.adaptor.weight)
         self.discriminator = Discriminator(dim, hidden_dim)
         torch.random.set_rng_state(generator_state)
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_std", torch.ones(dim))
         self.to_map = PatchScoreMap(image_size, sigma)
 
     # ------------------------------------------------------------------ training
@@ -100,6 +104,7 @@ class SimpleNet(AnomalyDetector):
         device = self.device
         generator = torch.Generator(device=device).manual_seed(p["seed"])
         cached = self._feature_batches(batches, progress)
+        self._fit_standardization(cached if cached is not None else batches)
         dsc_opt = torch.optim.Adam(self.discriminator.parameters(), lr=p["dsc_lr"], weight_decay=p["dsc_weight_decay"])
         adaptor_opt = torch.optim.AdamW(self.adaptor.parameters(), lr=p["adaptor_lr"])
         self.adaptor.train()
@@ -122,9 +127,30 @@ class SimpleNet(AnomalyDetector):
             bar.update()
         bar.close()
 
+    @torch.no_grad()
+    def _fit_standardization(self, items) -> None:
+        """Per-dimension mean and std of the training features (running sums; one pass)."""
+        if not self.hparams["standardize"]:
+            return
+        total = torch.zeros_like(self.feature_mean, dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        count = 0
+        for item in items:
+            feats = item if isinstance(item, torch.Tensor) else self.features(item["image"].to(self.device, torch.float32))[0]
+            feats = feats.reshape(-1, feats.shape[-1]).double()
+            total += feats.sum(0)
+            squares += feats.square().sum(0)
+            count += feats.shape[0]
+        mean = total / count
+        self.feature_mean.copy_(mean.float())
+        self.feature_std.copy_((squares / count - mean.square()).clamp_min(1e-12).sqrt().float().clamp_min(1e-6))
+
+    def _standardize(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.feature_mean) / self.feature_std
+
     def _train_step(self, feats: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         p = self.hparams
-        true = self.adaptor(feats)
+        true = self.adaptor(self._standardize(feats))
         noise = torch.randn(true.shape, generator=generator, device=true.device) * p["noise_std"]
         fake = true + noise
         scores = self.discriminator(torch.cat([true, fake]))[:, 0]
@@ -136,6 +162,7 @@ class SimpleNet(AnomalyDetector):
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
         patches, grid = self.features(image)
         b, n, dim = patches.shape
-        patch_scores = -self.discriminator(self.adaptor(patches.reshape(-1, dim)))[:, 0].reshape(b, n)
+        adapted = self.adaptor(self._standardize(patches.reshape(-1, dim)))
+        patch_scores = -self.discriminator(adapted)[:, 0].reshape(b, n)
         slice_scores = max_in_roi(patch_scores, roi_on_grid(roi, grid))
         return SliceScores(pixel=self.to_map(patch_scores.reshape(b, *grid)), slice=slice_scores)

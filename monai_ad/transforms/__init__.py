@@ -6,6 +6,7 @@ from monai_ad.transforms.array import (
     CheckCTVolume,
     CheckSameGeometry,
     CropROI,
+    FillOutsideROI,
     HistogramEqualize,
     HUWindow,
     MaskOutsideROI,
@@ -19,6 +20,7 @@ from monai_ad.transforms.dictionary import (
     CheckCTVolumed,
     CheckSameGeometryd,
     CropROId,
+    FillOutsideROId,
     HistogramEqualized,
     HUWindowd,
     MaskOutsideROId,
@@ -29,6 +31,7 @@ from monai_ad.transforms.dictionary import (
 from monai_ad.transforms.pipeline import (
     IMAGE,
     ROI,
+    ROI_SOURCE,
     LoadVolumed,
     PreprocessConfig,
     build_preprocessing,

@@ -187,6 +187,17 @@ class MaskOutsideROI(Transform):
         return torch.where(roi.expand_as(img) > 0, img, torch.as_tensor(self.value, dtype=img.dtype))
 
 
+class FillOutsideROI(Transform):
+    """Give every voxel outside the ROI the map's lowest value (a heatmap's lowest score).
+
+    Used after ``Invertd``: interpolation on the way back blends scores across the liver's edge.
+    """
+
+    def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        inside = roi.expand_as(img) > 0
+        return torch.where(inside, img, img.min())
+
+
 def roi_box(roi: torch.Tensor, margin_mm: float | Sequence[float], spacing: Sequence[float]) -> tuple[list[int], list[int]]:
     """Bounding box of the ROI grown by ``margin_mm`` (converted to voxels per axis) and clipped to the image."""
     margin = np.broadcast_to(np.asarray(margin_mm, dtype=float), (len(spacing),))

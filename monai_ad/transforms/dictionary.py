@@ -13,6 +13,7 @@ from monai_ad.transforms.array import (
     CheckCTVolume,
     CheckSameGeometry,
     CropROI,
+    FillOutsideROI,
     HistogramEqualize,
     HUWindow,
     MaskOutsideROI,
@@ -85,6 +86,12 @@ class MaskOutsideROId(_Applyd):
     def __init__(self, keys: KeysCollection, roi_key: str = "roi", value: float = 0.0, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.transform, self.roi_key = MaskOutsideROI(value), roi_key
+
+
+class FillOutsideROId(_Applyd):
+    def __init__(self, keys: KeysCollection, roi_key: str = "roi", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform, self.roi_key = FillOutsideROI(), roi_key
 
 
 class CropROId(MapTransform, InvertibleTransform):

@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Sequence
 
-from monai.transforms import Compose, LoadImaged, MapTransform, Orientationd, Resized
+from monai.transforms import Compose, CopyItemsd, LoadImaged, MapTransform, Orientationd, Resized
 
 from monai_ad.errors import InputError
 from monai_ad.transforms.array import ABDOMEN_WINDOW
@@ -27,6 +27,7 @@ from monai_ad.transforms.dictionary import (
 )
 
 IMAGE, ROI = "image", "roi"
+ROI_SOURCE = "roi_source"  # the liver mask in the scan's own geometry, for the way back
 
 
 @dataclass
@@ -98,7 +99,8 @@ def build_preprocessing(
     """The pre-processing ``Compose`` over ``{"image": CT, "roi": liver mask or organ label map}``.
 
     Output: ``image`` and ``roi`` as ``[1, S, S, Z]`` (RAS; axial slices along the last axis; S =
-    ``config.image_size``), the image windowed to ``[0, 1]``. ``roi_labels`` selects the liver in the mask
+    ``config.image_size``), the image windowed to ``[0, 1]``, and ``roi_source``: the liver mask in the scan's own
+    geometry. ``roi_labels`` selects the liver in the mask
     (default: any non-zero label, which suits LiTS-style 1 liver / 2 lesion labels; 5 for TotalSegmentator).
     """
     cfg = config if isinstance(config, PreprocessConfig) else PreprocessConfig.from_dict(config)
@@ -108,9 +110,10 @@ def build_preprocessing(
         steps.append(LoadVolumed(keys))
     steps += [
         CheckCTVolumed(IMAGE),
+        CopyItemsd(ROI, names=ROI_SOURCE),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         CheckSameGeometryd(ROI, ref_key=IMAGE),  # after re-orientation: the same grid stored in another axis order is fine
-        SelectROId(ROI, labels=roi_labels),
+        SelectROId([ROI, ROI_SOURCE], labels=roi_labels),
         CropROId(keys, source_key=ROI, margin_mm=cfg.margin_mm),
     ]
     if cfg.normalize_liver_hu is not None:
