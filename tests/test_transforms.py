@@ -141,3 +141,19 @@ def test_pipeline_round_trip_restores_geometry_and_lesion_position(oblique_case)
     assert sorted(np.abs(np.diff(index)).tolist()) == [1] * (len(index) - 1)  # one source slice per RAS slice
     lesion_area = (data[IMAGE][0] > 0.8).sum(dim=(0, 1)).numpy()  # per RAS slice
     assert index[int(np.argmax(lesion_area))] == 9  # the sphere's centre slice in the source
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_nrrd_and_mha_load_with_the_same_geometry_as_nifti(oblique_case, tmp_path, suffix):
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(oblique_case["image"]))
+    label = sitk.ReadImage(str(oblique_case["label"]))
+    sitk.WriteImage(image, str(tmp_path / f"case{suffix}"))
+    sitk.WriteImage(label, str(tmp_path / f"label{suffix}"))
+    pipeline = build_preprocessing({"image_size": 48})
+    a = run_pipeline(pipeline, {IMAGE: str(oblique_case["image"]), ROI: str(oblique_case["label"])})
+    b = run_pipeline(pipeline, {IMAGE: str(tmp_path / f"case{suffix}"), ROI: str(tmp_path / f"label{suffix}")})
+    assert a[IMAGE].shape == b[IMAGE].shape
+    assert np.allclose(np.asarray(a[IMAGE].affine), np.asarray(b[IMAGE].affine), atol=1e-4)
+    assert torch.allclose(a[IMAGE].as_tensor(), b[IMAGE].as_tensor(), atol=1e-4)

@@ -94,7 +94,19 @@ class FillOutsideROId(_Applyd):
         self.transform, self.roi_key = FillOutsideROI(), roi_key
 
 
-class CropROId(MapTransform, InvertibleTransform):
+class _InvertibleApplyd(MapTransform, InvertibleTransform):
+    """A dictionary twin whose array transform records itself per item and is undone the same way."""
+
+    transform: CropROI | PadToSquare
+
+    def inverse(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform.inverse(d[key])
+        return d
+
+
+class CropROId(_InvertibleApplyd):
     """Crop every key to the bounding box of ``source_key`` (the ROI) grown by ``margin_mm``; invertible."""
 
     def __init__(
@@ -107,40 +119,28 @@ class CropROId(MapTransform, InvertibleTransform):
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.source_key = source_key
-        self.crop = CropROI(margin_mm, inverse_fill)
+        self.transform = CropROI(margin_mm, inverse_fill)
 
     def __call__(self, data):
         d = dict(data)
-        slices = self.crop.slices(d[self.source_key])
+        slices = self.transform.slices(d[self.source_key])
         for key in self.key_iterator(d):
-            d[key] = self.crop(d[key], slices=slices)
-        return d
-
-    def inverse(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.crop.inverse(d[key])
+            d[key] = self.transform(d[key], slices=slices)
         return d
 
 
-class PadToSquared(MapTransform, InvertibleTransform):
+class PadToSquared(_InvertibleApplyd):
     """Pad the in-plane axes of every key to the square of the first key's larger side; invertible."""
 
     def __init__(self, keys: KeysCollection, value: float = 0.0, allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.pad = PadToSquare(value)
+        self.transform = PadToSquare(value)
 
     def __call__(self, data):
         d = dict(data)
         widths = None
         for key in self.key_iterator(d):
-            widths = widths or self.pad.pad_width(d[key].shape[1:])
-            d[key] = self.pad(d[key], to_pad=widths)
-        return d
-
-    def inverse(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.pad.inverse(d[key])
+            widths = widths or self.transform.pad_width(d[key].shape[1:])
+            d[key] = self.transform(d[key], to_pad=widths)
         return d
 
