@@ -69,13 +69,16 @@ def greedy_coreset(
         block = features[start : start + chunk].to(device, torch.float32)
         projected.append(block @ projection.to(device) if projection is not None else block)
     points = torch.cat(projected)
+    norms = points.square().sum(1)
     starts = torch.randperm(n, generator=gen)[: min(n_starts, n)].to(device)
-    anchor = torch.cdist(points, points[starts]).mean(dim=1)
+    # squared distances throughout: argmax and min are unchanged, and a matrix-vector product per pick reads
+    # the points once (memory-bound on the CPU)
+    anchor = torch.cdist(points, points[starts]).mean(dim=1).square_()
     picked = torch.empty(k, dtype=torch.long, device=device)
     for i in range(k):
         index = torch.argmax(anchor)
         picked[i] = index
-        distance = (points - points[index]).pow_(2).sum(1).sqrt_()
+        distance = torch.mv(points, points[index]).mul_(-2.0).add_(norms).add_(norms[index]).clamp_min_(0.0)
         torch.minimum(anchor, distance, out=anchor)
     return picked.cpu()
 
