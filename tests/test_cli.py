@@ -157,3 +157,27 @@ def test_missing_roi_is_refused_clearly(workspace, tmp_path):
     image, _ = _case(workspace)
     code, _, stderr = run_cli("infer", "--model", workspace["model"], "--image", image, "--out", tmp_path / "o")
     assert code == 2 and "no liver mask given" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_infer_a_folder_with_masks_named_as_the_images(workspace, tmp_path):
+    base = workspace["datalist"].parent
+    code, out, err = run_cli("infer", "--model", workspace["model"], "--image", base / "imagesTr", "--roi", base / "labelsTr", "--out", tmp_path)
+    assert code == 0, err
+    n_images = len(list((base / "imagesTr").glob("*.nii.gz")))
+    assert len(list(tmp_path.glob("*_summary.json"))) == n_images == len(list(tmp_path.glob("*_anomaly.nii.gz")))
+
+
+def test_infer_real_dicom_series_with_an_organ_segmentation(workspace, real_ct, tmp_path):
+    from monai_ad.transforms.pipeline import LoadVolumed
+
+    code, out, err = run_cli(
+        "infer", "--model", workspace["model"], "--image", real_ct / "example_ct_dicom",
+        "--roi", real_ct / "example_seg_dicom.nii.gz", "--roi-label", "5", "--out", tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+    heat = nib.load(str(tmp_path / "example_ct_dicom_heatmap.nii.gz"))
+    source = LoadVolumed(["image"])({"image": str(real_ct / "example_ct_dicom")})["image"]
+    assert heat.shape == tuple(source.shape[1:]) == (512, 512, 20)
+    assert np.allclose(heat.affine, np.asarray(source.affine), atol=1e-3)
+    summary = json.loads((tmp_path / "example_ct_dicom_summary.json").read_text())
+    assert len(summary["slice_scores"]) == 20 and sum(s is not None for s in summary["slice_scores"]) > 5

@@ -184,7 +184,14 @@ class MaskOutsideROI(Transform):
         self.value = value
 
     def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
-        return torch.where(roi.expand_as(img) > 0, img, torch.as_tensor(self.value, dtype=img.dtype))
+        return _fill_outside(img, roi, self.value)
+
+
+def _fill_outside(img: torch.Tensor, roi: torch.Tensor, value) -> torch.Tensor:
+    """A copy of ``img`` (its own metadata and transform trace kept, never the mask's) with ``value`` outside."""
+    out = img.clone()
+    out[torch.as_tensor(roi).expand_as(out) <= 0] = value
+    return out
 
 
 class FillOutsideROI(Transform):
@@ -194,8 +201,7 @@ class FillOutsideROI(Transform):
     """
 
     def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
-        inside = roi.expand_as(img) > 0
-        return torch.where(inside, img, img.min())
+        return _fill_outside(img, roi, img.min())
 
 
 def roi_box(roi: torch.Tensor, margin_mm: float | Sequence[float], spacing: Sequence[float]) -> tuple[list[int], list[int]]:
