@@ -8,27 +8,26 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, create_detector
 from monai_ad.errors import InputError
 from monai_ad.inferers import SliceAnomalyInferer
 from monai_ad.io import atomic_path, write_json
-from monai_ad.postprocess import abnormal_slices, axial_axis, label_lesions, source_slice_indices
+from monai_ad.postprocess import axial_axis
 from monai_ad.transforms.array import HUWindow, SelectROI
-from monai_ad.transforms.dictionary import FillOutsideROId
 from monai_ad.transforms.pipeline import (
     IMAGE,
     ROI,
-    ROI_SOURCE,
+    PRED,
     LoadVolumed,
     PreprocessConfig,
+    build_postprocessing,
     build_preprocessing,
     require_roi,
     run_pipeline,
@@ -36,7 +35,6 @@ from monai_ad.transforms.pipeline import (
 
 logger = logging.getLogger(__name__)
 
-HEATMAP = "heatmap"
 LESION_LABEL = 2  # LiTS convention: 0 background, 1 liver, 2 lesion
 
 
@@ -194,50 +192,36 @@ class VolumePredictor:
             detector = AnomalyDetector.load(detector, device=resolve_device(device))
         self.detector = detector
         self.config = PreprocessConfig.from_dict(detector.preprocessing or {"image_size": detector.image_size})
-        self.pipeline = build_preprocessing(self.config, roi_labels)
-        self.invert = Invertd(keys=HEATMAP, transform=self.pipeline, orig_keys=IMAGE, nearest_interp=False)
-        self.fill_outside = FillOutsideROId(HEATMAP, roi_key=ROI_SOURCE)
-        self.inferer = SliceAnomalyInferer(batch_size=batch_size, min_roi_pixels=self.config.min_roi_pixels)
         thresholds = detector.thresholds or {}
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
         self.slice_threshold = slice_threshold if slice_threshold is not None else thresholds.get("slice")
         if self.pixel_threshold is None or self.slice_threshold is None:
             raise InputError("the model has no stored thresholds: pass --threshold and --slice-threshold")
-        self.min_lesion_mm3 = min_lesion_mm3
+        self.pipeline = build_preprocessing(self.config, roi_labels, concat=True)
+        self.inferer = SliceAnomalyInferer(batch_size=batch_size, min_roi_pixels=self.config.min_roi_pixels)
+        self.postprocessing = build_postprocessing(self.pipeline, self.pixel_threshold, self.slice_threshold, min_lesion_mm3)
 
     def __call__(self, image: Any, roi: Any, output_dir: str | os.PathLike | None = None, name: str | None = None) -> VolumeResult:
         data = preprocess_case(self.pipeline, image, roi)
-        scores = self.inferer.score_volume(data[IMAGE], data[ROI], self.detector)
-        data[HEATMAP] = scores.heatmap
-        inverted = self.fill_outside(self.invert(data))[HEATMAP]
-        heatmap = inverted.as_tensor()[0].numpy().astype(np.float32, copy=False)
-        affine = np.asarray(inverted.affine, dtype=np.float64)
-
-        source_index = source_slice_indices(np.asarray(data[IMAGE].affine), affine, scores.slice_scores.shape[0])
-        n_source = heatmap.shape[axial_axis(affine)]
-        slice_scores: list[float | None] = [None] * n_source
-        for k, (value, done) in enumerate(zip(scores.slice_scores.tolist(), scores.scored.tolist())):
-            if done and 0 <= source_index[k] < n_source:
-                slice_scores[source_index[k]] = float(value)
-
-        label_map, lesions = label_lesions(heatmap, affine, self.pixel_threshold, self.min_lesion_mm3)
+        data[PRED] = self.inferer(data[IMAGE][None], self.detector)[0]
+        data = self.postprocessing(data)
         name = name or case_name(image)
         summary = {
             "case": name,
             "image": str(image),
             "roi": str(roi),
             "detector": self.detector.name,
-            "shape": list(heatmap.shape),
-            "spacing_mm": [round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
-            "axial_axis": axial_axis(affine),
-            "thresholds": {"pixel": float(self.pixel_threshold), "slice": float(self.slice_threshold),
-                           "calibration": self.detector.thresholds},
-            "slice_scores": slice_scores,
-            "abnormal_slices": abnormal_slices(slice_scores, self.slice_threshold),
-            "lesions": lesions,
-            "coordinates": "world (mm) in the affine's space: RAS as written to the NIfTI outputs",
+            **data["anomaly_summary"],
+            "calibration": self.detector.thresholds,
         }
-        result = VolumeResult(name, heatmap, label_map, affine, summary)
+        heatmap = data["heatmap"]
+        result = VolumeResult(
+            name,
+            heatmap.as_tensor()[0].numpy(),
+            data[PRED].as_tensor()[0].numpy().astype(np.uint8),
+            np.asarray(heatmap.affine, dtype=np.float64),
+            summary,
+        )
         if output_dir is not None:
             result.files = write_outputs(result, output_dir)
         return result

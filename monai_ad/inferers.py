@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
@@ -11,59 +9,52 @@ from monai.inferers import Inferer
 from monai_ad.detectors.base import AnomalyDetector
 from monai_ad.transforms.array import axial_slices, stack_axial_slices
 
-
-@dataclass
-class VolumeScores:
-    """``heatmap [1, X, Y, Z]`` with the input's meta and transform trace (ready for ``Invertd``);
-    ``slice_scores [Z]`` (NaN where the slice was not scored); ``scored [Z]`` bool."""
-
-    heatmap: torch.Tensor
-    slice_scores: torch.Tensor
-    scored: torch.Tensor
+HEATMAP_CHANNEL, SLICE_SCORE_CHANNEL = 0, 1
 
 
 class SliceAnomalyInferer(Inferer):
-    """Run a detector over the axial slices of ``[1, S, S, Z]`` image/ROI volumes in batches.
+    """Run a detector over the axial slices of a pre-processed volume, in batches on its device.
+
+    ``inferer(inputs, network)`` takes ``[B, 2, S, S, Z]`` (image and ROI channels, as the pre-processing
+    gives them after ``ConcatItemsd``) and returns ``[B, 2, S, S, Z]``: channel 0 the pixel heatmap, channel 1
+    each slice's score repeated over the slice (NaN for slices not scored), so one ``Invertd`` takes both back
+    to the scan's geometry, where the slice channel indexes the scan's own axial slices.
 
     Only slices whose ROI covers at least ``min_roi_pixels`` pixels are scored; every other voxel (outside the
-    ROI, or in unscored slices) gets the lowest score of the volume, so reassembled heatmaps rank them last.
-    Slices move to the detector's device one batch at a time and results stay there until the end.
-
-    As a MONAI ``Inferer``, ``inferer(inputs, network)`` takes ``[B, 2, S, S, Z]`` (image and ROI channels,
-    e.g. from ``ConcatItemsd``) and returns the heatmaps ``[B, 1, S, S, Z]``.
+    ROI, or in unscored slices) gets the lowest score of the volume. Slices move to the device one batch at a
+    time and results stay there until the end.
     """
 
     def __init__(self, batch_size: int = 32, min_roi_pixels: int = 16):
         super().__init__()
         self.batch_size, self.min_roi_pixels = batch_size, min_roi_pixels
 
-    def score_volume(self, image: torch.Tensor, roi: torch.Tensor, detector: AnomalyDetector) -> VolumeScores:
+    def score_volume(self, image: torch.Tensor, roi: torch.Tensor, detector: AnomalyDetector) -> torch.Tensor:
+        """``[1, S, S, Z]`` image and ROI → ``[2, S, S, Z]`` (heatmap, slice scores), with the image's metadata."""
         slices, roi_slices = axial_slices(image), axial_slices(roi) > 0
         n = slices.shape[0]
-        scored = roi_slices.flatten(1).sum(1) >= self.min_roi_pixels
-        index = torch.nonzero(scored).flatten().tolist()
+        scored = torch.nonzero(roi_slices.flatten(1).sum(1) >= self.min_roi_pixels).flatten().tolist()
         device = detector.device
         pixel_maps, slice_scores = [], []
-        for start in range(0, len(index), self.batch_size):
-            idx = index[start : start + self.batch_size]
+        for start in range(0, len(scored), self.batch_size):
+            idx = scored[start : start + self.batch_size]
             scores = detector.score(torch.as_tensor(slices[idx]).float(), torch.as_tensor(roi_slices[idx]))
             pixel_maps.append(scores.pixel.float())
             slice_scores.append(scores.slice.float())
-        heat = torch.zeros((n, 1, *slices.shape[2:]), device=device)
-        slice_out = torch.full((n,), float("nan"), device=device)
-        if index:
-            idx_t = torch.as_tensor(index, device=device)
-            maps = torch.cat(pixel_maps)[:, None]
-            roi_dev = torch.as_tensor(roi_slices[index]).to(device)
+        out = torch.zeros((n, 2, *slices.shape[2:]), device=device)
+        out[:, SLICE_SCORE_CHANNEL] = float("nan")
+        if scored:
+            index = torch.as_tensor(scored, device=device)
+            maps = torch.cat(pixel_maps)
+            roi_dev = torch.as_tensor(roi_slices[scored]).to(device)[:, 0]
             floor = maps[roi_dev].min() if bool(roi_dev.any()) else maps.min()
-            heat.fill_(floor)
-            heat[idx_t] = torch.where(roi_dev, maps, floor)
-            slice_out[idx_t] = torch.cat(slice_scores)
-        heat = stack_axial_slices(heat).cpu()
+            out[:, HEATMAP_CHANNEL] = floor
+            out[index, HEATMAP_CHANNEL] = torch.where(roi_dev, maps, floor)
+            out[index, SLICE_SCORE_CHANNEL] = torch.cat(slice_scores)[:, None, None]
+        volume = stack_axial_slices(out).cpu()
         if isinstance(image, MetaTensor):
-            heat = MetaTensor(heat, meta=dict(image.meta), applied_operations=list(image.applied_operations))
-        return VolumeScores(heat, slice_out.cpu(), scored.cpu())
+            volume = MetaTensor(volume, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        return volume
 
     def __call__(self, inputs: torch.Tensor, network: AnomalyDetector, *args, **kwargs) -> torch.Tensor:
-        heatmaps = [self.score_volume(item[0:1], item[1:2], network).heatmap for item in inputs]
-        return torch.stack(heatmaps)
+        return torch.stack([self.score_volume(item[0:1], item[1:2], network) for item in inputs])

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
 from scipy import ndimage
 
 ANOMALY_LABEL = 1
@@ -15,18 +19,6 @@ def axial_axis(affine: np.ndarray) -> int:
     rot = np.asarray(affine, dtype=float)[:3, :3]
     direction = rot / np.linalg.norm(rot, axis=0, keepdims=True)
     return int(np.argmax(np.abs(direction[2])))
-
-
-def source_slice_indices(slice_affine: np.ndarray, source_affine: np.ndarray, n_slices: int) -> np.ndarray:
-    """Index, along the source image's axial axis, of each axial slice of a pre-processed volume.
-
-    Exact for any pipeline that does not resample along the slice axis: the centre of slice ``k`` is taken
-    to world coordinates with the pre-processed affine and back into source voxels.
-    """
-    k = np.arange(n_slices, dtype=float)
-    points = np.stack([np.zeros_like(k), np.zeros_like(k), k, np.ones_like(k)])
-    ijk = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ (np.asarray(slice_affine, dtype=float) @ points)
-    return np.rint(ijk[axial_axis(source_affine)]).astype(int)
 
 
 def voxel_volume_mm3(affine: np.ndarray) -> float:
@@ -84,3 +76,69 @@ def label_lesions(
 
 def abnormal_slices(slice_scores: Sequence[float | None], threshold: float) -> list[int]:
     return [i for i, s in enumerate(slice_scores) if s is not None and np.isfinite(s) and s >= threshold]
+
+
+def slice_scores_along_axis(slice_channel: np.ndarray, roi: np.ndarray, axis: int) -> list[float | None]:
+    """Per slice of the scan's axial axis: the slice score carried by the inferer's slice channel (constant
+    over a scored slice), or None where the slice holds no ROI or was not scored."""
+    channel, mask = np.moveaxis(slice_channel, axis, 0), np.moveaxis(roi > 0, axis, 0)
+    scores: list[float | None] = []
+    for values, inside in zip(channel, mask):
+        picked = values[inside]
+        picked = picked[np.isfinite(picked)]
+        scores.append(float(picked.max()) if picked.size else None)
+    return scores
+
+
+class AnomalyOutputsd(MapTransform):
+    """The inferer's output in the scan's geometry (``[heatmap, slice scores]`` after ``Invertd``) → what a
+    reader uses: ``heatmap_key`` (float heatmap), ``keys`` replaced by the label map (uint8, 1 = anomaly) and
+    ``summary_key``: per-slice scores along the scan's axial axis, abnormal slices and regions."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        roi_key: str = "roi_source",
+        pixel_threshold: float = 0.0,
+        slice_threshold: float = 0.0,
+        min_lesion_mm3: float = 20.0,
+        heatmap_key: str = "heatmap",
+        summary_key: str = "anomaly_summary",
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.roi_key, self.heatmap_key, self.summary_key = roi_key, heatmap_key, summary_key
+        self.pixel_threshold, self.slice_threshold = float(pixel_threshold), float(slice_threshold)
+        self.min_lesion_mm3 = float(min_lesion_mm3)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            affine = np.asarray(pred.affine if isinstance(pred, MetaTensor) else np.eye(4), dtype=np.float64)
+            values = torch.as_tensor(pred).detach().cpu().float().numpy()
+            roi = torch.as_tensor(d[self.roi_key]).cpu().numpy()[0] > 0
+            heatmap = values[0]
+            label_map, lesions = label_lesions(heatmap, affine, self.pixel_threshold, self.min_lesion_mm3)
+            axis = axial_axis(affine)
+            slice_scores = slice_scores_along_axis(values[1], roi, axis)
+            d[self.heatmap_key] = _like(pred, heatmap[None].astype(np.float32))
+            d[key] = _like(pred, label_map[None])
+            d[self.summary_key] = {
+                "shape": list(heatmap.shape),
+                "spacing_mm": [round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
+                "axial_axis": axis,
+                "thresholds": {"pixel": self.pixel_threshold, "slice": self.slice_threshold},
+                "slice_scores": slice_scores,
+                "abnormal_slices": abnormal_slices(slice_scores, self.slice_threshold),
+                "lesions": lesions,
+                "coordinates": "world (mm) in the affine's space: RAS as written to the NIfTI outputs",
+            }
+        return d
+
+
+def _like(reference: Any, array: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if isinstance(reference, MetaTensor):
+        return MetaTensor(tensor, meta=dict(reference.meta), applied_operations=list(reference.applied_operations))
+    return tensor

@@ -17,7 +17,7 @@ REAL_CT = SHARED / "data" / "real_ct" / "ts_example"
 @pytest.fixture(scope="session")
 def real_ct() -> Path:
     if not REAL_CT.is_dir():
-        pytest.skip(f"the real CT sample is not available (expected at ../shared/data/real_ct/ts_example)")
+        pytest.skip("the real CT sample is not available (expected at ../shared/data/real_ct/ts_example)")
     return REAL_CT
 
 

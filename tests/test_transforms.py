@@ -5,7 +5,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from monai_ad.errors import InputError
-from monai_ad.postprocess import axial_axis, label_lesions, source_slice_indices
+from monai_ad.postprocess import axial_axis, label_lesions, slice_scores_along_axis
 from monai_ad.transforms import (
     IMAGE,
     ROI,
@@ -135,12 +135,18 @@ def test_pipeline_round_trip_restores_geometry_and_lesion_position(oblique_case)
     dice = 2 * overlap.sum() / ((label_map > 0).sum() + oblique_case["sphere"].sum())
     assert dice > 0.7
 
-    # slice indices of the RAS-oriented, cropped volume map back onto the source's slice axis (axis 0 here)
+    # a per-slice channel (the RAS slice index here) comes back along the source's own slice axis (axis 0)
+    n = data[IMAGE].shape[-1]
+    index_channel = torch.arange(n, dtype=torch.float32).expand(1, 48, 48, n)
+    data["heatmap"] = MetaTensor(index_channel.clone(), meta=data[IMAGE].meta, applied_operations=data[IMAGE].applied_operations)
+    back = Invertd(keys="heatmap", transform=pipeline, orig_keys=IMAGE, nearest_interp=False)(data)["heatmap"]
     assert axial_axis(oblique_case["affine"]) == 0
-    index = source_slice_indices(np.asarray(data[IMAGE].affine), oblique_case["affine"], data[IMAGE].shape[-1])
-    assert sorted(np.abs(np.diff(index)).tolist()) == [1] * (len(index) - 1)  # one source slice per RAS slice
+    roi = np.ones(oblique_case["shape"], dtype=bool)
+    per_source_slice = slice_scores_along_axis(back.as_tensor()[0].numpy(), roi, axis=0)
+    ras = [int(round(v)) for v in per_source_slice]
+    assert sorted(np.abs(np.diff(ras)).tolist()) == [1] * (len(ras) - 1)  # one RAS slice per source slice
     lesion_area = (data[IMAGE][0] > 0.8).sum(dim=(0, 1)).numpy()  # per RAS slice
-    assert index[int(np.argmax(lesion_area))] == 9  # the sphere's centre slice in the source
+    assert per_source_slice[9] == pytest.approx(float(np.argmax(lesion_area)))  # the sphere's centre slice
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha"])

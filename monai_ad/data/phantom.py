@@ -133,7 +133,7 @@ def make_phantom(seed: int, abnormal: bool, preset: str = "small", n_lesions: in
     z_top = 0.0
     origin = np.array([-pixel * (matrix - 1) / 2, -pixel * (matrix - 1) / 2 - 20.0, z_top - slice_mm * (n_slices - 1)])
     g = _Grid(shape, spacing, origin)
-    z_lo, z_hi = float(origin[2]), z_top
+    z_lo = float(origin[2])
 
     image = np.full(shape, AIR_HU, dtype=np.float32)
     label = np.zeros(shape, dtype=np.uint8)

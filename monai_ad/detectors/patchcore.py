@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import PatchEmbedding, PatchScoreMap, greedy_coreset, max_in_roi, roi_on_grid
+from monai_ad.detectors.components import PatchScoreMap, greedy_coreset, max_in_roi, roi_on_grid
 from monai_ad.detectors.features import BackboneFeatures
 
 

@@ -194,14 +194,24 @@ def _fill_outside(img: torch.Tensor, roi: torch.Tensor, value) -> torch.Tensor:
     return out
 
 
+def channel_floor(channel: torch.Tensor) -> float:
+    """The lowest finite value of a channel (0 when it has none)."""
+    finite = channel[torch.isfinite(channel)]
+    return float(finite.min()) if finite.numel() else 0.0
+
+
 class FillOutsideROI(Transform):
-    """Give every voxel outside the ROI the map's lowest value (a heatmap's lowest score).
+    """Give every voxel outside the ROI its channel's lowest value (a heatmap's lowest score).
 
     Used after ``Invertd``: interpolation on the way back blends scores across the liver's edge.
     """
 
     def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
-        return _fill_outside(img, roi, img.min())
+        out = img.clone()
+        outside = torch.as_tensor(roi)[0] <= 0
+        for c in range(out.shape[0]):
+            out[c][outside] = channel_floor(out[c])
+        return out
 
 
 def roi_box(roi: torch.Tensor, margin_mm: float | Sequence[float], spacing: Sequence[float]) -> tuple[list[int], list[int]]:
@@ -215,8 +225,8 @@ def roi_box(roi: torch.Tensor, margin_mm: float | Sequence[float], spacing: Sequ
 class CropROI(InvertibleTransform):
     """Crop an image to its ROI's bounding box plus a margin in millimetres; ``inverse`` pads it back.
 
-    The way back fills the region outside the crop with the lowest value of the data being inverted
-    (``inverse_fill="min"``): a heatmap gets its lowest score there, a label map its background 0.
+    The way back fills the region outside the crop with the lowest finite value of each channel of the data
+    being inverted (``inverse_fill="min"``): a heatmap gets its lowest score there, a label map its background.
     """
 
     def __init__(self, margin_mm: float | Sequence[float] = 10.0, inverse_fill: str = "min"):
@@ -235,10 +245,13 @@ class CropROI(InvertibleTransform):
     def inverse(self, data: torch.Tensor) -> torch.Tensor:
         transform = self.cropper.pop_transform(data)
         cropped = transform[TraceKeys.EXTRA_INFO]["cropped"]
-        fill = float(data.min()) if self.inverse_fill == "min" and data.numel() else 0.0
-        pad = BorderPad(cropped, mode="constant", value=fill)
-        with pad.trace_transform(False):
-            return pad(data)
+        channels = []
+        for c in range(data.shape[0]):
+            fill = channel_floor(data[c]) if self.inverse_fill == "min" else 0.0
+            pad = BorderPad(cropped, mode="constant", value=fill)
+            with pad.trace_transform(False):
+                channels.append(pad(data[c : c + 1]))
+        return torch.cat(channels) if len(channels) > 1 else channels[0]
 
 
 class PadToSquare(InvertibleTransform):

@@ -10,14 +10,16 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Sequence
 
-from monai.transforms import Compose, CopyItemsd, LoadImaged, MapTransform, Orientationd, Resized
+from monai.transforms import Compose, ConcatItemsd, CopyItemsd, Invertd, LoadImaged, MapTransform, Orientationd, Resized
 
 from monai_ad.errors import InputError
+from monai_ad.postprocess import AnomalyOutputsd
 from monai_ad.transforms.array import ABDOMEN_WINDOW
 from monai_ad.transforms.dictionary import (
     CheckCTVolumed,
     CheckSameGeometryd,
     CropROId,
+    FillOutsideROId,
     HistogramEqualized,
     HUWindowd,
     MaskOutsideROId,
@@ -26,7 +28,7 @@ from monai_ad.transforms.dictionary import (
     SelectROId,
 )
 
-IMAGE, ROI = "image", "roi"
+IMAGE, ROI, PRED = "image", "roi", "pred"
 ROI_SOURCE = "roi_source"  # the liver mask in the scan's own geometry, for the way back
 
 
@@ -95,6 +97,7 @@ def build_preprocessing(
     config: PreprocessConfig | Mapping[str, Any] | None = None,
     roi_labels: Sequence[int] | int | None = None,
     load: bool = True,
+    concat: bool = False,
 ) -> Compose:
     """The pre-processing ``Compose`` over ``{"image": CT, "roi": liver mask or organ label map}``.
 
@@ -127,7 +130,26 @@ def build_preprocessing(
         PadToSquared(keys),
         Resized(keys, spatial_size=(cfg.image_size, cfg.image_size, -1), mode=("bilinear", "nearest")),
     ]
+    if concat:
+        steps.append(ConcatItemsd(keys, name=IMAGE))
     return Compose(steps)
+
+
+def build_postprocessing(
+    preprocessing: Compose,
+    pixel_threshold: float,
+    slice_threshold: float,
+    min_lesion_mm3: float = 20.0,
+) -> Compose:
+    """From the inferer's output ``pred`` to heatmap, label map and summary in the scan's own geometry:
+    ``Invertd`` through the pre-processing, lowest score outside the liver, then ``AnomalyOutputsd``."""
+    return Compose(
+        [
+            Invertd(keys=PRED, transform=preprocessing, orig_keys=IMAGE, nearest_interp=False),
+            FillOutsideROId(PRED, roi_key=ROI_SOURCE),
+            AnomalyOutputsd(PRED, ROI_SOURCE, pixel_threshold, slice_threshold, min_lesion_mm3),
+        ]
+    )
 
 
 def run_pipeline(pipeline: Compose, data: Mapping[str, Any]) -> dict[str, Any]:
