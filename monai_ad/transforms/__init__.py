@@ -34,6 +34,7 @@ from monai_ad.transforms.pipeline import (
     ROI_SOURCE,
     LoadVolumed,
     PreprocessConfig,
+    build_postprocessing,
     build_preprocessing,
     require_roi,
     run_pipeline,

@@ -86,7 +86,9 @@ class LoadVolumed(LoadImaged):
                 if not os.path.exists(path):
                     raise InputError("file not found", path)
                 try:
-                    d[key] = self._loader(path, reader)
+                    loaded = self._loader(path, reader)
+                    # the image, its metadata inside; also when a framework switched ``image_only`` off
+                    d[key] = loaded[0] if isinstance(loaded, tuple) else loaded
                 except Exception as exc:  # any reader failure: unreadable, truncated, wrong format
                     reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     raise InputError(f"cannot be read as a medical image ({reason[:200]})", path) from None

@@ -1,0 +1,118 @@
+"""Runnable components for MONAI bundle configs (``_target_``): each holds its settings and does its work in
+``run()``, so a bundle's ``training`` / ``inference`` / ``evaluating`` id is one expression."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from monai.transforms import Compose
+
+from monai_ad import engine
+from monai_ad.detectors.base import AnomalyDetector
+from monai_ad.inferers import SliceAnomalyInferer
+from monai_ad.transforms.pipeline import IMAGE
+
+logger = logging.getLogger(__name__)
+
+
+def phantom_datalist(
+    dataset_dir: str | os.PathLike, n_normal: int = 6, n_abnormal: int = 3, preset: str = "tiny", seed: int = 0
+) -> str:
+    """The datalist of a phantom dataset in ``dataset_dir``, written first if it is not there yet."""
+    datalist = Path(dataset_dir) / "datalist.json"
+    if not datalist.is_file():
+        from monai_ad.data.phantom import write_phantom_dataset
+
+        logger.info("writing a %s phantom dataset to %s", preset, dataset_dir)
+        write_phantom_dataset(dataset_dir, n_normal, n_abnormal, seed=seed, preset=preset, progress=False)
+    return str(datalist)
+
+
+def load_detector(path: str | os.PathLike, device: str | torch.device | None = None) -> AnomalyDetector:
+    """A trained detector from its file, on ``device`` (the bundle's ``network_def``)."""
+    return AnomalyDetector.load(path, device=device)
+
+
+class DetectorTrainer:
+    """Fit ``detector`` on a datalist's normal volumes, calibrate its thresholds, save it to ``output``."""
+
+    def __init__(
+        self,
+        detector: AnomalyDetector,
+        datalist: str | os.PathLike,
+        output: str | os.PathLike,
+        preprocessing: Mapping[str, Any] | None = None,
+        roi_labels: Sequence[int] | int | None = None,
+        quantile: float = 0.99,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ):
+        self.detector, self.datalist, self.output = detector, datalist, output
+        self.preprocessing, self.roi_labels, self.quantile = preprocessing, roi_labels, quantile
+        self.device, self.progress = None if device is None else str(device), progress
+
+    def run(self) -> AnomalyDetector:
+        Path(self.output).parent.mkdir(parents=True, exist_ok=True)
+        detector = engine.train(
+            self.detector, self.datalist, self.output, preprocessing=self.preprocessing, roi_labels=self.roi_labels,
+            quantile=self.quantile, device=self.device, progress=self.progress,
+        )  # fmt: skip
+        logger.info("saved %s to %s (thresholds %s)", detector.name, self.output, detector.thresholds)
+        return detector
+
+
+class BatchInference:
+    """Read every volume of a datalist section (or explicit ``images``/``rois``) with the bundle's components;
+    heatmaps, label maps and summaries go to ``output_dir``."""
+
+    def __init__(
+        self,
+        network: AnomalyDetector,
+        output_dir: str | os.PathLike,
+        datalist: str | os.PathLike | None = None,
+        key: str = "test",
+        images: Sequence[str] | None = None,
+        rois: Sequence[str] | None = None,
+        preprocessing: Compose | None = None,
+        inferer: SliceAnomalyInferer | None = None,
+        postprocessing: Compose | None = None,
+        progress: bool = True,
+    ):
+        self.network, self.output_dir, self.progress = network, output_dir, progress
+        if images is None:
+            items = engine.load_datalist(datalist, key)
+            images, rois = [item[IMAGE] for item in items], [engine.roi_source(item) for item in items]
+        self.images, self.rois = list(images), list(rois or [None] * len(images))
+        self.components = {"preprocessing": preprocessing, "inferer": inferer, "postprocessing": postprocessing}
+
+    def run(self) -> list[dict[str, Any]]:
+        results = engine.infer(self.network, self.images, self.rois, self.output_dir, progress=self.progress, **self.components)
+        return [r.summary for r in results]
+
+
+class DetectorEvaluator:
+    """Metrics (JSON, CSV) and the PNG report of a trained detector on a labelled datalist section."""
+
+    def __init__(
+        self,
+        network: AnomalyDetector,
+        datalist: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        key: str = "test",
+        preprocessing: Compose | None = None,
+        inferer: SliceAnomalyInferer | None = None,
+        postprocessing: Compose | None = None,
+        roi_labels: Sequence[int] | int | None = None,
+        progress: bool = True,
+    ):
+        self.network, self.datalist, self.output_dir, self.key, self.progress = network, datalist, output_dir, key, progress
+        self.options = {"preprocessing": preprocessing, "inferer": inferer, "postprocessing": postprocessing, "roi_labels": roi_labels}
+
+    def run(self) -> dict[str, Any]:
+        values = engine.evaluate(self.network, self.datalist, self.output_dir, key=self.key, progress=self.progress, **self.options)
+        logger.info("metrics: %s", {k: v for k, v in values.items() if isinstance(v, float)})
+        return values
