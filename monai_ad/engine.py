@@ -16,6 +16,7 @@ import torch
 from monai.transforms import Compose
 from tqdm.auto import tqdm
 
+from monai_ad import distributed
 from monai_ad.detectors.base import AnomalyDetector, create_detector
 from monai_ad.errors import InputError
 from monai_ad.inferers import SliceAnomalyInferer
@@ -147,13 +148,15 @@ def train(
     except InputError:
         n_hold = max(1, len(training) // 5) if len(training) > 1 else 0
         validation, training = training[:n_hold], training[n_hold:] or training
-    train_slices = collect_slices(training, config, roi_labels, progress, desc="training volumes")
+    train_slices = collect_slices(distributed.shard(training), config, roi_labels, progress, desc="training volumes")
     logger.info("fitting %s on %d normal slices", detector.name, train_slices["image"].shape[0])
     detector.fit(SliceBatches(train_slices, batch_size=int(detector.hparams.get("batch_size", 16))), progress=progress)
     valid_slices = collect_slices(validation, config, roi_labels, progress, desc="validation volumes")
     detector.calibrate(SliceBatches(valid_slices, batch_size=32), quantile=quantile)
     detector.preprocessing = config.to_dict()
-    detector.save(output)
+    if distributed.is_main_process():
+        detector.save(output)
+    distributed.barrier()
     return detector
 
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from monai.transforms import Compose
 
-from monai_ad import engine
+from monai_ad import distributed, engine
 from monai_ad.detectors.base import AnomalyDetector
 from monai_ad.inferers import SliceAnomalyInferer
 from monai_ad.transforms.pipeline import IMAGE
@@ -24,11 +24,12 @@ def phantom_datalist(
 ) -> str:
     """The datalist of a phantom dataset in ``dataset_dir``, written first if it is not there yet."""
     datalist = Path(dataset_dir) / "datalist.json"
-    if not datalist.is_file():
+    if not datalist.is_file() and distributed.is_main_process():
         from monai_ad.data.phantom import write_phantom_dataset
 
         logger.info("writing a %s phantom dataset to %s", preset, dataset_dir)
         write_phantom_dataset(dataset_dir, n_normal, n_abnormal, seed=seed, preset=preset, progress=False)
+    distributed.barrier()
     return str(datalist)
 
 
@@ -61,7 +62,8 @@ class DetectorTrainer:
             self.detector, self.datalist, self.output, preprocessing=self.preprocessing, roi_labels=self.roi_labels,
             quantile=self.quantile, device=self.device, progress=self.progress,
         )  # fmt: skip
-        logger.info("saved %s to %s (thresholds %s)", detector.name, self.output, detector.thresholds)
+        if distributed.is_main_process():
+            logger.info("saved %s to %s (thresholds %s)", detector.name, self.output, detector.thresholds)
         return detector
 
 

@@ -86,3 +86,19 @@ def test_monai_label_bundle_infer_task_returns_a_label_map(trained_bundle):
     assert label.shape == source.shape and np.allclose(label.affine, source.affine, atol=1e-4)
     assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
     assert result["label_names"] == {"anomaly": 1}
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_multi_gpu_train_runs_with_torchrun_on_cpu_gloo(name, tmp_path):
+    """Two CPU processes (gloo): data split across them, features/gradients combined, rank 0 saves the model."""
+    bundle = tmp_path / name
+    shutil.copytree(BUNDLES_DIR / name, bundle, ignore=shutil.ignore_patterns("models", "data", "eval"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
+           "--meta_file", "configs/metadata.json", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+           "--logging_file", "configs/logging.conf", *FAST[name]]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from monai_ad.detectors import AnomalyDetector
+
+    model = AnomalyDetector.load(bundle / "models" / "model.pt")
+    assert model.is_fitted and model.thresholds["n_slices"] > 0

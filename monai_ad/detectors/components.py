@@ -65,7 +65,7 @@ class PatchEmbedding(nn.Module):
             layers.append(pooled.flatten(2))
         stacked = torch.cat(layers, dim=1)  # [b, L·pre_dim, h·w]
         out = F.adaptive_avg_pool2d(stacked.unsqueeze(1), (self.target_dim, stacked.shape[-1]))
-        return out.squeeze(1).transpose(1, 2)  # [b, h·w, target_dim]
+        return out.squeeze(1).transpose(1, 2).contiguous()  # [b, h·w, target_dim]
 
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         if not features:
@@ -183,14 +183,30 @@ def greedy_coreset(
     anchor.square_()
     norms = points.square().sum(1)
     picked = torch.empty(k, dtype=torch.long, device=device)
-    for i in range(k):
-        index = torch.argmax(anchor).view(1)  # stays on the device: no host synchronisation per pick
-        picked[i : i + 1] = index
-        distance = torch.addmv(norms, points, points.index_select(0, index)[0], alpha=-2.0)
-        distance += norms.index_select(0, index)
-        torch.minimum(anchor, distance, out=anchor)
-        anchor.index_fill_(0, index, -1.0)
+    with _single_cpu_thread(device):
+        for i in range(k):
+            index = torch.argmax(anchor).view(1)  # stays on the device: no host synchronisation per pick
+            picked[i : i + 1] = index
+            distance = torch.addmv(norms, points, points.index_select(0, index)[0], alpha=-2.0)
+            distance += norms.index_select(0, index)
+            torch.minimum(anchor, distance, out=anchor)
+            anchor.index_fill_(0, index, -1.0)
     return picked.cpu()
+
+
+@contextlib.contextmanager
+def _single_cpu_thread(device: torch.device):
+    """The greedy loop is thousands of small memory-bound operations: on the CPU, thread start-up and
+    synchronisation cost more than they save (and far more when the cores are shared), so run it on one."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- smoothing and maps

@@ -1,43 +1,84 @@
 """PatchCore (Roth et al., CVPR 2022): a coreset memory bank of normal patch features, k-NN scoring.
 
-Faithful to the official implementation (METHODS §2): frozen backbone, layer2 + layer3 analogues, 3×3 patch
-aggregation pooled to ``target_dim`` without learned projection, approximate greedy k-center coreset
-(10 % by default) selected on a random 128-d projection while the bank keeps the full features, patch score =
-mean distance to the ``num_neighbors`` nearest bank items, slice score = the largest patch score in the ROI,
-pixel map = bilinear upsampling + Gaussian σ = 4. Distances are plain L2 as in anomalib/BMAD
-(``squared_distance=True`` gives the official faiss-style squared L2); ``reweight=True`` adds the paper's
-(and anomalib's) image-score reweighting over ``reweight_neighbors`` bank neighbours.
+As the official implementation (METHODS §2): a frozen backbone's layer2 + layer3 analogues, 3×3 patch
+aggregation pooled to ``target_dim`` without learned projection (§0); approximate greedy k-center coreset of
+``coreset_ratio`` (10 %) of the training patches, selected on a random 128-d projection while the bank keeps
+the full features; patch score = mean distance to the ``num_neighbors`` (k = 1) nearest bank items, as
+**squared** L2 like the official faiss ``IndexFlatL2`` (``squared_distance=False`` gives anomalib's plain L2);
+slice score = the largest patch score among the patches that overlap the ROI; pixel map = bilinear upsampling
+of the patch-score grid + Gaussian σ = 4 px.
+
+``reweight=True`` adds the paper's image-score reweighting as anomalib (BMAD) implements it: for the top
+patch m* with score s*, its nearest bank item m and the ``reweight_neighbors`` (b = 9) bank items nearest to
+m, score = (1 − softmax(‖m* − those items‖)[0]) · s*. The official code does not reweight.
+
+Fitting collects the training patch features on the CPU (float16, half the official float32 footprint) and
+runs the coreset on the detector's device; k-NN search runs on the device in chunks (no faiss).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import PatchScoreMap, greedy_coreset, max_in_roi, roi_on_grid
-from monai_ad.detectors.features import BackboneFeatures
+from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, greedy_coreset, max_in_roi, roi_on_grid
+from monai_ad.errors import InputError
+
+# the query × bank distance block computed at once (elements): 2^26 float32 = 256 MiB
+KNN_BLOCK_ELEMENTS = 1 << 26
+
+
+def squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """``‖q − b‖²`` for all pairs, ``[Q, M]``, as ‖q‖² + ‖b‖² − 2·q·b (one matrix product), clamped at 0."""
+    if bank_sq_norms is None:
+        bank_sq_norms = bank.square().sum(1)
+    d = torch.addmm(bank_sq_norms[None, :], queries, bank.t(), alpha=-2.0)
+    return d.add_(queries.square().sum(1, keepdim=True)).clamp_min_(0.0)
+
+
+def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int, block: int = KNN_BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared L2 distances ``[Q, k]`` (ascending) and indices ``[Q, k]`` of each query's ``k`` nearest bank
+    rows, computed on the tensors' device in blocks of at most ``block`` query×bank elements."""
+    norms = bank.square().sum(1)
+    rows = max(1, block // max(1, bank.shape[0]))
+    values, indices = [], []
+    for start in range(0, queries.shape[0], rows):
+        d = squared_distances(queries[start : start + rows], bank, norms)
+        v, i = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        values.append(v)
+        indices.append(i)
+    return torch.cat(values), torch.cat(indices)
 
 
 @register_detector("patchcore")
 class PatchCore(AnomalyDetector):
+    """PatchCore on ``[B, 1, image_size, image_size]`` slices (see the module docstring).
+
+    ``pre_dim`` / ``target_dim`` default to 1024 (the paper, with WideResNet-50-2) or, for backbones whose two
+    layers hold fewer channels, their channel total (152 for EfficientNet-Lite0, 384 for ResNet-18).
+    """
+
     unsaved_prefixes = ("features.backbone.",)
 
     def __init__(
         self,
         image_size: int = 224,
         backbone: str = "efficientnet_lite0",
-        layers: Sequence[str] | None = None,
+        layers: Sequence[str | int] | None = None,
         weights: str | None = None,
         allow_random_weights: bool = False,
         pre_dim: int | None = None,
         target_dim: int | None = None,
+        patch_size: int = 3,
         coreset_ratio: float = 0.1,
         coreset_projection: int = 128,
+        coreset_starts: int = 10,
         num_neighbors: int = 1,
-        squared_distance: bool = False,
+        squared_distance: bool = True,
         reweight: bool = False,
         reweight_neighbors: int = 9,
         sigma: float = 4.0,
@@ -47,67 +88,79 @@ class PatchCore(AnomalyDetector):
     ):
         super().__init__(
             image_size=image_size, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
-            allow_random_weights=allow_random_weights, pre_dim=pre_dim, target_dim=target_dim,
-            coreset_ratio=coreset_ratio, coreset_projection=coreset_projection, num_neighbors=num_neighbors,
-            squared_distance=squared_distance, reweight=reweight, reweight_neighbors=reweight_neighbors, sigma=sigma,
-            batch_size=batch_size, amp=amp, seed=seed,
+            allow_random_weights=allow_random_weights, pre_dim=pre_dim, target_dim=target_dim, patch_size=patch_size,
+            coreset_ratio=coreset_ratio, coreset_projection=coreset_projection, coreset_starts=coreset_starts,
+            num_neighbors=num_neighbors, squared_distance=squared_distance, reweight=reweight,
+            reweight_neighbors=reweight_neighbors, sigma=sigma, batch_size=batch_size, amp=amp, seed=seed,
         )  # fmt: skip
-        self.features = BackboneFeatures(backbone, layers, weights, allow_random_weights, pre_dim, target_dim, default_dim=1024, amp=amp)
+        if not 0 < coreset_ratio <= 1:
+            raise InputError(f"patchcore: coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if num_neighbors < 1 or reweight_neighbors < 1:
+            raise InputError("patchcore: num_neighbors and reweight_neighbors must be at least 1")
+        self.features = PatchFeatures(backbone, layers, weights, allow_random_weights, pre_dim, target_dim, paper_dim=1024, patch_size=patch_size, amp=amp)
         self.to_map = PatchScoreMap(image_size, sigma)
         self.register_buffer("memory_bank", torch.empty(0, self.features.dim))
 
+    # ------------------------------------------------------------------ fitting
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
+        p = self.hparams
         device = self.device
         collected = []
-        for batch in tqdm(batches, desc="patchcore features", disable=not progress, unit="batch"):
-            patches, _ = self.features(batch["image"].to(device, torch.float32))
+        for batch in tqdm(batches, desc="patchcore features", disable=not progress, unit="batch", leave=False):
+            image = batch["image"]
+            if image.ndim != 4 or image.shape[1] != 1:
+                raise InputError(f"patchcore: expected training slices [B, 1, H, W], got {tuple(image.shape)}")
+            patches, _ = self.features(image.to(device, torch.float32, non_blocking=True))
             collected.append(patches.reshape(-1, patches.shape[-1]).to("cpu", torch.float16))
-        bank = torch.cat(collected)
-        p = self.hparams
-        index = greedy_coreset(bank, p["coreset_ratio"], p["coreset_projection"], seed=p["seed"], device=device)
-        self.memory_bank = bank[index].to(device, torch.float32)
+        if not collected:
+            raise InputError("patchcore: no training slices")
+        features = torch.cat(collected)
+        del collected
+        if not torch.isfinite(features).all():
+            raise InputError("patchcore: training features overflow float16 (inputs outside [0, 1]?)")
+        index = greedy_coreset(
+            features, p["coreset_ratio"], projection_dim=p["coreset_projection"], n_starts=p["coreset_starts"],
+            seed=p["seed"], device=device,
+        )  # fmt: skip
+        self.memory_bank = features.index_select(0, index).to(device, torch.float32)
 
-    def _nearest(self, queries: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-        """Distances ``[Q, k]`` from each query to its ``k`` nearest bank items (ascending), in chunks."""
-        out = []
-        bank = self.memory_bank
-        for start in range(0, queries.shape[0], chunk):
-            d = torch.cdist(queries[start : start + chunk], bank)
-            out.append(torch.topk(d, k, dim=1, largest=False).values)
-        return torch.cat(out)
-
-    def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
-        p = self.hparams
+    # ------------------------------------------------------------------ scoring
+    def patch_scores(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor]:
+        """Patch scores ``[B, h·w]``, the nearest bank index of each patch ``[B, h·w]``, the grid and the patch
+        features ``[B, h·w, D]`` of slices on the device."""
         patches, grid = self.features(image)
         b, n, dim = patches.shape
-        flat = patches.reshape(-1, dim).float()
-        k = min(int(p["num_neighbors"]), self.memory_bank.shape[0])
-        distances = self._nearest(flat, k)
-        if p["squared_distance"]:
-            distances = distances.square()
-        patch_scores = distances.mean(1).reshape(b, n)
-        roi_grid = roi_on_grid(roi, grid)
-        slice_scores = max_in_roi(patch_scores, roi_grid)
-        if p["reweight"]:
-            slice_scores = self._reweight(patches, patch_scores, roi_grid, slice_scores)
-        pixel = self.to_map(patch_scores.reshape(b, *grid))
-        return SliceScores(pixel=pixel, slice=slice_scores)
+        k = min(int(self.hparams["num_neighbors"]), self.memory_bank.shape[0])
+        distances, indices = nearest_neighbors(patches.reshape(b * n, dim), self.memory_bank, k)
+        if not self.hparams["squared_distance"]:
+            distances = distances.sqrt()
+        return distances.mean(1).reshape(b, n), indices[:, 0].reshape(b, n), grid, patches
 
-    def _reweight(self, patches, patch_scores, roi_grid, slice_scores) -> torch.Tensor:
-        """Image score × (1 − softmax of the max patch's distances to its nearest item's neighbourhood)[0]."""
-        masked = patch_scores if roi_grid is None else torch.where(roi_grid, patch_scores, -torch.inf)
-        top = masked.argmax(1)
-        m_star = patches[torch.arange(patches.shape[0], device=patches.device), top].float()  # [B, D]
-        nearest_item = torch.cdist(m_star, self.memory_bank).argmin(1)
+    def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
+        scores, nearest, grid, patches = self.patch_scores(image)
+        roi_grid = roi_on_grid(roi, grid)
+        slice_scores = max_in_roi(scores, roi_grid)
+        if self.hparams["reweight"]:
+            slice_scores = self._reweight(scores, nearest, patches, roi_grid, slice_scores)
+        return SliceScores(pixel=self.to_map(scores.reshape(-1, *grid)), slice=slice_scores)
+
+    def _reweight(self, scores, nearest, patches, roi_grid, slice_scores) -> torch.Tensor:
+        """anomalib's reweighting: s* · (1 − softmax(‖m* − N_b(m)‖)[0]), plain L2 inside the softmax."""
+        keep = None if roi_grid is None else roi_grid | ~roi_grid.any(1, keepdim=True)
+        masked = scores if keep is None else torch.where(keep, scores, torch.full_like(scores, -math.inf))
+        top = masked.argmax(1, keepdim=True)  # [B, 1]
+        m_star = patches.gather(1, top[..., None].expand(-1, -1, patches.shape[-1]))[:, 0]  # [B, D]
+        item = self.memory_bank.index_select(0, nearest.gather(1, top)[:, 0])  # [B, D]
         b_neighbors = min(int(self.hparams["reweight_neighbors"]), self.memory_bank.shape[0])
-        neighbourhood = torch.topk(torch.cdist(self.memory_bank[nearest_item], self.memory_bank), b_neighbors, largest=False).indices
-        distances = torch.linalg.vector_norm(self.memory_bank[neighbourhood] - m_star[:, None], dim=-1)
+        _, support = nearest_neighbors(item, self.memory_bank, b_neighbors)  # [B, b]; the item itself first
+        distances = torch.linalg.vector_norm(self.memory_bank[support] - m_star[:, None], dim=-1)
         weight = 1.0 - torch.softmax(distances, dim=1)[:, 0]
         return weight * slice_scores
 
-    def extra_repr(self) -> str:
-        return f"memory_bank={tuple(self.memory_bank.shape)}"
-
+    # ------------------------------------------------------------------ info
     @property
     def memory_bank_bytes(self) -> int:
         return self.memory_bank.numel() * self.memory_bank.element_size()
+
+    def extra_repr(self) -> str:
+        return f"memory_bank={tuple(self.memory_bank.shape)}"

@@ -1,24 +1,27 @@
 """SimpleNet (Liu et al., CVPR 2023): adapted patch features, Gaussian-noise anomalies, a discriminator.
 
-Faithful to the official implementation (METHODS §1): frozen backbone, layer2 + layer3 analogues, 3×3 patch
-aggregation; adaptor = one Linear(D→D) (Xavier-normal); discriminator = Linear(D→1024) + BatchNorm1d +
-LeakyReLU(0.2) + Linear(1024→1, no bias); fake features = adapted + N(0, σ²), σ = 0.015; true and fake pass
-through the discriminator in one batch; truncated L1 loss with margin 0.5; Adam (2e-4, wd 1e-5) for the
-discriminator and AdamW (1e-4) for the adaptor; ``meta_epochs × gan_epochs`` passes (40 × 4 in the paper).
-Patch score = −D(adaptor(feature)); slice score = the largest patch score in the ROI; pixel map = bilinear
-upsampling + Gaussian σ = 4 (the feature map itself is never upsampled).
+As the official implementation (METHODS §1): a frozen backbone's layer2 + layer3 analogues, 3×3 patch
+aggregation pooled to ``target_dim`` (§0); adaptor = one Linear(D→D) with bias, Xavier-normal weights;
+discriminator = Linear(D→1024) + BatchNorm1d + LeakyReLU(0.2) + Linear(1024→1, no bias), Xavier-normal
+weights; fake features = adapted + N(0, σ²·I) with σ = ``noise_std`` (0.015); true and fake features pass
+through the discriminator in one concatenated batch; truncated L1 loss with margin 0.5; Adam (2e-4, weight
+decay 1e-5) for the discriminator, AdamW (1e-4) for the adaptor; ``meta_epochs × gan_epochs`` passes over the
+training slices (40 × 4 in the paper) in shuffled batches of ``batch_size`` slices.
 
-Two departures, both measured: (1) no model is selected on test data, the weights after the last epoch are
-kept; (2) patch features are standardised per dimension (mean/std of the training features, stored with the
-model) before the adaptor, and the noise σ is given in those units (default 0.25). The paper's σ = 0.015 is
-tuned to raw WideResNet-50 features; on the offline backbones' features its noise is ~0.3 % of a feature's
-spread and the discriminator never separates it (loss stays at 1.0, in-liver pixel AUROC ≈ 0.5 on the test
-phantoms). ``standardize=False, noise_std=0.015`` restores the paper's setting.
+Scoring: patch score = −D(adaptor(feature)); slice score = the largest patch score among the patches that
+overlap the ROI; pixel map = bilinear upsampling of the patch-score grid + Gaussian σ = 4 px (the feature
+map itself is never upsampled). The weights after the last epoch are kept (the official code picks the best
+epoch on the *test* set; use a validation split and ``meta_epochs`` for that).
+
+Backbone features do not change during training: they are computed once (under ``no_grad``) and cached on
+the detector's device in float16 when they fit in ``cache_features`` bytes (default 4 GiB; ``True`` always,
+``False`` never: then they are recomputed every pass).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import logging
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +29,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
-from monai_ad.detectors.features import BackboneFeatures
+from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, max_in_roi, roi_on_grid
+from monai_ad.errors import InputError
 
-CACHE_LIMIT_BYTES = 4 << 30
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 4 << 30
 
 
 class Discriminator(nn.Sequential):
+    """Linear(D→hidden) + BatchNorm1d + LeakyReLU(0.2) + Linear(hidden→1, no bias), Xavier-normal weights."""
+
     def __init__(self, dim: int, hidden: int = 1024):
         super().__init__(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1, bias=False))
         for m in self.modules():
@@ -42,19 +49,25 @@ class Discriminator(nn.Sequential):
 
 @register_detector("simplenet")
 class SimpleNet(AnomalyDetector):
+    """SimpleNet on ``[B, 1, image_size, image_size]`` slices (see the module docstring).
+
+    ``pre_dim`` / ``target_dim`` default to 1536 (the paper, with WideResNet-50-2) or, for backbones whose
+    two layers hold fewer channels, their channel total (152 for EfficientNet-Lite0, 1024 for VGG16).
+    """
+
     unsaved_prefixes = ("features.backbone.",)
 
     def __init__(
         self,
         image_size: int = 288,
         backbone: str = "efficientnet_lite0",
-        layers: Sequence[str] | None = None,
+        layers: Sequence[str | int] | None = None,
         weights: str | None = None,
         allow_random_weights: bool = False,
         pre_dim: int | None = None,
         target_dim: int | None = None,
-        noise_std: float = 0.25,
-        standardize: bool = True,
+        patch_size: int = 3,
+        noise_std: float = 0.015,
         margin: float = 0.5,
         hidden_dim: int = 1024,
         meta_epochs: int = 40,
@@ -64,110 +77,125 @@ class SimpleNet(AnomalyDetector):
         dsc_weight_decay: float = 1e-5,
         adaptor_lr: float = 1e-4,
         sigma: float = 4.0,
-        cache_features: bool | None = None,
+        cache_features: bool | int | None = None,
         amp: bool = True,
         seed: int = 0,
     ):
         super().__init__(
             image_size=image_size, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
-            allow_random_weights=allow_random_weights, pre_dim=pre_dim, target_dim=target_dim, noise_std=noise_std,
-            standardize=standardize,
-            margin=margin, hidden_dim=hidden_dim, meta_epochs=meta_epochs, gan_epochs=gan_epochs,
+            allow_random_weights=allow_random_weights, pre_dim=pre_dim, target_dim=target_dim, patch_size=patch_size,
+            noise_std=noise_std, margin=margin, hidden_dim=hidden_dim, meta_epochs=meta_epochs, gan_epochs=gan_epochs,
             batch_size=batch_size, dsc_lr=dsc_lr, dsc_weight_decay=dsc_weight_decay, adaptor_lr=adaptor_lr,
             sigma=sigma, cache_features=cache_features, amp=amp, seed=seed,
         )  # fmt: skip
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)  # deterministic initial weights
-        self.features = BackboneFeatures(backbone, layers, weights, allow_random_weights, pre_dim, target_dim, default_dim=1536, amp=amp)
+        if meta_epochs < 1 or gan_epochs < 1 or batch_size < 1:
+            raise InputError("simplenet: meta_epochs, gan_epochs and batch_size must be at least 1")
+        self.features = PatchFeatures(backbone, layers, weights, allow_random_weights, pre_dim, target_dim, paper_dim=1536, patch_size=patch_size, amp=amp)
         dim = self.features.dim
-        self.adaptor = nn.Linear(dim, dim)
-        nn.init.xavier_normal_(self.adaptor.weight)
-        self.discriminator = Discriminator(dim, hidden_dim)
-        torch.random.set_rng_state(generator_state)
-        self.register_buffer("feature_mean", torch.zeros(dim))
-        self.register_buffer("feature_std", torch.ones(dim))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.adaptor = nn.Linear(dim, dim)
+            nn.init.xavier_normal_(self.adaptor.weight)
+            self.discriminator = Discriminator(dim, hidden_dim)
         self.to_map = PatchScoreMap(image_size, sigma)
+        self.train_losses: list[float] = []
 
     # ------------------------------------------------------------------ training
-    def _feature_batches(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool):
-        """Patch features per batch, cached in memory (float16, on the device) when they fit."""
-        device = self.device
+    def _cache_budget(self) -> int | None:
         cache = self.hparams["cache_features"]
         if cache is None:
-            n_slices = sum(len(b["image"]) for b in batches)
-            grid = (self.image_size // self.features.backbone.strides[0]) ** 2
-            cache = n_slices * grid * self.features.dim * 2 <= CACHE_LIMIT_BYTES
-        if not cache:
+            return DEFAULT_CACHE_BYTES
+        if isinstance(cache, bool):
+            return None if cache else 0
+        return int(cache)
+
+    def _extract(self, image: torch.Tensor) -> torch.Tensor:
+        if image.ndim != 4 or image.shape[1] != 1:
+            raise InputError(f"simplenet: expected training slices [B, 1, H, W], got {tuple(image.shape)}")
+        return self.features(image.to(self.device, torch.float32, non_blocking=True))[0]
+
+    def _cache(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> torch.Tensor | None:
+        """All training patch features ``[N, h·w, D]`` (float16, on the device), or None past the budget."""
+        budget = self._cache_budget()
+        if budget == 0:
             return None
-        return [
-            self.features(b["image"].to(device, torch.float32))[0].to(torch.float16)
-            for b in tqdm(batches, desc="simplenet features", disable=not progress, unit="batch")
-        ]
+        cached, size = [], 0
+        for batch in tqdm(batches, desc="simplenet features", disable=not progress, unit="batch", leave=False):
+            feats = self._extract(batch["image"]).to(torch.float16)
+            size += feats.numel() * feats.element_size()
+            if budget is not None and size > budget:
+                logger.info("simplenet: training features exceed %d bytes; recomputing them every pass", budget)
+                return None
+            cached.append(feats)
+        if not cached:
+            raise InputError("simplenet: no training slices")
+        return torch.cat(cached)
+
+    def _training_batches(self, cached: torch.Tensor | None, batches, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        size = int(self.hparams["batch_size"])
+        if cached is not None:
+            order = torch.randperm(cached.shape[0], generator=generator).to(cached.device)
+            for start in range(0, len(order), size):
+                yield cached.index_select(0, order[start : start + size])
+            return
+        for batch in batches:
+            feats = self._extract(batch["image"])
+            for start in range(0, feats.shape[0], size):
+                yield feats[start : start + size]
 
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
         p = self.hparams
         device = self.device
-        generator = torch.Generator(device=device).manual_seed(p["seed"])
-        cached = self._feature_batches(batches, progress)
-        self._fit_standardization(cached if cached is not None else batches)
+        shuffle = torch.Generator().manual_seed(int(p["seed"]))
+        noise_gen = torch.Generator(device=device).manual_seed(int(p["seed"]))
+        cached = self._cache(batches, progress)
         dsc_opt = torch.optim.Adam(self.discriminator.parameters(), lr=p["dsc_lr"], weight_decay=p["dsc_weight_decay"])
         adaptor_opt = torch.optim.AdamW(self.adaptor.parameters(), lr=p["adaptor_lr"])
         self.adaptor.train()
         self.discriminator.train()
-        total = p["meta_epochs"] * p["gan_epochs"]
-        bar = tqdm(total=total, desc="simplenet training", disable=not progress, unit="epoch")
-        for _ in range(total):
-            losses = []
-            for item in cached if cached is not None else batches:
-                feats = item if cached is not None else self.features(item["image"].to(device, torch.float32))[0]
-                feats = feats.reshape(-1, feats.shape[-1]).float()
-                loss = self._train_step(feats, generator)
-                dsc_opt.zero_grad(set_to_none=True)
-                adaptor_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                adaptor_opt.step()
-                dsc_opt.step()
-                losses.append(loss.detach())
-            bar.set_postfix(loss=f"{torch.stack(losses).mean().item():.4f}")
-            bar.update()
-        bar.close()
+        self.train_losses = []
+        total = int(p["meta_epochs"]) * int(p["gan_epochs"])
+        bar = tqdm(total=total, desc="simplenet training", disable=not progress, unit="epoch", leave=False)
+        try:
+            for _ in range(total):
+                loss_sum, steps = torch.zeros((), device=device), 0
+                for feats in self._training_batches(cached, batches, shuffle):
+                    loss = self._loss(feats.reshape(-1, feats.shape[-1]).float(), noise_gen)
+                    dsc_opt.zero_grad(set_to_none=True)
+                    adaptor_opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    adaptor_opt.step()
+                    dsc_opt.step()
+                    loss_sum += loss.detach()
+                    steps += 1
+                if steps == 0:
+                    raise InputError("simplenet: no training slices")
+                self.train_losses.append(float(loss_sum) / steps)  # one host sync per epoch
+                bar.set_postfix(loss=f"{self.train_losses[-1]:.4f}")
+                bar.update()
+        finally:
+            bar.close()
+            self.eval()
 
-    @torch.no_grad()
-    def _fit_standardization(self, items) -> None:
-        """Per-dimension mean and std of the training features (running sums; one pass)."""
-        if not self.hparams["standardize"]:
-            return
-        total = torch.zeros_like(self.feature_mean, dtype=torch.float64)
-        squares = torch.zeros_like(total)
-        count = 0
-        for item in items:
-            feats = item if isinstance(item, torch.Tensor) else self.features(item["image"].to(self.device, torch.float32))[0]
-            feats = feats.reshape(-1, feats.shape[-1]).double()
-            total += feats.sum(0)
-            squares += feats.square().sum(0)
-            count += feats.shape[0]
-        mean = total / count
-        self.feature_mean.copy_(mean.float())
-        self.feature_std.copy_((squares / count - mean.square()).clamp_min(1e-12).sqrt().float().clamp_min(1e-6))
-
-    def _standardize(self, feats: torch.Tensor) -> torch.Tensor:
-        return (feats - self.feature_mean) / self.feature_std
-
-    def _train_step(self, feats: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        p = self.hparams
-        true = self.adaptor(self._standardize(feats))
-        noise = torch.randn(true.shape, generator=generator, device=true.device) * p["noise_std"]
-        fake = true + noise
+    def _loss(self, feats: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Truncated L1: mean(max(0, m − D(true))) + mean(max(0, D(fake) + m)), fake = true + N(0, σ²)."""
+        true = self.adaptor(feats)
+        noise = torch.randn(true.shape, generator=generator, device=true.device, dtype=true.dtype)
+        fake = true + noise * float(self.hparams["noise_std"])
         scores = self.discriminator(torch.cat([true, fake]))[:, 0]
-        true_scores, fake_scores = scores[: len(true)], scores[len(true) :]
-        margin = p["margin"]
-        return F.relu(margin - true_scores).mean() + F.relu(fake_scores + margin).mean()
+        margin = float(self.hparams["margin"])
+        n = true.shape[0]
+        return F.relu(margin - scores[:n]).mean() + F.relu(scores[n:] + margin).mean()
 
     # ------------------------------------------------------------------ scoring
-    def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
+    def patch_scores(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch scores ``[B, h·w]`` (−D(adaptor(feature))) and the grid ``(h, w)`` of slices on the device."""
         patches, grid = self.features(image)
         b, n, dim = patches.shape
-        adapted = self.adaptor(self._standardize(patches.reshape(-1, dim)))
-        patch_scores = -self.discriminator(adapted)[:, 0].reshape(b, n)
-        slice_scores = max_in_roi(patch_scores, roi_on_grid(roi, grid))
-        return SliceScores(pixel=self.to_map(patch_scores.reshape(b, *grid)), slice=slice_scores)
+        scores = -self.discriminator(self.adaptor(patches.reshape(b * n, dim)))[:, 0]
+        return scores.reshape(b, n), grid
+
+    def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
+        scores, grid = self.patch_scores(image)
+        slice_scores = max_in_roi(scores, roi_on_grid(roi, grid))
+        return SliceScores(pixel=self.to_map(scores.reshape(-1, *grid)), slice=slice_scores)
