@@ -97,6 +97,17 @@ def _load_config(path: str | None) -> dict[str, Any]:
     return config
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from monai_ad.data.prepare import datalist_summary, prepare_liver_benchmark
+
+    datalist = prepare_liver_benchmark(
+        args.out, btcv=args.btcv, lits=args.lits, msd=args.msd, seed=args.seed, slices=not args.no_slices, progress=not args.quiet
+    )
+    print(f"datalist: {datalist} {datalist_summary(datalist)}")
+    if not args.no_slices:
+        print(f"BMAD slices: {Path(args.out) / 'bmad'}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from monai_ad import engine
 
@@ -227,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", help="tiny, small or full (512×512)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("prepare", parents=[shared], help="BMAD liver protocol: BTCV normals + LiTS/MSD tests → datalist and 2-D slices")
+    p.add_argument("--btcv", required=True, help="BTCV folder (img/imgNNNN.nii.gz, label/labelNNNN.nii.gz)")
+    p.add_argument("--lits", help="LiTS folder (volume-N.nii, segmentation-N.nii)")
+    p.add_argument("--msd", help="folder that holds Task03_Liver (MSD)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level splits")
+    p.add_argument("--no-slices", action="store_true", help="only the 3-D datalist, not BMAD's 2-D slice folders")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", parents=[shared], help="fit a detector on the normal volumes of a datalist")
     p.add_argument("--datalist", required=True)
