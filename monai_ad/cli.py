@@ -172,6 +172,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _print_metrics(values)
 
 
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    from monai_ad import engine
+
+    config = _load_config(args.config)
+    hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
+    summary = engine.benchmark(
+        args.detector or config.get("detector", "patchcore"), args.datalist, args.out, seeds=args.seeds, hparams=hparams,
+        preprocessing=config.get("preprocessing"), roi_labels=_roi_labels(args.roi_label), device=args.device,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(summary["table"])
+    print(f"  results: {Path(args.out) / 'benchmark.json'}")
+
+
 def _print_metrics(values: dict[str, Any]) -> None:
     for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auroc_roi", "aupro", "dice", "dice_volume", "slice_f1"):
         value = values.get(key)
@@ -277,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_predict_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("benchmark", parents=[shared], help="train + evaluate over several seeds; BMAD-style mean ± std table")
+    p.add_argument("--datalist", required=True)
+    p.add_argument("--detector", help="patchcore (default), simplenet")
+    p.add_argument("--config", help="JSON with detector, hparams and preprocessing")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--roi-label", type=int, action="append")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("demo", parents=[shared], help="phantom data → train → infer → evaluate, end to end")
     p.add_argument("--out", default="outputs/demo")

@@ -376,3 +376,46 @@ def write_metrics_csv(path: str | os.PathLike, values: Mapping[str, Any]) -> Non
     rows = [(k, v) for k, v in values.items() if v is None or isinstance(v, (int, float, str))]
     with atomic_path(path) as tmp:
         tmp.write_text("metric,value\n" + "".join(f"{k},{'' if v is None else v}\n" for k, v in rows))
+
+
+# ----------------------------------------------------------------------------- several seeds
+BMAD_COLUMNS = (("slice_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "PRO"))
+
+
+def benchmark(
+    detector: str,
+    datalist: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    seeds: Sequence[int] = (0, 1, 2),
+    hparams: Mapping[str, Any] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    roi_labels: Sequence[int] | int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train and evaluate once per seed; report mean ± std (%) in BMAD's table form (image AUROC, pixel
+    AUROC, PRO), with every run's metrics, as ``benchmark.json`` and ``benchmark.md``."""
+    out = Path(output_dir)
+    runs = []
+    for seed in seeds:
+        run_dir = out / f"seed_{seed}"
+        model = train(
+            detector, datalist, run_dir / "model.pt", hparams={**dict(hparams or {}), "seed": int(seed)},
+            preprocessing=preprocessing, roi_labels=roi_labels, device=device, progress=progress,
+        )  # fmt: skip
+        values = evaluate(model, datalist, run_dir, write_volumes=False, progress=progress, roi_labels=roi_labels)
+        runs.append({"seed": int(seed), **{k: values.get(k) for k, _ in BMAD_COLUMNS}})
+    summary: dict[str, Any] = {"detector": detector, "datalist": str(datalist), "seeds": list(seeds), "runs": runs}
+    row = [detector]
+    for key, title in BMAD_COLUMNS:
+        values = np.asarray([r[key] for r in runs if r[key] is not None], dtype=float) * 100.0
+        mean, std = (float(values.mean()), float(values.std())) if values.size else (None, None)
+        summary[key] = {"mean": mean, "std": std, "n": int(values.size)}
+        row.append("n/a" if mean is None else f"{mean:.2f}±{std:.2f}")
+    header = "| method | " + " | ".join(title for _, title in BMAD_COLUMNS) + " |"
+    table = "\n".join([header, "|" + "---|" * (len(BMAD_COLUMNS) + 1), "| " + " | ".join(row) + " |"])
+    summary["table"] = table
+    write_json(out / "benchmark.json", summary)
+    with atomic_path(out / "benchmark.md") as tmp:
+        tmp.write_text(f"{table}\n\nMean ± std (%) over seeds {list(seeds)}; datalist {datalist}.\n")
+    return summary

@@ -181,3 +181,12 @@ def test_infer_real_dicom_series_with_an_organ_segmentation(workspace, real_ct, 
     assert np.allclose(heat.affine, np.asarray(source.affine), atol=1e-3)
     summary = json.loads((tmp_path / "example_ct_dicom_summary.json").read_text())
     assert len(summary["slice_scores"]) == 20 and sum(s is not None for s in summary["slice_scores"]) > 5
+
+
+def test_benchmark_over_seeds_reports_bmad_table(workspace, tmp_path):
+    code, out, err = run_cli("benchmark", "--datalist", workspace["datalist"], "--detector", "patchcore", "--seeds", "0", "1", "--out", tmp_path, *TINY_PATCHCORE)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [r["seed"] for r in summary["runs"]] == [0, 1]
+    assert summary["pixel_auroc"]["n"] == 2 and summary["pixel_auroc"]["std"] >= 0
+    assert "| image AUROC | pixel AUROC | PRO |" in (tmp_path / "benchmark.md").read_text()
