@@ -49,7 +49,7 @@ def data():
 
 FAST = {
     "patchcore": {"image_size": SIZE, "coreset_ratio": 0.25},
-    "simplenet": {"image_size": SIZE, "meta_epochs": 20, "gan_epochs": 2, "batch_size": 8},
+    "simplenet": {"image_size": SIZE, "meta_epochs": 20, "gan_epochs": 2, "batch_size": 8, "noise_std": 0.5},
 }
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
 from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, greedy_coreset, max_in_roi, roi_on_grid
+from monai_ad.distributed import all_gather_rows
 from monai_ad.errors import InputError
 
 # the query × bank distance block computed at once (elements): 2^26 float32 = 256 MiB
@@ -114,7 +115,7 @@ class PatchCore(AnomalyDetector):
             collected.append(patches.reshape(-1, patches.shape[-1]).to("cpu", torch.float16))
         if not collected:
             raise InputError("patchcore: no training slices")
-        features = torch.cat(collected)
+        features = all_gather_rows(torch.cat(collected))  # every process's features (one process: its own)
         del collected
         if not torch.isfinite(features).all():
             raise InputError("patchcore: training features overflow float16 (inputs outside [0, 1]?)")
