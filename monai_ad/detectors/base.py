@@ -203,9 +203,10 @@ class AnomalyDetector(nn.Module, ABC):
         }
         return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
-    @staticmethod
-    def load(path: str | os.PathLike, device: str | torch.device | None = None) -> "AnomalyDetector":
-        """Load a detector saved by ``save`` (any registered kind)."""
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "AnomalyDetector":
+        """Load a detector saved by ``save``: any registered kind through ``AnomalyDetector.load``, only that
+        kind through a subclass (``PatchCore.load``)."""
         path = Path(path)
         if not path.is_file():
             raise InputError("model file not found", path)
@@ -216,13 +217,18 @@ class AnomalyDetector(nn.Module, ABC):
         if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
             raise InputError(f"not a monai_ad model file (expected format {FILE_FORMAT})", path)
         _import_builtin_detectors()
-        name = payload["detector"]
+        name = payload.get("detector")
         if name not in DETECTORS:
             raise InputError(f"model is a {name!r} detector, which this version does not know", path)
-        detector = DETECTORS[name](**payload["hparams"])
+        if not issubclass(DETECTORS[name], cls):
+            raise InputError(f"model is a {name!r} detector, not {cls.name!r}", path)
+        try:
+            detector = DETECTORS[name](**dict(payload.get("hparams") or {}))
+        except TypeError as exc:  # hyper-parameters this version's constructor does not take
+            raise InputError(f"model hyper-parameters do not fit the {name} detector: {exc}", path) from None
         try:
             detector._load_saved_state(payload["state"])
-        except (RuntimeError, KeyError, AttributeError) as exc:
+        except (RuntimeError, KeyError, AttributeError, TypeError, ValueError) as exc:
             raise InputError(f"model state does not match the {name} detector: {str(exc).splitlines()[0]}", path) from None
         detector.thresholds = dict(payload.get("thresholds") or {})
         detector.preprocessing = dict(payload.get("preprocessing") or {})
