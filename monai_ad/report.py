@@ -21,7 +21,7 @@ GT_COLOUR, PRED_COLOUR = "#00e5ff", "#ffd400"
 
 @dataclass
 class MontageItem:
-    """One axial slice as stored (array axes x: patient right→left, y: posterior→anterior, RAS).
+    """One axial slice as stored in RAS+ (array axes x: towards the patient's right, y: towards anterior).
 
     It is shown radiologically: anterior up, the patient's right on the image's left.
     """
@@ -41,8 +41,8 @@ class ScoreCurve:
 
 
 def radiological(slice_xy: np.ndarray) -> np.ndarray:
-    """(x, y) RAS array → display rows = anterior→posterior, columns = patient right→left."""
-    return np.rot90(np.asarray(slice_xy))
+    """(x, y) RAS+ slice → radiological display: rows anterior→posterior, columns the patient's right→left."""
+    return np.asarray(slice_xy).T[::-1, ::-1]
 
 
 def render_report(

@@ -5,8 +5,8 @@ visceral fat and bowel, spine and ribs, kidneys, spleen, aorta and IVC, and an i
 vessels; lesions of varied size, shape and contrast. Correlated noise and partial-volume blur, anisotropic
 spacing, a RAS affine. Labels follow LiTS: 0 background, 1 liver, 2 lesion.
 
-World axes (mm, RAS): x to the patient's left, y anterior, z superior; array axes (x, y, z) with the axial
-slice index along z.
+World axes (mm, RAS+): x towards the patient's right, y anterior, z superior; array axes (x, y, z) with the
+axial slice index along z. The liver is on the patient's right (x > 0), spleen and aorta on the left.
 """
 
 from __future__ import annotations
@@ -245,6 +245,11 @@ def make_phantom(seed: int, abnormal: bool, preset: str = "small", n_lesions: in
     if abnormal:
         count = n_lesions if n_lesions is not None else int(rng.integers(1, 5))
         lesions = _add_lesions(rng, g, image, label, liver, liver_hu, count)
+
+    # the anatomy above is laid out with x towards the patient's left; mirror it into RAS+ (x towards the right)
+    image, label = image[::-1].copy(), label[::-1].copy()
+    for lesion in lesions:
+        lesion["center_mm"][0] = round(-lesion["center_mm"][0], 3)  # the grid is symmetric about x = 0
 
     # partial-volume blur (in mm), then CT-like correlated noise
     blur_mm = np.array([rng.uniform(0.5, 0.8), rng.uniform(0.5, 0.8), 0.35 * slice_mm])

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from monai_ad.errors import InputError
 from monai_ad.io import atomic_write, write_json
+from monai_ad.report import radiological
 from monai_ad.transforms.array import BMAD_WINDOW, HistogramEqualize, HUWindow
 from monai_ad.transforms.pipeline import LoadVolumed
 
@@ -118,7 +119,7 @@ class _SliceWriter:
         windowed = self.equalize(self.window(image.as_tensor()), roi) * roi
         tumour = label_np == tumour_label if tumour_label else np.zeros_like(liver)
         for z in np.nonzero(liver.any(axis=(0, 1)))[0]:
-            yield int(z), _display(windowed[0, :, :, z].numpy()), _display(tumour[:, :, z].astype(np.float32))
+            yield int(z), radiological(windowed[0, :, :, z].numpy()), radiological(tumour[:, :, z].astype(np.float32))
 
     def write(self, path: Path, array: np.ndarray) -> None:
         picture = Image.fromarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8)).resize((BMAD_SIZE, BMAD_SIZE), Image.BILINEAR)
@@ -127,11 +128,6 @@ class _SliceWriter:
     def write_mask(self, path: Path, mask: np.ndarray) -> None:
         picture = Image.fromarray((mask > 0.5).astype(np.uint8) * 255).resize((BMAD_SIZE, BMAD_SIZE), Image.NEAREST)
         atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
-
-
-def _display(slice_xy: np.ndarray) -> np.ndarray:
-    """RAS (x, y) slice → radiological display (anterior up, patient's right on the left)."""
-    return np.rot90(slice_xy)
 
 
 def prepare_liver_benchmark(
