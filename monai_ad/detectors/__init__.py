@@ -9,12 +9,14 @@ from monai_ad.detectors.base import (
     iter_slice_batches,
     register_detector,
 )
+from monai_ad.detectors.padim import PaDiM
 from monai_ad.detectors.patchcore import PatchCore
 from monai_ad.detectors.simplenet import SimpleNet
 
 __all__ = [
     "DETECTORS",
     "AnomalyDetector",
+    "PaDiM",
     "PatchCore",
     "SimpleNet",
     "SliceScores",

@@ -1,0 +1,217 @@
+"""PaDiM (Defard et al., ICPR 2021): a Gaussian of normal patch embeddings at every position, Mahalanobis scoring.
+
+As METHODS §3 (BMAD's anomalib PaDiM; there is no official code): a frozen backbone's ``layer1 + layer2 +
+layer3`` analogues, the deeper maps nearest-upsampled to the first layer's grid and concatenated; a random
+subset of ``d`` channels, drawn once from ``seed`` and stored with the model; at each grid position the mean and
+the covariance (unbiased, ``N − 1``) of the training embeddings, + ``regularization``·I (0.01), inverted;
+patch score = Mahalanobis distance (square root of the quadratic form); pixel map = bilinear upsampling
+(``align_corners=False``) + Gaussian σ = 4 px; slice score = the largest pixel of that map inside the ROI.
+
+Choices the sources leave open or that differ from them, made here:
+
+- **Backbones and d.** EfficientNet-Lite0 (the default; its ImageNet weights ship in a package) taps
+  ``blocks.1`` (24 ch, stride 4), ``blocks.2`` (40 ch, stride 8) and ``blocks.4`` (112 ch, stride 16), the
+  stages at ResNet's layer1–3 strides: 176 channels, d = 100 (the ResNet-18 setting, 448 → 100, keeps a
+  comparable covariance size). ResNet-18 (d = 100) and WideResNet-50-2 (d = 550) follow BMAD and need a
+  torchvision weights file; VGG16 taps ``relu3_3`` + ``relu4_3`` + ``relu5_3`` (1280 ch, strides 4/8/16),
+  d = 550.
+- **Running sums, not stored embeddings.** Σx and Σxxᵀ per position are accumulated batch by batch in float64
+  on the detector's device (summed over processes under torch.distributed), so memory does not grow with the
+  training set: ``h·w·d²`` float64 (56²·100² · 8 B = 251 MB for d = 100 at 224 px; 7.6 GB for d = 550).
+- **Channel subset before upsampling.** Nearest upsampling acts per channel, so the chosen channels are taken
+  from each layer first and only those are upsampled: the same embedding for less work.
+- **Inverse.** Each regularised covariance is factorised by Cholesky and inverted from the factor
+  (Σ⁻¹ = L⁻ᵀ·L⁻¹) in float64, a block of positions at a time, and stored in float32
+  (``h·w·d²`` · 4 B). Scoring evaluates the quadratic form as batched matrix products over positions on the
+  device, a bounded block of positions at a time.
+- With ``amp`` the backbone runs under bf16 autocast on CUDA (never on the CPU); embeddings, sums and
+  distances are float32/float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
+from monai_ad.detectors.components import PatchScoreMap, max_in_roi
+from monai_ad.distributed import all_reduce_sum_
+from monai_ad.errors import InputError
+from monai_ad.networks.backbones import build_backbone
+
+# layer1 / layer2 / layer3 analogues (strides 4, 8, 16) and the random subset size of each backbone
+PADIM_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.4"),
+    "vgg16": ("relu3_3", "relu4_3", "relu5_3"),
+    "resnet18": ("layer1", "layer2", "layer3"),
+    "wide_resnet50_2": ("layer1", "layer2", "layer3"),
+}
+PADIM_DIM = {"efficientnet_lite0": 100, "vgg16": 550, "resnet18": 100, "wide_resnet50_2": 550}
+
+# the elements of one block of the float64 covariance work (inversion) or of the float32 scoring work
+BLOCK_ELEMENTS = 1 << 25
+
+
+@register_detector("padim")
+class PaDiM(AnomalyDetector):
+    """PaDiM on ``[B, 1, image_size, image_size]`` slices (see the module docstring).
+
+    ``layers`` default to ``PADIM_LAYERS[backbone]`` and ``dim`` (the random channel subset d) to
+    ``PADIM_DIM[backbone]``, capped at the layers' channel total.
+    """
+
+    unsaved_prefixes = ("backbone.",)
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str | int] | None = None,
+        weights: str | None = None,
+        allow_random_weights: bool = False,
+        dim: int | None = None,
+        regularization: float = 0.01,
+        sigma: float = 4.0,
+        batch_size: int = 16,
+        amp: bool = True,
+        seed: int = 0,
+    ):
+        if not regularization > 0:
+            raise InputError(f"padim: regularization must be positive (the paper adds 0.01·I), got {regularization}")
+        if sigma < 0:
+            raise InputError(f"padim: sigma must be 0 (no smoothing) or positive, got {sigma}")
+        if batch_size < 1:
+            raise InputError(f"padim: batch_size must be at least 1, got {batch_size}")
+        if layers is None and backbone in PADIM_LAYERS:
+            layers = PADIM_LAYERS[backbone]
+        super().__init__(
+            image_size=image_size, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
+            allow_random_weights=allow_random_weights, dim=dim, regularization=regularization, sigma=sigma,
+            batch_size=batch_size, amp=amp, seed=seed,
+        )  # fmt: skip
+        self.backbone = build_backbone(backbone, layers, weights, allow_random_weights)
+        total = sum(self.backbone.channels)
+        dim = int(dim if dim is not None else min(PADIM_DIM.get(backbone, total), total))
+        if not 1 <= dim <= total:
+            raise InputError(f"padim: dim must be between 1 and the layers' {total} channels, got {dim}")
+        self.dim = dim
+        generator = torch.Generator().manual_seed(int(seed))
+        index = torch.randperm(total, generator=generator)[:dim].sort().values
+        self.register_buffer("channel_index", index)
+        # sized by fitting (one Gaussian per grid position); loading adopts the saved tensors
+        self.register_buffer("mean", torch.empty(0, dim))
+        self.register_buffer("inv_covariance", torch.empty(0, dim, dim))
+        self.to_map = PatchScoreMap(image_size, sigma)
+
+    # ------------------------------------------------------------------ embedding
+    def grid_size(self) -> tuple[int, int]:
+        """The first layer's grid for ``image_size`` slices (the positions that get a Gaussian)."""
+        with torch.no_grad():
+            maps = self.backbone(torch.zeros(1, 1, self.image_size, self.image_size, device=self.device))
+        return int(maps[0].shape[-2]), int(maps[0].shape[-1])
+
+    def _autocast(self, device: torch.device):
+        if self.hparams["amp"] and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def backbone_forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        image = image.to(self.device, torch.float32, non_blocking=True)
+        with self._autocast(image.device):
+            return self.backbone(image)
+
+    @torch.no_grad()
+    def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Embeddings ``[B, h·w, d]`` (float32) of the chosen channels at the first layer's grid ``(h, w)``."""
+        maps = self.backbone_forward(image)
+        grid = tuple(maps[0].shape[-2:])
+        parts, offset = [], 0
+        for feature in maps:
+            channels = feature.shape[1]
+            chosen = self.channel_index[(self.channel_index >= offset) & (self.channel_index < offset + channels)]
+            if chosen.numel():
+                part = feature.index_select(1, chosen - offset).float()
+                if tuple(part.shape[-2:]) != grid:
+                    part = F.interpolate(part, size=grid, mode="nearest")
+                parts.append(part)
+            offset += channels
+        embedding = torch.cat(parts, dim=1)  # [B, d, h, w], channels in the order of channel_index
+        return embedding.flatten(2).transpose(1, 2), (int(grid[0]), int(grid[1]))
+
+    # ------------------------------------------------------------------ fitting
+    def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
+        grid = self.grid_size()
+        positions, dim = grid[0] * grid[1], self.dim
+        device = self.device
+        total = torch.zeros(positions, dim, dtype=torch.float64, device=device)
+        products = torch.zeros(positions, dim, dim, dtype=torch.float64, device=device)
+        count = torch.zeros(1, dtype=torch.float64, device=device)
+        for batch in tqdm(batches, desc="padim statistics", disable=not progress, unit="batch", leave=False):
+            image = batch["image"]
+            self.check_slices(image)
+            embedding, _ = self.embed(image)  # [B, P, d]
+            x = embedding.double().transpose(0, 1)  # [P, B, d]
+            total += x.sum(1)
+            products.baddbmm_(x.transpose(1, 2), x)  # Σ x·xᵀ per position
+            count += x.shape[1]
+        for t in (total, products, count):
+            all_reduce_sum_(t)  # every process's slices (one process: its own)
+        n = float(count)
+        if n < 2:
+            raise InputError(f"padim: a covariance needs at least 2 training slices, got {int(n)}")
+        mean = total / n
+        # unbiased covariance (N − 1) + εI, in place on the product sums
+        products.sub_(n * mean[:, :, None] * mean[:, None, :]).div_(n - 1)
+        products.diagonal(dim1=1, dim2=2).add_(float(self.hparams["regularization"]))
+        self.mean = mean.float()
+        self.inv_covariance = self._invert(products)
+
+    @staticmethod
+    def _invert(covariance: torch.Tensor) -> torch.Tensor:
+        """float32 inverses of positive-definite float64 matrices ``[P, d, d]`` via Cholesky, in blocks."""
+        positions, dim, _ = covariance.shape
+        inverse = torch.empty(covariance.shape, dtype=torch.float32, device=covariance.device)
+        step = max(1, BLOCK_ELEMENTS // (dim * dim))
+        identity = torch.eye(dim, dtype=covariance.dtype, device=covariance.device)
+        for start in range(0, positions, step):
+            factor, info = torch.linalg.cholesky_ex(covariance[start : start + step])
+            if bool((info != 0).any()):
+                raise InputError("padim: a regularised covariance is not positive definite (non-finite features?)")
+            # Σ = L·Lᵀ ⇒ Σ⁻¹ = L⁻ᵀ·L⁻¹ (a batched triangular solve; faster on the CPU than cholesky_inverse)
+            factor_inv = torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
+            inverse[start : start + step] = (factor_inv.transpose(1, 2) @ factor_inv).float()
+        return inverse
+
+    # ------------------------------------------------------------------ scoring
+    def mahalanobis(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Distances ``[B, P]`` of embeddings ``[B, P, d]`` to the per-position Gaussians: √((x−μ)ᵀ Σ⁻¹ (x−μ)),
+        as batched matrix products over positions, a block of positions at a time."""
+        b, positions, dim = embedding.shape
+        out = torch.empty(b, positions, device=embedding.device, dtype=torch.float32)
+        step = max(1, BLOCK_ELEMENTS // (dim * (dim + b)))
+        for start in range(0, positions, step):
+            stop = start + step
+            delta = (embedding[:, start:stop] - self.mean[start:stop]).transpose(0, 1)  # [p, B, d]
+            weighted = torch.bmm(delta, self.inv_covariance[start:stop])  # [p, B, d]
+            out[:, start:stop] = (weighted * delta).sum(-1).t()
+        return out.clamp_min_(0.0).sqrt_()
+
+    def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
+        embedding, grid = self.embed(image)
+        pixel = self.to_map(self.mahalanobis(embedding).reshape(-1, *grid))
+        roi_pixels = None if roi is None else roi[:, 0].flatten(1)
+        return SliceScores(pixel=pixel, slice=max_in_roi(pixel.flatten(1), roi_pixels))
+
+    # ------------------------------------------------------------------ info
+    @property
+    def gaussian_bytes(self) -> int:
+        """Bytes of the fitted Gaussians (means and inverse covariances)."""
+        return sum(t.numel() * t.element_size() for t in (self.mean, self.inv_covariance))
+
+    def extra_repr(self) -> str:
+        return f"positions={self.mean.shape[0]}, dim={self.dim}"
