@@ -1,0 +1,173 @@
+"""Running the MONAI Label app (``apps/liver_anomaly``): sample studies, the server command, waiting for it.
+
+Used by ``monai-ad app`` (``make app``), the app's tests and the Orthanc/OHIF integration check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Mapping
+
+import nibabel as nib
+import numpy as np
+
+from monai_ad.errors import InputError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = PROJECT_ROOT / "apps" / "liver_anomaly"
+LIVER_TAG = "liver"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_liver_mask(label_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """A liver mask (uint8, 1 = liver) from a LiTS-style label (1 liver, 2 lesion), same geometry."""
+    label = nib.load(str(label_path))
+    mask = (np.asarray(label.dataobj) > 0).astype(np.uint8)
+    image = nib.Nifti1Image(mask, label.affine)
+    image.header.set_intent("label")
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, str(out_path))
+    return Path(out_path)
+
+
+def prepare_sample_studies(
+    out_dir: str | os.PathLike, n_normal: int = 6, n_abnormal: int = 3, preset: str = "small", seed: int = 0, progress: bool = True
+) -> Path:
+    """A folder datastore of phantom CT studies: every study has its liver mask as a ``liver`` label, the
+    datalist's training and validation normals are marked normal (image info ``normal: true``); test studies
+    (normal and abnormal) are left for a radiologist. Returns the studies folder (reused when present)."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from monai_ad.data.phantom import write_phantom_dataset
+
+    out = Path(out_dir)
+    studies = out / "studies"
+    if (studies / "datastore_v2.json").is_file() and any(studies.glob("*.nii.gz")):
+        return studies
+    datalist_path = write_phantom_dataset(out / "phantom", n_normal, n_abnormal, seed=seed, preset=preset, progress=progress)
+    datalist = json.loads(Path(datalist_path).read_text())
+    studies.mkdir(parents=True, exist_ok=True)
+    store = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+    for section in ("training", "validation", "test"):
+        for item in datalist.get(section, []):
+            image = Path(datalist_path).parent / item["image"]
+            label = Path(datalist_path).parent / item["label"]
+            case = item["case_id"]
+            store.add_image(case, str(image), {"normal": section in ("training", "validation")})
+            mask = write_liver_mask(label, out / "liver_masks" / f"{case}.nii.gz")
+            store.save_label(case, str(mask), LIVER_TAG, {})
+    return studies
+
+
+def server_command(
+    studies: str | os.PathLike,
+    port: int,
+    conf: Mapping[str, str] | None = None,
+    host: str = "127.0.0.1",
+    app_dir: str | os.PathLike = APP_DIR,
+) -> list[str]:
+    """``monailabel start_server`` for the app, run with this interpreter (``python -m monailabel.main``)."""
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies),
+           "--host", host, "--port", str(port)]  # fmt: skip
+    for key, value in (conf or {}).items():
+        cmd += ["--conf", key, str(value)]
+    return cmd
+
+
+def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment the server needs: this interpreter's bin first on PATH (MONAI Label's training child
+    processes and dcmqi's ``itkimage2segimage`` are found there), the project importable."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["MONAILABEL_PYEXE"] = sys.executable
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    env.update(extra or {})
+    return env
+
+
+def wait_for_server(url: str, process: subprocess.Popen | None = None, timeout: float = 180.0) -> dict:
+    """Poll ``<url>/info/`` until it answers; raise with the reason when the process dies or time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the MONAI Label server exited with code {process.returncode} before answering")
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/info/", timeout=5) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            time.sleep(1.0)
+    raise TimeoutError(f"no answer from {url} within {timeout:.0f} s")
+
+
+def start_server(
+    studies: str | os.PathLike,
+    port: int | None = None,
+    conf: Mapping[str, str] | None = None,
+    log_path: str | os.PathLike | None = None,
+    timeout: float = 180.0,
+) -> tuple[subprocess.Popen, str]:
+    """Start the app's server on 127.0.0.1 in the background; returns the process and its URL once it answers."""
+    port = port or free_port()
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(
+        server_command(studies, port, conf), env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, process, timeout)
+    except BaseException:
+        stop_server(process)
+        raise
+    return process, url
+
+
+def stop_server(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Stop the server and the child processes it started (training runs in its own process group)."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, 15)
+        process.wait(timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def run_app(
+    studies: str | os.PathLike | None,
+    sample_dir: str | os.PathLike | None = None,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    conf: Mapping[str, str] | None = None,
+    preset: str = "small",
+) -> int:
+    """Foreground server (``monai-ad app``): on sample studies (written first when missing) or a given folder."""
+    if studies is None:
+        if sample_dir is None:
+            raise InputError("give --studies (a folder or a DICOMweb URL) or --sample DIR")
+        print(f"preparing sample studies in {sample_dir} ...", flush=True)
+        studies = prepare_sample_studies(sample_dir, preset=preset)
+    conf = dict(conf or {})
+    if sample_dir is not None:
+        conf.setdefault("model_dir", str(Path(sample_dir) / "models"))
+        conf.setdefault("train_on_start", "true")
+    cmd = server_command(studies, port, conf, host=host)
+    print(f"MONAI Label: http://{host}:{port}  (studies {studies}; OHIF at /ohif/ with a DICOMweb store)", flush=True)
+    return subprocess.call(cmd, env=server_env())

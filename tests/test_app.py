@@ -1,0 +1,197 @@
+"""The MONAI Label app, for real: a ``monailabel start_server`` on 127.0.0.1 with a folder datastore of tiny phantom
+studies, driven by ``MONAILabelClient`` (the protocol the 3D Slicer plugin speaks). One server per module."""
+
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from monai_ad import engine, label_server
+
+BUNDLES = sorted(p.name for p in label_server.PROJECT_ROOT.joinpath("bundles").iterdir() if (p / "configs" / "inference.json").is_file())
+MODEL = "patchcore_liver_ct"
+TINY = {"network_def#image_size": 64, "network_def#coreset_ratio": 0.05}
+
+sys.path.insert(0, str(label_server.APP_DIR))
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from monailabel.client import MONAILabelClient
+
+    root = tmp_path_factory.mktemp("app")
+    studies = label_server.prepare_sample_studies(root, n_normal=4, n_abnormal=2, preset="tiny", progress=False)
+    models = root / "models"
+    datalist = root / "phantom" / "datalist.json"
+    engine.train("patchcore", datalist, models / f"{MODEL}.pt", hparams={"image_size": 64, "coreset_ratio": 0.05}, device="cpu", progress=False)
+    log = root / "server.log"
+    process, url = label_server.start_server(studies, conf={"model_dir": str(models)}, log_path=log)
+    try:
+        yield {"client": MONAILabelClient(url, tmpdir=str(root / "client")), "url": url, "root": root, "studies": studies,
+               "models": models, "datalist": json.loads(datalist.read_text()), "log": log}  # fmt: skip
+    finally:
+        label_server.stop_server(process)
+
+
+def _image(app, case):
+    return app["studies"] / f"{case}.nii.gz"
+
+
+def _abnormal_case(app):
+    return app["datalist"]["test"][-1]["case_id"]
+
+
+def _error(call):
+    from monailabel.client.client import MONAILabelClientException
+
+    with pytest.raises(MONAILabelClientException) as info:
+        call()
+    return info.value.msg
+
+
+def test_info_lists_the_detectors(app):
+    info = app["client"].info()
+    model = info["models"][MODEL]
+    assert model["type"] == "segmentation" and model["labels"] == {"anomaly": 1} and model["dimension"] == 3
+    assert {"pixel_threshold", "slice_threshold", "min_lesion_mm3", "roi_label"} <= set(model["config"])
+    assert set(BUNDLES) <= set(info["trainers"])  # every bundle is served (listed as a model once trained)
+    assert "feedback_threshold" in info["scoring"]
+
+
+def _check_result(app, case, label_file, params):
+    label, image = nib.load(label_file), nib.load(str(_image(app, case)))
+    assert label.shape == image.shape and np.allclose(label.affine, image.affine, atol=1e-4)
+    values = np.asarray(label.dataobj)
+    assert set(np.unique(values)) <= {0, 1}
+    assert params["label_names"] == {"anomaly": 1}
+    assert len(params["slice_scores"]) == image.shape[params["axial_axis"]]
+    assert all(isinstance(i, int) for i in params["abnormal_slices"])
+    for lesion in params["lesions"]:
+        assert {"centroid_mm", "volume_mm3", "peak_score"} <= set(lesion)
+    return values
+
+
+def test_infer_by_image_id_and_threshold_from_the_client(app):
+    client, case = app["client"], _abnormal_case(app)
+    label_file, params = client.infer(MODEL, case, {})
+    values = _check_result(app, case, label_file, params)
+    stored = params["operating_point"]["pixel"]
+    assert params["thresholds"]["pixel"] == pytest.approx(stored)
+    assert any(s is not None for s in params["slice_scores"])
+    low = min(s for s in params["slice_scores"] if s is not None) - 1.0
+    label_low, params_low = client.infer(MODEL, case, {"pixel_threshold": -1e9, "slice_threshold": low, "min_lesion_mm3": 0})
+    low_values = _check_result(app, case, label_low, params_low)
+    assert params_low["thresholds"] == {"pixel": -1e9, "slice": low}
+    assert low_values.sum() > values.sum()  # everything scored is above a threshold that low
+    assert len(params_low["abnormal_slices"]) == sum(s is not None for s in params_low["slice_scores"])
+
+
+def test_infer_by_upload_with_the_liver_mask(app):
+    case = app["datalist"]["test"][0]["case_id"]
+    mask = app["root"] / "liver_masks" / f"{case}.nii.gz"
+    label_file, params = app["client"].infer(MODEL, "", {}, label_in=str(mask), file=str(_image(app, case)))
+    _check_result(app, case, label_file, params)
+
+
+def test_bad_requests_get_a_clear_answer_and_the_server_goes_on(app, tmp_path):
+    client, case = app["client"], _abnormal_case(app)
+    assert "404" in (msg := _error(lambda: client.infer("no_such_model", case, {}))) and "unknown model" in msg
+    assert "404" in (msg := _error(lambda: client.infer(MODEL, "no_such_image", {}))) and "not in the datastore" in msg
+    garbage = tmp_path / "broken.nii.gz"
+    garbage.write_bytes(b"this is not an image")
+    mask = app["root"] / "liver_masks" / f"{case}.nii.gz"
+    msg = _error(lambda: client.infer(MODEL, "", {}, label_in=str(mask), file=str(garbage)))
+    assert "422" in msg and "cannot be read" in msg
+    msg = _error(lambda: client.infer(MODEL, "", {}, file=str(_image(app, case))))
+    assert "422" in msg and "no liver ROI" in msg
+    source = nib.load(str(_image(app, case)))
+    not_ct = tmp_path / "mr_like.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).uniform(0, 1, source.shape).astype(np.float32), source.affine), str(not_ct))
+    msg = _error(lambda: client.infer(MODEL, "", {}, label_in=str(mask), file=str(not_ct)))
+    assert "422" in msg and "HU" in msg
+    msg = _error(lambda: client.infer(MODEL, case, {"pixel_threshold": "high"}))
+    assert "422" in msg and "pixel_threshold" in msg
+    # a study without a liver label
+    client.upload_image(str(_image(app, case)), image_id="no_liver_study")
+    msg = _error(lambda: client.infer(MODEL, "no_liver_study", {}))
+    assert "422" in msg and "no liver ROI" in msg and "'liver'" in msg
+    assert MODEL in client.info()["models"]  # still serving
+
+
+def test_eight_concurrent_clients(app):
+    from monailabel.client import MONAILabelClient
+
+    cases = [item["case_id"] for item in app["datalist"]["test"]]
+
+    def one(i):
+        client = MONAILabelClient(app["url"], tmpdir=str(app["root"] / f"client{i}"))
+        case = cases[i % len(cases)]
+        label_file, params = client.infer(MODEL, case, {})
+        return case, label_file, params
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert len(results) == 8
+    for case, label_file, params in results:
+        _check_result(app, case, label_file, params)
+
+
+def _wait_for_training(client, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.train_status()
+        if status and status.get("status") in ("DONE", "ERROR", "STOPPED"):
+            return status
+        time.sleep(2)
+    raise TimeoutError("training did not finish")
+
+
+def test_save_final_train_on_normals_and_infer_with_the_new_model(app):
+    client, case = app["client"], _abnormal_case(app)
+    # a radiologist's corrected segment: the phantom's lesion voxels
+    lesion = nib.load(str(app["root"] / "phantom" / next(i["label"] for i in app["datalist"]["test"] if i["case_id"] == case)))
+    corrected = app["root"] / "corrected.nii.gz"
+    nib.save(nib.Nifti1Image((np.asarray(lesion.dataobj) == 2).astype(np.uint8), lesion.affine), str(corrected))
+    saved = client.save_label(case, str(corrected), tag="final", params={"label_info": [{"name": "anomaly", "idx": 1}]})
+    assert saved["label"] == case
+    assert (app["studies"] / "labels" / "final" / f"{case}.nii.gz").is_file()
+
+    _, before = client.infer(MODEL, case, {})
+    model_file = app["models"] / f"{MODEL}.pt"
+    mtime = model_file.stat().st_mtime
+    task = client.train_start(MODEL, TINY)
+    assert task["status"] in ("SUBMITTED", "RUNNING")
+    status = _wait_for_training(client)
+    details = "\n".join(status.get("details", []))
+    assert status["status"] == "DONE", details
+    assert model_file.stat().st_mtime > mtime
+    log = app["log"].read_text()
+    assert "studies marked normal" in log and "operating threshold on 1 corrected studies" in log
+
+    stats = client.info()["train_stats"][MODEL]
+    assert len(stats["normal_studies"]) == 3  # training + validation normals of the phantom datalist
+    feedback = stats["feedback"]
+    assert feedback["n_cases"] == 1 and feedback["dice_after"] >= feedback["dice_before"]
+
+    _, after = client.infer(MODEL, case, {})  # the new model, no restart
+    assert after["model"]["modified"] > before["model"]["modified"]
+    assert after["operating_point"]["pixel"] == pytest.approx(feedback["threshold_after"])
+    assert after["operating_point"]["feedback"]["cases"] == [case]
+
+
+def test_best_dice_threshold_is_exact():
+    from lib.scoring.feedback_threshold import best_dice_threshold
+
+    rng = np.random.default_rng(0)
+    truth = rng.random(500) < 0.1
+    scores = rng.normal(0, 1, 500) + 2.0 * truth
+    threshold, dice = best_dice_threshold(scores, truth)
+    brute = max((2 * np.sum((scores >= t) & truth) / (np.sum(scores >= t) + truth.sum()), t) for t in np.unique(scores))
+    assert dice == pytest.approx(brute[0]) and threshold == pytest.approx(brute[1])
+    _, with_missed = best_dice_threshold(scores, truth, missed=10)
+    assert with_missed < dice
