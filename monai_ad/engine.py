@@ -6,6 +6,8 @@ import contextlib
 import json
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,6 +40,7 @@ from monai_ad.transforms.pipeline import (
 logger = logging.getLogger(__name__)
 
 LESION_LABEL = 2  # LiTS convention: 0 background, 1 liver, 2 lesion
+SOURCE = "source"  # the paths a volume was read from, carried to its summary
 
 
 # ----------------------------------------------------------------------------- data
@@ -212,15 +215,47 @@ class VolumePredictor:
             self.pipeline, self.pixel_threshold, self.slice_threshold, min_lesion_mm3
         )
 
-    def __call__(self, image: Any, roi: Any, output_dir: str | os.PathLike | None = None, name: str | None = None) -> VolumeResult:
-        data = preprocess_case(self.pipeline, image, roi)
-        data[PRED] = self.inferer(data[IMAGE][None], self.detector)[0]
-        data = self.postprocessing(data)
-        name = name or case_name(image)
+    def __call__(
+        self,
+        image: Any,
+        roi: Any,
+        output_dir: str | os.PathLike | None = None,
+        name: str | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> VolumeResult:
+        """Read one volume; with ``timings`` given, the seconds spent in each stage are added to it."""
+        return self.finish(self.prepare(image, roi, timings), output_dir, name, timings)
+
+    def prepare(self, image: Any, roi: Any, timings: dict[str, float] | None = None) -> dict[str, Any]:
+        """Load and pre-process one volume (the CPU part, which a prefetching thread can run ahead)."""
+        data = {IMAGE: image, ROI: roi}
+        require_roi(data, image)
+        with stage_timer(timings, "load"):
+            data = run_pipeline(self.pipeline, data, end=1)
+        with stage_timer(timings, "preprocess"):
+            data = run_pipeline(self.pipeline, data, start=1)
+        data[SOURCE] = {"image": str(image), "roi": str(roi)}
+        return data
+
+    def finish(
+        self,
+        data: dict[str, Any],
+        output_dir: str | os.PathLike | None = None,
+        name: str | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> VolumeResult:
+        """Score a pre-processed volume, take the maps back to the scan's geometry, optionally write them."""
+        source = data.pop(SOURCE)
+        with stage_timer(timings, "inference", self.detector.device):
+            data[PRED] = self.inferer(data[IMAGE][None], self.detector)[0]
+        with stage_timer(timings, "reassembly"):
+            data = self.postprocessing(data, end=len(self.postprocessing.transforms) - 1)
+        with stage_timer(timings, "label_map"):
+            data = self.postprocessing(data, start=len(self.postprocessing.transforms) - 1)
+        name = name or case_name(source["image"])
         summary = {
             "case": name,
-            "image": str(image),
-            "roi": str(roi),
+            **source,
             "detector": self.detector.name,
             **data["anomaly_summary"],
             "calibration": self.detector.thresholds,
@@ -234,8 +269,27 @@ class VolumePredictor:
             summary,
         )
         if output_dir is not None:
-            result.files = write_outputs(result, output_dir)
+            with stage_timer(timings, "write"):
+                result.files = write_outputs(result, output_dir)
         return result
+
+
+@contextlib.contextmanager
+def stage_timer(timings: dict[str, float] | None, stage: str, device: torch.device | None = None):
+    """Add the wall-clock seconds of the block to ``timings[stage]`` (CUDA work is waited for first)."""
+    if timings is None:
+        yield
+        return
+    sync = device is not None and device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if sync:
+            torch.cuda.synchronize(device)
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
 def write_outputs(result: VolumeResult, output_dir: str | os.PathLike) -> dict[str, str]:
@@ -264,12 +318,26 @@ def infer(
     rois: Sequence[Any],
     output_dir: str | os.PathLike,
     progress: bool = True,
+    prefetch: bool = True,
     **options: Any,
 ) -> list[VolumeResult]:
+    """Read many volumes and write each one's outputs as soon as it is done.
+
+    Volumes stream: while one is scored, the next is loaded and pre-processed in a background thread, and only
+    the summaries are kept (the returned results carry no arrays). Under torch.distributed (torchrun) each
+    process reads its share of the volumes and the returned list holds this process's results.
+    """
     predictor = VolumePredictor(model, **options)
+    cases = distributed.shard(list(zip(images, rois)))
     results = []
-    for image, roi in tqdm(list(zip(images, rois)), desc="inference", disable=not progress, unit="volume"):
-        results.append(predictor(image, roi, output_dir))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for i, (image, roi) in enumerate(tqdm(cases, desc="inference", disable=not progress, unit="volume")):
+            data = pending.result() if pending is not None else predictor.prepare(image, roi)
+            pending = pool.submit(predictor.prepare, *cases[i + 1]) if prefetch and i + 1 < len(cases) else None
+            result = predictor.finish(data, output_dir, name=case_name(image))
+            result.heatmap = result.label_map = None
+            results.append(result)
     return results
 
 
@@ -338,9 +406,9 @@ def evaluate(
     values = metrics.evaluate_scores(
         slice_labels=all_labels,
         slice_scores=all_scores,
-        masks=np.concatenate(gt_slices),
-        maps=np.concatenate(map_slices),
-        roi=np.concatenate(roi_slices),
+        masks=gt_slices,  # per case: cases may differ in in-plane size
+        maps=map_slices,
+        roi=roi_slices,
         pixel_threshold=predictor.pixel_threshold,
         slice_threshold=predictor.slice_threshold,
     )

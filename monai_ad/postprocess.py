@@ -41,23 +41,28 @@ def label_lesions(
     above = heatmap >= threshold
     if roi is not None:
         above &= roi > 0
-    components, n = ndimage.label(above, structure=np.ones((3, 3, 3), dtype=bool))
     label_map = np.zeros(heatmap.shape, dtype=np.uint8)
-    if n == 0:
+    box = _bounding_box(above)
+    if box is None:
         return label_map, []
+    # everything below runs on the bounding box of the voxels above threshold, not on the whole scan
+    offset = np.array([b.start for b in box], dtype=float)
+    above, heat = above[box], heatmap[box]
+    components, n = ndimage.label(above, structure=np.ones((3, 3, 3), dtype=bool))
     voxel_mm3 = voxel_volume_mm3(affine)
     index = np.arange(1, n + 1)
-    counts = ndimage.sum_labels(np.ones_like(components, dtype=np.int64), components, index)
-    peaks = ndimage.maximum(heatmap, components, index)
-    centroids = ndimage.center_of_mass(above, components, index)
-    boxes = ndimage.find_objects(components)
+    counts = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    peaks = ndimage.maximum(heat, components, index)
+    centroids = [np.asarray(c) + offset for c in ndimage.center_of_mass(above, components, index)]
+    local_map = label_map[box]  # a view: writing it writes the label map
     axis = axial_axis(affine)
     lesions = []
-    for i, count, peak, centroid, box in zip(index, counts, peaks, centroids, boxes):
+    for i, count, peak, centroid, local in zip(index, counts, peaks, centroids, ndimage.find_objects(components)):
         volume = float(count) * voxel_mm3
         if volume < min_volume_mm3:
             continue
-        label_map[box][components[box] == i] = ANOMALY_LABEL
+        local_map[local][components[local] == i] = ANOMALY_LABEL
+        first, last = local[axis].start + box[axis].start, local[axis].stop - 1 + box[axis].start
         world = np.asarray(affine, dtype=float) @ np.append(np.asarray(centroid, dtype=float), 1.0)
         lesions.append(
             {
@@ -65,13 +70,24 @@ def label_lesions(
                 "centroid_voxel": [round(float(v), 2) for v in centroid],
                 "volume_mm3": round(volume, 3),
                 "peak_score": float(peak),
-                "slices": [int(box[axis].start), int(box[axis].stop - 1)],
+                "slices": [int(first), int(last)],
             }
         )
     lesions.sort(key=lambda lesion: -lesion["volume_mm3"])
     for rank, lesion in enumerate(lesions, start=1):
         lesion["id"] = rank
     return label_map, lesions
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every true voxel of ``mask`` (None when there is none)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def abnormal_slices(slice_scores: Sequence[float | None], threshold: float) -> list[int]:
@@ -119,7 +135,7 @@ class AnomalyOutputsd(MapTransform):
             values = torch.as_tensor(pred).detach().cpu().float().numpy()
             roi = torch.as_tensor(d[self.roi_key]).cpu().numpy()[0] > 0
             heatmap = values[0]
-            label_map, lesions = label_lesions(heatmap, affine, self.pixel_threshold, self.min_lesion_mm3)
+            label_map, lesions = label_lesions(heatmap, affine, self.pixel_threshold, self.min_lesion_mm3, roi)
             axis = axial_axis(affine)
             slice_scores = slice_scores_along_axis(values[1], roi, axis)
             d[self.heatmap_key] = _like(pred, heatmap[None].astype(np.float32))

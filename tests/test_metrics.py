@@ -1,93 +1,210 @@
-import matplotlib.image as mpimg
+import json
+
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from monai_ad import metrics
-from monai_ad.report import MontageItem, ScoreCurve, render_report
+from monai_ad.metrics import UndefinedMetricError
 
 
 def test_slice_auroc_hand_computed():
     assert metrics.slice_auroc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
     assert metrics.slice_auroc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
-    # 3 positives, 3 negatives, one positive below one negative: 8 of 9 pairs ordered
+    # 3 positives, 3 negatives, one positive (0.5) below one negative (0.6): 8 of 9 pairs ordered
     assert metrics.slice_auroc([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.6, 0.5, 0.7, 0.9]) == pytest.approx(8 / 9)
-    with pytest.raises(ValueError, match="both normal and abnormal"):
+    assert metrics.slice_auroc(torch.tensor([0, 1]), torch.tensor([0.2, 0.1])) == 0.0
+    with pytest.raises(UndefinedMetricError, match="both normal and abnormal"):
         metrics.slice_auroc([1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.slice_auroc([0, 1], [0.1, np.nan])
 
 
 def test_slice_auprc_hand_computed():
-    # ranking: pos, neg, pos → precision at the two recall steps 1/1 and 2/3 → AP = 0.5·1 + 0.5·(2/3)
+    # ranking pos, neg, pos: recall steps of 1/2 at precision 1/1 and 2/3 → AP = 0.5 * 1 + 0.5 * 2/3
     assert metrics.slice_auprc([1, 0, 1], [0.9, 0.8, 0.7]) == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert metrics.slice_auprc([0, 1, 1], [0.1, 0.8, 0.9]) == pytest.approx(1.0)
+    with pytest.raises(UndefinedMetricError):
+        metrics.slice_auprc([0, 0], [0.1, 0.2])
 
 
 def test_pixel_auroc_with_and_without_roi():
     masks = np.zeros((1, 4, 4), bool)
     masks[0, 0, 0] = True
-    maps = np.zeros((1, 4, 4))
+    maps = np.zeros((1, 4, 4), np.float32)
     maps[0, 0, 0] = 1.0
     maps[0, 3, 3] = 2.0  # a false alarm outside the ROI
     roi = np.ones_like(masks)
     roi[0, 3, 3] = False
     assert metrics.pixel_auroc(masks, maps) == pytest.approx(14 / 15)  # one of 15 negatives above the positive
     assert metrics.pixel_auroc(masks, maps, roi) == 1.0
+    assert metrics.pixel_auroc(torch.from_numpy(masks), torch.from_numpy(maps), torch.from_numpy(roi)) == 1.0
+    with pytest.raises(UndefinedMetricError, match="inside the ROI"):
+        metrics.pixel_auroc(masks, maps, masks)
+
+
+def test_pixel_auroc_agrees_with_sklearn_including_ties_and_lists():
     rng = np.random.default_rng(0)
-    m, s = rng.random((3, 10, 10)) > 0.8, rng.random((3, 10, 10))
-    assert metrics.pixel_auroc(m, s) == pytest.approx(roc_auc_score(m.ravel(), s.ravel()))
+    m = rng.random((3, 10, 12)) > 0.8
+    s = rng.random((3, 10, 12))
+    assert metrics.pixel_auroc(m, s) == pytest.approx(roc_auc_score(m.ravel(), s.ravel()), abs=1e-12)
+    coarse = np.round(s * 4).astype(np.float32)  # many ties
+    assert metrics.pixel_auroc(m, coarse) == pytest.approx(roc_auc_score(m.ravel(), coarse.ravel()), abs=1e-12)
+    roi = rng.random(m.shape) > 0.3
+    assert metrics.pixel_auroc(m, s, roi) == pytest.approx(roc_auc_score(m[roi], s[roi]), abs=1e-12)
+    # cases with different in-plane sizes as lists of stacks
+    m2, s2 = rng.random((2, 7, 5)) > 0.7, rng.random((2, 7, 5))
+    expected = roc_auc_score(np.r_[m.ravel(), m2.ravel()], np.r_[s.ravel(), s2.ravel()])
+    assert metrics.pixel_auroc([m, m2], [s, s2]) == pytest.approx(expected, abs=1e-12)
 
 
-def test_aupro_perfect_and_half():
+def test_aupro_perfect_inverted_and_half():
     masks = np.zeros((2, 20, 20), bool)
     masks[0, 2:5, 2:5] = True
     masks[1, 10:13, 10:13] = True
-    assert metrics.aupro(masks, masks.astype(float)) == pytest.approx(1.0)
-    # one region scored above all background, the other below all of it → mean overlap 0.5 over the whole range
-    maps = np.full(masks.shape, 0.5)
+    assert metrics.aupro(masks, masks.astype(np.float32)) == pytest.approx(1.0)
+    assert metrics.aupro(masks, (~masks).astype(np.float32)) == pytest.approx(0.0)
+    # one region above all background, the other below all of it: mean overlap 0.5 over the whole range
+    maps = np.full(masks.shape, 0.5, np.float32)
     maps[0, 2:5, 2:5] = 1.0
     maps[1, 10:13, 10:13] = 0.0
-    assert metrics.aupro(masks, maps) == pytest.approx(0.5, abs=1e-3)
+    assert metrics.aupro(masks, maps) == pytest.approx(0.5)
 
 
-def test_aupro_counts_8_connected_regions_per_slice():
+def test_aupro_hand_computed_with_interpolation_at_the_limit():
+    # one region of 2 pixels (0.9, 0.5); 10 background pixels: one at 1.0, nine at 0.1.
+    # mean overlap: 0 up to FPR 0.1 (the bright background pixel), then 1 → area to 0.3 = 0.2, / 0.3 = 2/3
+    masks = np.zeros((1, 3, 4), bool)
+    masks[0, 0, :2] = True
+    maps = np.full((1, 3, 4), 0.1, np.float32)
+    maps[0, 0, 0], maps[0, 0, 1], maps[0, 2, 3] = 0.9, 0.5, 1.0
+    assert metrics.aupro(masks, maps) == pytest.approx(2 / 3)
+    # regions are weighted equally, not by size: a 1-pixel region detected, a 9-pixel region missed → 0.5
     masks = np.zeros((1, 10, 10), bool)
+    masks[0, 0, 0] = True
+    masks[0, 5:8, 5:8] = True
+    maps = np.where(masks, 0.0, 0.5).astype(np.float32)
+    maps[0, 0, 0] = 1.0
+    assert metrics.aupro(masks, maps) == pytest.approx(0.5)
+    # ties between lesion and background scores give a diagonal segment: overlap = FPR on [0, 1] → 0.3 / 2
+    masks = np.zeros((1, 4, 4), bool)
+    masks[0, :2, :2] = True
+    assert metrics.aupro(masks, np.ones((1, 4, 4), np.float32)) == pytest.approx(0.15)
+
+
+def test_aupro_within_the_roi():
+    masks = np.zeros((1, 4, 4), bool)
+    masks[0, 0, 0] = True
+    maps = np.zeros((1, 4, 4), np.float32)
+    maps[0, 0, 0] = 1.0
+    maps[0, 3, 3] = 2.0  # a false alarm outside the ROI: overlap 0 until FPR 1/15
+    roi = np.ones_like(masks)
+    roi[0, 3, 3] = False
+    assert metrics.aupro(masks, maps) == pytest.approx((0.3 - 1 / 15) / 0.3)
+    assert metrics.aupro(masks, maps, roi=roi) == pytest.approx(1.0)
+    out = metrics.evaluate_scores([1], [1.0], masks, maps, roi)
+    assert out["aupro"] == pytest.approx(7 / 9) and out["aupro_roi"] == pytest.approx(1.0)
+
+
+def _reference_aupro(masks, maps, limit, grid_points=200_001):
+    """Per-region sklearn ROC, resampled on a fine common FPR grid, averaged, cut, integrated."""
+    from scipy import ndimage
+
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = True
+    labels, n = ndimage.label(masks, structure=structure)
+    background = ~masks
+    grid = np.linspace(0, limit, grid_points)
+    mean = np.zeros_like(grid)
+    for region in range(1, n + 1):
+        keep = background | (labels == region)
+        fpr, tpr, _ = roc_curve((labels == region)[keep], maps[keep], drop_intermediate=False)
+        mean += np.interp(grid, fpr, tpr)
+    return np.trapz(mean / n, grid) / limit
+
+
+def test_aupro_matches_a_per_region_reference_on_random_maps():
+    rng = np.random.default_rng(1)
+    masks = np.zeros((4, 24, 24), bool)
+    for i in range(4):
+        for _ in range(3):
+            r, c, h, w = rng.integers(0, 18), rng.integers(0, 18), rng.integers(1, 6), rng.integers(1, 6)
+            masks[i, r : r + h, c : c + w] = True
+    maps = (rng.random(masks.shape) + 0.8 * masks).astype(np.float32)
+    maps = np.round(maps * 20) / 20  # ties
+    for limit in (0.05, 0.3, 1.0):
+        expected = _reference_aupro(masks, maps, limit)
+        assert metrics.aupro(masks, maps, fpr_limit=limit) == pytest.approx(expected, abs=2e-4)
+    fpr, pro = metrics.pro_curve(masks, maps, fpr_limit=0.3)
+    assert fpr[0] == 0 and fpr[-1] == pytest.approx(0.3) and np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
+
+
+def test_regions_are_8_connected_per_slice_and_unique_over_the_stack():
+    masks = np.zeros((2, 10, 10), bool)
     masks[0, 1, 1] = masks[0, 2, 2] = True  # diagonal neighbours: one region
-    out = metrics.evaluate_scores([0, 1], [0.1, 0.9], masks, masks.astype(float))
-    assert out["n_regions"] == 1
+    masks[1, 1, 1] = True  # same place, next slice: another region
+    labels, n = metrics.label_regions(masks)
+    assert n == 2 and labels[0, 1, 1] == labels[0, 2, 2] != labels[1, 1, 1]
+    out = metrics.evaluate_scores([1, 1], [0.9, 0.8], masks, masks.astype(np.float32))
+    assert out["n_regions"] == 2
 
 
-def test_segmentation_scores_and_slice_f1():
+def test_dice_and_segmentation_scores_of_known_overlaps():
     gt = np.zeros((1, 4, 4), bool)
     gt[0, :2, :2] = True  # 4 voxels
-    maps = np.zeros((1, 4, 4))
+    maps = np.zeros((1, 4, 4), np.float32)
     maps[0, :2, :1] = 1.0  # 2 true positives
     maps[0, 3, 3] = 1.0  # 1 false positive
     seg = metrics.segmentation_scores(gt, maps, threshold=0.5)
     assert seg["dice"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 2))
     assert seg["precision"] == pytest.approx(2 / 3) and seg["recall"] == pytest.approx(0.5)
-    assert metrics.slice_f1([1, 0, 1, 0], [0.9, 0.8, 0.1, 0.0], threshold=0.5) == pytest.approx(2 * 1 / (2 + 1 + 1))
+    roi = np.ones_like(gt)
+    roi[0, 3, 3] = False  # the false positive lies outside the ROI
+    assert metrics.segmentation_scores(gt, maps, 0.5, roi)["precision"] == 1.0
+    assert metrics.dice(maps >= 0.5, gt) == pytest.approx(4 / 7)
+    assert metrics.dice(gt, gt) == 1.0 and metrics.dice(~gt, gt) == 0.0
+    assert np.isnan(metrics.dice(np.zeros(3, bool), np.zeros(3, bool)))
+
+
+def test_slice_f1_precision_recall():
+    labels, scores = [1, 0, 1, 0], [0.9, 0.8, 0.1, 0.0]  # at 0.5: one TP, one FP, one FN
+    assert metrics.slice_f1(labels, scores, threshold=0.5) == pytest.approx(0.5)
+    got = metrics.slice_scores_at(labels, scores, 0.5)
+    assert got["precision"] == pytest.approx(0.5) and got["recall"] == pytest.approx(0.5)
+    assert metrics.slice_f1([0, 1], [0.5, 0.5], threshold=0.5) == pytest.approx(2 / 3)  # score == threshold is abnormal
+
+
+def test_evaluate_scores_is_complete_and_json_serialisable():
+    rng = np.random.default_rng(2)
+    masks = np.zeros((6, 16, 16), bool)
+    masks[2, 4:8, 4:8] = masks[3, 5:9, 5:9] = True
+    maps = (rng.random(masks.shape) + masks).astype(np.float32)
+    roi = np.zeros_like(masks)
+    roi[:, 2:14, 2:14] = True
+    labels = masks.reshape(6, -1).any(1).astype(int)
+    scores = maps.reshape(6, -1).max(1)
+    out = metrics.evaluate_scores(labels, scores, masks, maps, roi, pixel_threshold=1.0, slice_threshold=1.5)
+    for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auroc_roi", "aupro", "dice", "slice_f1"):
+        assert isinstance(out[key], float) and 0.0 <= out[key] <= 1.0, key
+    assert out["n_slices"] == 6 and out["n_abnormal_slices"] == 2 and out["n_regions"] == 2
+    assert out["notes"] == {}
+    json.dumps(out, allow_nan=False)
+    seg = metrics.segmentation_scores(masks, maps, 1.0, roi)
+    at = metrics.slice_scores_at(labels, scores, 1.5)
+    assert (out["dice"], out["pixel_precision"], out["pixel_recall"]) == (seg["dice"], seg["precision"], seg["recall"])
+    assert (out["slice_f1"], out["slice_precision"], out["slice_recall"]) == (at["f1"], at["precision"], at["recall"])
+    assert out["aupro"] == metrics.aupro(masks, maps) and out["aupro_roi"] == metrics.aupro(masks, maps, roi=roi)
+    assert out["pixel_auroc_roi"] == metrics.pixel_auroc(masks, maps, roi)
 
 
 def test_evaluate_scores_reports_what_cannot_be_computed():
     masks = np.zeros((2, 4, 4), bool)
-    out = metrics.evaluate_scores([0, 0], [0.1, 0.2], masks, np.zeros((2, 4, 4)), pixel_threshold=0.5, slice_threshold=0.5)
-    assert out["slice_auroc"] is None and "slice_auroc" in out["notes"]
-    assert out["aupro"] is None and out["n_regions"] == 0
-
-
-def test_report_renders_and_leaves_nothing_on_failure(tmp_path):
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(3):
-        img = rng.random((64, 64))
-        gt = np.zeros((64, 64), bool)
-        gt[20:30, 20:30] = True
-        items.append(MontageItem(image=img, heatmap=rng.random((64, 64)) + 2 * gt, gt=gt, pred=gt, title=f"case z={i}"))
-    curves = [ScoreCurve("a", np.r_[np.nan, rng.random(10)], np.r_[0, np.arange(10) % 2]), ScoreCurve("b", rng.random(5), None)]
-    path = render_report(tmp_path / "report.png", items, curves, (np.arange(10) % 2, rng.random(10)), 0.5, title="test")
-    picture = mpimg.imread(str(path))
-    assert picture.shape[0] > 500 and picture.shape[1] > 1000
-    assert render_report(tmp_path / "empty.png", [], [], None, None).exists()
-    assert not list(tmp_path.glob("*.partial*"))
-    with pytest.raises(Exception):
-        render_report(tmp_path / "broken.png", items, curves, (np.array([0, 1]), np.array([0.1])), 0.5)
-    assert not (tmp_path / "broken.png").exists() and not list(tmp_path.glob("*.partial*"))
+    maps = np.zeros((2, 4, 4))
+    out = metrics.evaluate_scores([0, 0], [0.1, 0.2], masks, maps, masks, pixel_threshold=0.5, slice_threshold=0.5)
+    for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auroc_roi", "aupro", "dice", "slice_f1"):
+        assert out[key] is None and key in out["notes"], key
+    assert out["n_regions"] == 0 and out["n_abnormal_slices"] == 0
+    json.dumps(out, allow_nan=False)
+    with pytest.raises(ValueError, match="shape"):
+        metrics.evaluate_scores([0, 1], [0.1, 0.2], masks, np.zeros((2, 4, 5)))

@@ -133,8 +133,7 @@ class AnomalyDetector(nn.Module, ABC):
         """Score a batch ``[B, 1, H, W]``; pixel maps and slice scores are returned on the detector's device."""
         if not self.is_fitted:
             raise InputError(f"the {self.name} detector is not fitted; train it first")
-        if image.ndim != 4 or image.shape[1] != 1:
-            raise ValueError(f"expected slices of shape [B, 1, H, W], got {tuple(image.shape)}")
+        self.check_slices(image)
         was_training = self.training
         self.eval()
         try:
@@ -144,6 +143,18 @@ class AnomalyDetector(nn.Module, ABC):
             return self._score(image, roi)
         finally:
             self.train(was_training)
+
+    def backbone_forward(self, image: torch.Tensor) -> Any:
+        """Only the frozen pretrained network on a batch ``[B, 1, H, W]``, run as ``score`` runs it (device, dtype,
+        memory format): the floor of the scoring cost, for benchmarks. ``NotImplementedError`` for a detector
+        without one."""
+        raise NotImplementedError(f"the {self.name} detector has no frozen backbone")
+
+    def check_slices(self, image: torch.Tensor) -> None:
+        """Raise ``InputError`` unless ``image`` is ``[B, 1, image_size, image_size]``."""
+        size = self.image_size
+        if image.ndim != 4 or image.shape[1] != 1 or tuple(image.shape[-2:]) != (size, size):
+            raise InputError(f"the {self.name} detector takes slices [B, 1, {size}, {size}], got {tuple(image.shape)}")
 
     @abstractmethod
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
@@ -229,7 +240,8 @@ class AnomalyDetector(nn.Module, ABC):
         try:
             detector._load_saved_state(payload["state"])
         except (RuntimeError, KeyError, AttributeError, TypeError, ValueError) as exc:
-            raise InputError(f"model state does not match the {name} detector: {str(exc).splitlines()[0]}", path) from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(f"model state does not match the {name} detector: {reason}", path) from None
         detector.thresholds = dict(payload.get("thresholds") or {})
         detector.preprocessing = dict(payload.get("preprocessing") or {})
         if device is not None:

@@ -116,6 +116,7 @@ class PatchFeatures(nn.Module):
         self.dim = self.embed.target_dim
         self.stride = self.backbone.strides[0]
         self.amp = bool(amp)
+        self._channels_last = False
 
     def autocast(self, device: torch.device):
         if self.amp and device.type == "cuda":
@@ -129,10 +130,19 @@ class PatchFeatures(nn.Module):
         return int(maps[0].shape[-2]), int(maps[0].shape[-1])
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def backbone_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's feature maps, as scoring computes them (channels-last + bf16 on CUDA)."""
+        if x.device.type == "cuda":
+            if not self._channels_last:
+                self.backbone.to(memory_format=torch.channels_last)
+                self._channels_last = True
+            x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast(x.device):
-            maps = self.backbone(x)
-        return self.embed([m.float() for m in maps])
+            return self.backbone(x)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        return self.embed([m.float() for m in self.backbone_maps(x)])
 
 
 # ----------------------------------------------------------------------------- coreset
@@ -227,7 +237,9 @@ def _reflect_index(size: int, radius: int, device: torch.device) -> torch.Tensor
     return torch.where(index < size, index, period - 1 - index)
 
 
-def gaussian_blur2d(x: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0, kernel: torch.Tensor | None = None) -> torch.Tensor:
+def gaussian_blur2d(
+    x: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0, kernel: torch.Tensor | None = None
+) -> torch.Tensor:
     """``scipy.ndimage.gaussian_filter(x, sigma, mode="reflect", truncate=truncate)`` over the last two axes of
     ``x [..., H, W]``, as two 1-D convolutions on ``x``'s device (float32 in, float32 out)."""
     if sigma <= 0:
@@ -252,7 +264,8 @@ class GaussianBlur2d(nn.Module):
     def __init__(self, sigma: float = 4.0, truncate: float = 4.0):
         super().__init__()
         self.sigma, self.truncate = float(sigma), float(truncate)
-        self.register_buffer("kernel", gaussian_kernel1d(sigma, truncate) if sigma > 0 else torch.ones(1), persistent=False)
+        kernel = gaussian_kernel1d(sigma, truncate) if sigma > 0 else torch.ones(1)
+        self.register_buffer("kernel", kernel, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gaussian_blur2d(x, self.sigma, self.truncate, self.kernel) if self.sigma > 0 else x
@@ -261,26 +274,55 @@ class GaussianBlur2d(nn.Module):
         return f"sigma={self.sigma}, truncate={self.truncate}"
 
 
+def upsample_blur_matrix(
+    size_in: int, size_out: int, sigma: float = 4.0, truncate: float = 4.0, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``[size_out, size_in]``: 1-D linear upsampling (``align_corners=False``, as ``F.interpolate``) followed by
+    the Gaussian blur of ``gaussian_blur2d`` (reflect borders), as one matrix. Both steps are linear and
+    separable, so ``M_h · grid · M_wᵀ`` equals bilinear upsampling of ``grid`` followed by the 2-D blur."""
+    basis = torch.eye(size_in, dtype=torch.float64)[:, None, :]  # size_in signals of length size_in
+    up = F.interpolate(basis, size=size_out, mode="linear", align_corners=False)[:, 0]  # [size_in, size_out]
+    if sigma > 0:
+        kernel = gaussian_kernel1d(sigma, truncate).double()
+        radius = (kernel.numel() - 1) // 2
+        padded = up.index_select(1, _reflect_index(size_out, radius, up.device))
+        up = F.conv1d(padded[:, None], kernel.view(1, 1, -1))[:, 0]
+    return up.t().contiguous().to(device=device, dtype=torch.float32)
+
+
 def patch_scores_to_map(grid_scores: torch.Tensor, size: int | tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
     """Patch scores ``[B, h, w]`` → pixel map ``[B, H, W]``: bilinear upsampling (``align_corners=False``) then
-    a Gaussian blur of ``sigma`` pixels (the PatchCore/SimpleNet anomaly map)."""
+    a Gaussian blur of ``sigma`` pixels (the PatchCore/SimpleNet anomaly map), as two matrix products."""
     size = (size, size) if isinstance(size, int) else tuple(size)
-    maps = F.interpolate(grid_scores[:, None].float(), size=size, mode="bilinear", align_corners=False)
-    return gaussian_blur2d(maps, sigma)[:, 0]
+    h, w = grid_scores.shape[-2:]
+    rows = upsample_blur_matrix(h, size[0], sigma, device=grid_scores.device)
+    same = (h, size[0]) == (w, size[1])
+    cols = rows if same else upsample_blur_matrix(w, size[1], sigma, device=grid_scores.device)
+    return rows @ grid_scores.float() @ cols.t()
 
 
 class PatchScoreMap(nn.Module):
-    """Module form of ``patch_scores_to_map`` for a fixed square ``image_size``."""
+    """``patch_scores_to_map`` for a fixed square ``image_size``, with the per-axis matrices cached per grid
+    size and device."""
 
     def __init__(self, image_size: int, sigma: float = 4.0):
         super().__init__()
-        self.image_size = int(image_size)
-        self.blur = GaussianBlur2d(sigma)
+        self.image_size, self.sigma = int(image_size), float(sigma)
+        self._matrices: dict[tuple, torch.Tensor] = {}
+
+    def _matrix(self, size_in: int, device: torch.device) -> torch.Tensor:
+        key = (size_in, str(device))
+        if key not in self._matrices:
+            self._matrices[key] = upsample_blur_matrix(size_in, self.image_size, self.sigma, device=device)
+        return self._matrices[key]
 
     def forward(self, grid_scores: torch.Tensor) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
-        maps = F.interpolate(grid_scores[:, None].float(), size=size, mode="bilinear", align_corners=False)
-        return self.blur(maps)[:, 0]
+        h, w = grid_scores.shape[-2:]
+        rows, cols = self._matrix(h, grid_scores.device), self._matrix(w, grid_scores.device)
+        return rows @ grid_scores.float() @ cols.t()
+
+    def extra_repr(self) -> str:
+        return f"image_size={self.image_size}, sigma={self.sigma}"
 
 
 def roi_on_grid(roi: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -297,3 +339,25 @@ def max_in_roi(scores: torch.Tensor, roi_grid: torch.Tensor | None) -> torch.Ten
         return scores.amax(1)
     keep = roi_grid | ~roi_grid.any(1, keepdim=True)
     return torch.where(keep, scores, torch.full_like(scores, -math.inf)).amax(1)
+
+
+def max_in_roi_map(pixel: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
+    """Per-slice maximum of pixel maps ``[B, H, W]`` inside the ROI ``[B, 1, H, W]`` (``max_in_roi`` on pixels:
+    a slice without ROI pixels falls back to its whole map). The slice score of PaDiM and RD4AD."""
+    return max_in_roi(pixel.flatten(1), None if roi is None else roi[:, 0].flatten(1) > 0)
+
+
+def cuda_autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA when ``enabled``; a no-op context elsewhere (the CPU stays float32)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# the analogues of ResNet layer1 / layer2 / layer3 (strides 4, 8, 16): PaDiM's layers and RD4AD's teacher levels
+LAYER1_TO_3: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.4"),
+    "vgg16": ("relu3_3", "relu4_3", "relu5_3"),
+    "resnet18": ("layer1", "layer2", "layer3"),
+    "wide_resnet50_2": ("layer1", "layer2", "layer3"),
+}

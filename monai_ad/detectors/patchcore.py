@@ -33,15 +33,19 @@ from monai_ad.errors import InputError
 KNN_BLOCK_ELEMENTS = 1 << 26
 
 
-def squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """``‖q − b‖²`` for all pairs, ``[Q, M]``, as ‖q‖² + ‖b‖² − 2·q·b (one matrix product), clamped at 0."""
+def squared_distances(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq_norms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``‖q − b‖²`` for all pairs ``[Q, M]``, as ‖q‖² + ‖b‖² − 2·q·b (one matrix product), clamped at 0."""
     if bank_sq_norms is None:
         bank_sq_norms = bank.square().sum(1)
     d = torch.addmm(bank_sq_norms[None, :], queries, bank.t(), alpha=-2.0)
     return d.add_(queries.square().sum(1, keepdim=True)).clamp_min_(0.0)
 
 
-def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int, block: int = KNN_BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_neighbors(
+    queries: torch.Tensor, bank: torch.Tensor, k: int, block: int = KNN_BLOCK_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared L2 distances ``[Q, k]`` (ascending) and indices ``[Q, k]`` of each query's ``k`` nearest bank
     rows, computed on the tensors' device in blocks of at most ``block`` query×bank elements."""
     norms = bank.square().sum(1)
@@ -49,7 +53,7 @@ def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int, block: 
     values, indices = [], []
     for start in range(0, queries.shape[0], rows):
         d = squared_distances(queries[start : start + rows], bank, norms)
-        v, i = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        v, i = d.min(1, keepdim=True) if k == 1 else torch.topk(d, k, dim=1, largest=False, sorted=True)
         values.append(v)
         indices.append(i)
     return torch.cat(values), torch.cat(indices)
@@ -98,7 +102,10 @@ class PatchCore(AnomalyDetector):
             raise InputError(f"patchcore: coreset_ratio must be in (0, 1], got {coreset_ratio}")
         if num_neighbors < 1 or reweight_neighbors < 1:
             raise InputError("patchcore: num_neighbors and reweight_neighbors must be at least 1")
-        self.features = PatchFeatures(backbone, layers, weights, allow_random_weights, pre_dim, target_dim, paper_dim=1024, patch_size=patch_size, amp=amp)
+        self.features = PatchFeatures(
+            backbone, layers, weights, allow_random_weights, pre_dim, target_dim,
+            paper_dim=1024, patch_size=patch_size, amp=amp,
+        )  # fmt: skip
         self.to_map = PatchScoreMap(image_size, sigma)
         self.register_buffer("memory_bank", torch.empty(0, self.features.dim))
 
@@ -109,8 +116,7 @@ class PatchCore(AnomalyDetector):
         collected = []
         for batch in tqdm(batches, desc="patchcore features", disable=not progress, unit="batch", leave=False):
             image = batch["image"]
-            if image.ndim != 4 or image.shape[1] != 1:
-                raise InputError(f"patchcore: expected training slices [B, 1, H, W], got {tuple(image.shape)}")
+            self.check_slices(image)
             patches, _ = self.features(image.to(device, torch.float32, non_blocking=True))
             collected.append(patches.reshape(-1, patches.shape[-1]).to("cpu", torch.float16))
         if not collected:
@@ -136,6 +142,9 @@ class PatchCore(AnomalyDetector):
         if not self.hparams["squared_distance"]:
             distances = distances.sqrt()
         return distances.mean(1).reshape(b, n), indices[:, 0].reshape(b, n), grid, patches
+
+    def backbone_forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return self.features.backbone_maps(image.to(self.device, torch.float32, non_blocking=True))
 
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
         scores, nearest, grid, patches = self.patch_scores(image)

@@ -56,7 +56,9 @@ class Discriminator(nn.Sequential):
     """Linear(D→hidden) + BatchNorm1d + LeakyReLU(0.2) + Linear(hidden→1, no bias), Xavier-normal weights."""
 
     def __init__(self, dim: int, hidden: int = 1024):
-        super().__init__(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1, bias=False))
+        super().__init__(
+            nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1, bias=False)
+        )
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
@@ -112,7 +114,8 @@ class SimpleNet(AnomalyDetector):
             amp=amp, seed=seed,
         )  # fmt: skip
         self.features = PatchFeatures(
-            backbone, layers, weights, allow_random_weights, pre_dim, target_dim, paper_dim=1536, patch_size=patch_size, amp=amp
+            backbone, layers, weights, allow_random_weights, pre_dim, target_dim,
+            paper_dim=1536, patch_size=patch_size, amp=amp,
         )
         dim = self.features.dim
         with torch.random.fork_rng(devices=[]):
@@ -136,8 +139,7 @@ class SimpleNet(AnomalyDetector):
         return int(cache)
 
     def _extract(self, image: torch.Tensor) -> torch.Tensor:
-        if image.ndim != 4 or image.shape[1] != 1:
-            raise InputError(f"simplenet: expected training slices [B, 1, H, W], got {tuple(image.shape)}")
+        self.check_slices(image)
         return self.features(image.to(self.device, torch.float32, non_blocking=True))[0]
 
     @torch.no_grad()
@@ -180,7 +182,9 @@ class SimpleNet(AnomalyDetector):
             self.feature_scale.copy_(scale.float().clamp_min(1e-6))
         return torch.cat(cached) if cached else None
 
-    def _training_batches(self, cached: torch.Tensor | None, batches, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    def _training_batches(
+        self, cached: torch.Tensor | None, batches, generator: torch.Generator
+    ) -> Iterator[torch.Tensor]:
         size = int(self.hparams["batch_size"])
         if cached is not None:
             order = torch.randperm(cached.shape[0], generator=generator).to(cached.device)
@@ -199,7 +203,10 @@ class SimpleNet(AnomalyDetector):
         noise_gen = torch.Generator(device=device).manual_seed(int(p["seed"]))
         cached = self._first_pass(batches, progress)
         size = int(p["batch_size"])
-        local_steps = -(-cached.shape[0] // size) if cached is not None else sum(-(-len(b["image"]) // size) for b in batches)
+        if cached is not None:
+            local_steps = -(-cached.shape[0] // size)
+        else:
+            local_steps = sum(-(-len(b["image"]) // size) for b in batches)
         steps_per_epoch = min_over_processes(local_steps)  # equal steps everywhere keeps the all-reduces paired
         if steps_per_epoch == 0:
             raise InputError("simplenet: no training slices")
@@ -251,12 +258,37 @@ class SimpleNet(AnomalyDetector):
         return F.relu(margin - scores[:n]).mean() + F.relu(scores[n:] + margin).mean()
 
     # ------------------------------------------------------------------ scoring
-    def patch_scores(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Patch scores ``[B, h·w]`` (−D(adaptor(feature))) and the grid ``(h, w)`` of slices on the device."""
+    def _fused_head(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalisation, adaptor, first discriminator layer and its (eval-mode) BatchNorm folded into one affine
+        map ``x ↦ x·W + b`` (all linear), followed by LeakyReLU and the last layer's weight ``w``."""
+        first, norm, _, last = self.discriminator
+        weight, bias = self.adaptor.weight.t(), self.adaptor.bias  # adapted = x·A + a
+        if self.hparams["feature_norm"] != "none":
+            weight = weight / self.feature_scale[:, None]
+            bias = bias - (self.feature_mean / self.feature_scale) @ self.adaptor.weight.t()
+        gain = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        fused_w = (weight @ first.weight.t()) * gain
+        fused_b = (bias @ first.weight.t() + first.bias - norm.running_mean) * gain + norm.bias
+        return fused_w, fused_b, last.weight[0]
+
+    def patch_scores(self, image: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch scores ``[B, h·w]`` (−D(adaptor(feature)), discriminator in eval mode) and the grid ``(h, w)``.
+
+        Evaluated with the folded head (``_fused_head``) ``chunk`` patches at a time, so the 1024-wide hidden
+        activations stay small and are read once."""
         patches, grid = self.features(image)
         b, n, dim = patches.shape
-        scores = -self.discriminator(self._adapt(patches.reshape(b * n, dim)))[:, 0]
-        return scores.reshape(b, n), grid
+        flat = patches.reshape(b * n, dim)
+        weight, bias, out = self._fused_head()
+        slope = self.discriminator[2].negative_slope
+        scores = torch.empty(b * n, device=flat.device, dtype=flat.dtype)
+        for start in range(0, b * n, chunk):
+            hidden = F.leaky_relu_(torch.addmm(bias, flat[start : start + chunk], weight), slope)
+            torch.mv(hidden, out, out=scores[start : start + chunk])
+        return scores.neg_().reshape(b, n), grid
+
+    def backbone_forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return self.features.backbone_maps(image.to(self.device, torch.float32, non_blocking=True))
 
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
         scores, grid = self.patch_scores(image)

