@@ -11,6 +11,7 @@ from monai_ad.detectors.base import (
 )
 from monai_ad.detectors.padim import PaDiM
 from monai_ad.detectors.patchcore import PatchCore
+from monai_ad.detectors.rd4ad import RD4AD
 from monai_ad.detectors.simplenet import SimpleNet
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "AnomalyDetector",
     "PaDiM",
     "PatchCore",
+    "RD4AD",
     "SimpleNet",
     "SliceScores",
     "available_detectors",

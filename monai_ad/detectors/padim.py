@@ -30,7 +30,6 @@ Choices the sources leave open or that differ from them, made here:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable, Sequence
 
 import torch
@@ -38,18 +37,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import PatchScoreMap, max_in_roi
+from monai_ad.detectors.components import LAYER1_TO_3, PatchScoreMap, cuda_autocast, max_in_roi_map
 from monai_ad.distributed import all_reduce_sum_
 from monai_ad.errors import InputError
 from monai_ad.networks.backbones import build_backbone
 
-# layer1 / layer2 / layer3 analogues (strides 4, 8, 16) and the random subset size of each backbone
-PADIM_LAYERS: dict[str, tuple[str, ...]] = {
-    "efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.4"),
-    "vgg16": ("relu3_3", "relu4_3", "relu5_3"),
-    "resnet18": ("layer1", "layer2", "layer3"),
-    "wide_resnet50_2": ("layer1", "layer2", "layer3"),
-}
+# the random channel subset d of each backbone
 PADIM_DIM = {"efficientnet_lite0": 100, "vgg16": 550, "resnet18": 100, "wide_resnet50_2": 550}
 
 # the elements of one block of the float64 covariance work (inversion) or of the float32 scoring work
@@ -60,7 +53,7 @@ BLOCK_ELEMENTS = 1 << 25
 class PaDiM(AnomalyDetector):
     """PaDiM on ``[B, 1, image_size, image_size]`` slices (see the module docstring).
 
-    ``layers`` default to ``PADIM_LAYERS[backbone]`` and ``dim`` (the random channel subset d) to
+    ``layers`` default to ``LAYER1_TO_3[backbone]`` and ``dim`` (the random channel subset d) to
     ``PADIM_DIM[backbone]``, capped at the layers' channel total.
     """
 
@@ -86,8 +79,8 @@ class PaDiM(AnomalyDetector):
             raise InputError(f"padim: sigma must be 0 (no smoothing) or positive, got {sigma}")
         if batch_size < 1:
             raise InputError(f"padim: batch_size must be at least 1, got {batch_size}")
-        if layers is None and backbone in PADIM_LAYERS:
-            layers = PADIM_LAYERS[backbone]
+        if layers is None and backbone in LAYER1_TO_3:
+            layers = LAYER1_TO_3[backbone]
         super().__init__(
             image_size=image_size, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
             allow_random_weights=allow_random_weights, dim=dim, regularization=regularization, sigma=sigma,
@@ -114,15 +107,10 @@ class PaDiM(AnomalyDetector):
             maps = self.backbone(torch.zeros(1, 1, self.image_size, self.image_size, device=self.device))
         return int(maps[0].shape[-2]), int(maps[0].shape[-1])
 
-    def _autocast(self, device: torch.device):
-        if self.hparams["amp"] and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     @torch.no_grad()
     def backbone_forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         image = image.to(self.device, torch.float32, non_blocking=True)
-        with self._autocast(image.device):
+        with cuda_autocast(image.device, self.hparams["amp"]):
             return self.backbone(image)
 
     @torch.no_grad()
@@ -204,8 +192,7 @@ class PaDiM(AnomalyDetector):
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
         embedding, grid = self.embed(image)
         pixel = self.to_map(self.mahalanobis(embedding).reshape(-1, *grid))
-        roi_pixels = None if roi is None else roi[:, 0].flatten(1)
-        return SliceScores(pixel=pixel, slice=max_in_roi(pixel.flatten(1), roi_pixels))
+        return SliceScores(pixel=pixel, slice=max_in_roi_map(pixel, roi))
 
     # ------------------------------------------------------------------ info
     @property
