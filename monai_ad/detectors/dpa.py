@@ -1,0 +1,320 @@
+"""Deep Perceptual Autoencoder (Shvetsova et al., "Anomaly detection in medical imaging with deep perceptual
+autoencoders", IEEE Access 2021): an autoencoder trained on normal slices with a relative perceptual L1 loss;
+the anomaly score is that loss.
+
+As the reference implementation (METHODS §6; networks in ``monai_ad.networks.perceptual_autoencoder``):
+
+- Slices in ``[0, 1]`` become ``[-1, 1]``; the final resolution is ``image_size`` (64 in the paper).
+- Loss: relative-perceptual-L1 on one VGG layer per resolution (relu1_2 at 8, relu2_2 at 16, relu3_2 at 32 and
+  64; ``feature_layer`` picks the final resolution's layer, e.g. the paper's relu4_2 option), features
+  normalised per channel, per-sample detached denominator.
+- Progressive growing from ``start_resolution`` (8) to ``image_size``: a stable phase at the start resolution
+  (``stable_iters``), then for each doubling a transition phase (``transition_iters``; the fade ``alpha`` rises
+  linearly to 1, the training images are the same blend of the new resolution and the nearest-upsampled
+  previous one, images are bilinearly downsampled from ``image_size`` as the reference) and a stable phase
+  (``stable_iters``, ``final_iters`` at the final resolution). Smooth-PG loss during a transition:
+  ``(1 − alpha)·L_prev(2× bilinear-downsampled input and reconstruction) + alpha·L_cur``. Paper: 20k / 20k
+  iterations and 3.5k–10k at the end (defaults 20000 / 20000 / 10000, the NIH PA setting); Adam with default
+  betas, a fresh optimiser for each phase (as the reference), lr 1e-3 with progressive growing and 2e-3
+  without (``start_resolution == image_size``); batches of ``batch_size`` (128) random training slices. The
+  weights after the last iteration are kept.
+- Score: the per-position loss at the final resolution (``mean_c |f̂(x) − f̂(x̂)|`` over the slice's
+  ``mean |f̂(x)|``). Slice score = its mean over the feature-grid cells that overlap the ROI (all cells without
+  an ROI, or when no cell overlaps it): with no ROI it is exactly the paper's score; with one it ignores the
+  reconstruction of what lies outside the liver. Pixel map = the per-position loss bilinearly upsampled to the
+  slice, then the project's Gaussian smoothing (``sigma`` = 4 px; 0 gives the paper's plain upsampling).
+
+Where the paper leaves a choice or cannot be followed offline:
+
+- ``perceptual="vgg16"`` (default) uses the ImageNet VGG16 that ships with the project; the paper's VGG19
+  needs a torchvision ``vgg19`` state_dict (``perceptual="vgg19", weights=<file>``).
+- Feature statistics ``μ_c, s_c``: the paper ships them for VGG19 (ImageNet). ``feature_stats="training"``
+  (default) estimates them per resolution from the training slices (mean and standard deviation of each
+  channel over all slices and positions, the standard deviation floored at 1 % of its channel average so
+  channels that never fire on CT do not divide by ~0); a file path loads them in the paper's format (layer key
+  ``r32`` or ``relu3_2`` → (mean, scale)), e.g. the paper's VGG19 file with ``perceptual="vgg19"``; ``"none"``
+  uses μ = 0, s = 1.
+
+Under torch.distributed every process trains on its share of the slices; gradients are averaged as
+DistributedDataParallel does and the feature statistics are summed over processes. On CUDA, VGG runs under
+bf16 autocast (``amp``); the autoencoder in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
+from monai_ad.detectors.components import PatchScoreMap, roi_on_grid
+from monai_ad.distributed import all_reduce_sum_, average_gradients
+from monai_ad.errors import InputError
+from monai_ad.networks.perceptual_autoencoder import (
+    ProgressiveAutoencoder,
+    RelativePerceptualL1,
+    layers_for,
+    load_feature_stats,
+    resolutions,
+)
+
+logger = logging.getLogger(__name__)
+
+FEATURE_STATS = ("training", "none")
+SCALE_FLOOR = 0.01  # of the channels' average standard deviation
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of the progressive-growing schedule (``alpha`` fades in ``resolution`` when ``transition``)."""
+
+    resolution: int
+    transition: bool
+    iterations: int
+
+
+def mean_in_roi(grid_scores: torch.Tensor, roi_grid: torch.Tensor | None) -> torch.Tensor:
+    """Per-slice mean of ``[B, N]`` cell scores over the cells in the ROI (all cells when none is)."""
+    if roi_grid is None:
+        return grid_scores.mean(1)
+    keep = (roi_grid | ~roi_grid.any(1, keepdim=True)).float()
+    return (grid_scores * keep).sum(1) / keep.sum(1)
+
+
+def to_signed(image: torch.Tensor) -> torch.Tensor:
+    """``[0, 1]`` slices → ``[-1, 1]`` (mean 0.5, std 0.5, as the reference)."""
+    return image * 2.0 - 1.0
+
+
+def downsample(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Bilinear resize to ``resolution`` (``align_corners=False``, no anti-aliasing), as the reference."""
+    if x.shape[-1] == resolution:
+        return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+
+
+@register_detector("dpa")
+class DeepPerceptualAutoencoder(AnomalyDetector):
+    """Deep Perceptual Autoencoder on ``[B, 1, image_size, image_size]`` slices (see the module docstring)."""
+
+    unsaved_prefixes = ("loss.vgg.",)
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        start_resolution: int | None = 8,
+        latent_dim: int = 16,
+        latent_resolution: int = 1,
+        inner_dims: int | Sequence[int] = 16,
+        perceptual: str = "vgg16",
+        weights: str | None = None,
+        allow_random_weights: bool = False,
+        feature_layer: str | None = None,
+        feature_stats: str = "training",
+        transition_iters: int = 20000,
+        stable_iters: int = 20000,
+        final_iters: int = 10000,
+        batch_size: int = 128,
+        lr: float | None = None,
+        sigma: float = 4.0,
+        amp: bool = True,
+        seed: int = 0,
+    ):
+        start_resolution = int(image_size if start_resolution in (None, 0) else start_resolution)
+        for name, value in (("transition_iters", transition_iters), ("stable_iters", stable_iters)):
+            if int(value) < 0:
+                raise InputError(f"dpa: {name} must be at least 0, got {value}")
+        if int(final_iters) < 1 or int(batch_size) < 1:
+            raise InputError("dpa: final_iters and batch_size must be at least 1")
+        if lr is not None and not float(lr) > 0:
+            raise InputError(f"dpa: lr must be positive, got {lr}")
+        if feature_stats not in FEATURE_STATS and not os.path.isfile(str(feature_stats)):
+            raise InputError(f"dpa: feature_stats must be {' or '.join(FEATURE_STATS)} or a statistics file", feature_stats)
+        if not isinstance(inner_dims, int):
+            inner_dims = [int(w) for w in inner_dims]
+        super().__init__(
+            image_size=image_size, start_resolution=start_resolution, latent_dim=latent_dim,
+            latent_resolution=latent_resolution, inner_dims=inner_dims, perceptual=perceptual, weights=weights,
+            allow_random_weights=allow_random_weights, feature_layer=feature_layer, feature_stats=feature_stats,
+            transition_iters=transition_iters, stable_iters=stable_iters, final_iters=final_iters,
+            batch_size=batch_size, lr=lr, sigma=sigma, amp=amp, seed=seed,
+        )  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.autoencoder = ProgressiveAutoencoder(
+                int(image_size), start_resolution, int(latent_dim), int(latent_resolution), inner_dims
+            )
+        self.resolutions = resolutions(start_resolution, int(image_size))
+        self.loss = RelativePerceptualL1(
+            layers_for(self.resolutions, feature_layer), perceptual, weights, allow_random_weights, amp
+        )
+        for r in self.resolutions:
+            stride = self.loss.vgg[self.loss.layers[r]].strides[0]
+            if r < stride:
+                raise InputError(
+                    f"dpa: the VGG layer {self.loss.layers[r]} (stride {stride}) leaves no feature map at "
+                    f"resolution {r}; pick a shallower feature_layer or a larger image_size"
+                )
+        self.to_map = PatchScoreMap(int(image_size), float(sigma))
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def progressive(self) -> bool:
+        return len(self.resolutions) > 1
+
+    def schedule(self) -> list[Phase]:
+        """The training phases in order: stable at the start resolution, then per doubling a transition and a
+        stable phase; the last stable phase has ``final_iters``."""
+        p = self.hparams
+        final = self.resolutions[-1]
+        phases = []
+        for i, r in enumerate(self.resolutions):
+            if i > 0:
+                phases.append(Phase(r, True, int(p["transition_iters"])))
+            phases.append(Phase(r, False, int(p["final_iters"] if r == final else p["stable_iters"])))
+        return [phase for phase in phases if phase.iterations > 0]
+
+    @property
+    def learning_rate(self) -> float:
+        lr = self.hparams["lr"]
+        return float(lr) if lr is not None else (1e-3 if self.progressive else 2e-3)
+
+    # ------------------------------------------------------------------ training
+    def _training_slices(self, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Every training slice of this process, ``[N, 1, S, S]`` float16 on the device, in ``[-1, 1]``."""
+        slices = []
+        for batch in batches:
+            image = batch["image"]
+            self.check_slices(image)
+            slices.append(to_signed(image.to(self.device, torch.float32)).half())
+        if not slices:
+            raise InputError("dpa: no training slices")
+        return torch.cat(slices)
+
+    @torch.no_grad()
+    def _fit_feature_stats(self, slices: torch.Tensor, chunk: int = 64) -> None:
+        """Per-channel mean and (floored) standard deviation of each resolution's VGG layer on the training
+        slices, summed over processes; or the statistics from a file; or none."""
+        source = self.hparams["feature_stats"]
+        if source == "none":
+            return
+        if source != "training":
+            stats = load_feature_stats(source, sorted(set(self.loss.layers.values())))
+            for r, layer in self.loss.layers.items():
+                mean, scale = stats[layer]
+                channels = getattr(self.loss, f"mean_{r}").numel()
+                if mean.numel() != channels or scale.numel() != channels:
+                    raise InputError(f"feature statistics for {layer} have {mean.numel()} channels, not {channels}", source)
+                self.loss.set_stats(r, mean, scale)
+            return
+        for r in self.resolutions:
+            channels = getattr(self.loss, f"mean_{r}").numel()
+            total = torch.zeros(channels, dtype=torch.float64, device=self.device)
+            squares, count = torch.zeros_like(total), torch.zeros(1, dtype=torch.float64, device=self.device)
+            for start in range(0, slices.shape[0], chunk):
+                f = self.loss.raw_features(downsample(slices[start : start + chunk].float(), r))
+                flat = f.transpose(0, 1).reshape(channels, -1).double()
+                total += flat.sum(1)
+                squares += flat.square().sum(1)
+                count += flat.shape[1]
+            for t in (total, squares, count):
+                all_reduce_sum_(t)
+            mean = total / count
+            std = (squares / count - mean.square()).clamp_min(0.0).sqrt()
+            scale = std.clamp_min(max(SCALE_FLOOR * float(std.mean()), 1e-6))
+            self.loss.set_stats(r, mean.float(), scale.float())
+
+    def _batches(self, n: int, generator: torch.Generator):
+        """Endless batches of slice indices: shuffled passes, the last incomplete batch of a pass dropped."""
+        size = min(int(self.hparams["batch_size"]), n)
+        while True:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n - size + 1, size):
+                yield order[start : start + size]
+
+    def training_inputs(self, slices: torch.Tensor, phase: Phase, alpha: float) -> torch.Tensor:
+        """The images the network sees in ``phase``: downsampled to its resolution and, during a transition,
+        blended with the nearest-upsampled previous resolution."""
+        x = downsample(slices, phase.resolution)
+        if phase.transition and alpha < 1.0:
+            low = F.interpolate(downsample(slices, phase.resolution // 2), scale_factor=2, mode="nearest")
+            x = torch.lerp(low, x, alpha)
+        return x
+
+    def training_loss(self, x: torch.Tensor, phase: Phase, alpha: float) -> torch.Tensor:
+        """Mean relative perceptual L1 of a batch; smooth-PG blend with the previous resolution's loss during a
+        transition."""
+        reconstruction = self.autoencoder(x, alpha if phase.transition else 1.0)
+        loss = self.loss(x, reconstruction).mean()
+        if phase.transition and alpha < 1.0:
+            half = phase.resolution // 2
+            previous = self.loss(downsample(x, half), downsample(reconstruction, half)).mean()
+            loss = (1.0 - alpha) * previous + alpha * loss
+        return loss
+
+    def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
+        slices = self._training_slices(batches)
+        self._fit_feature_stats(slices)
+        generator = torch.Generator().manual_seed(int(self.hparams["seed"]))
+        indices = self._batches(slices.shape[0], generator)
+        phases = self.schedule()
+        self.history = []
+        self.autoencoder.train()
+        bar = tqdm(total=sum(p.iterations for p in phases), desc="dpa training", disable=not progress, unit="it", leave=False)
+        try:
+            for phase in phases:
+                # a fresh optimiser for each phase's networks, as the reference
+                optimizer = torch.optim.Adam(self.autoencoder.parameters(), lr=self.learning_rate)
+                losses, alphas = [], []
+                for step in range(1, phase.iterations + 1):
+                    alpha = step / phase.iterations if phase.transition else 1.0
+                    batch = slices[next(indices).to(slices.device)].float()
+                    x = self.training_inputs(batch, phase, alpha)
+                    loss = self.training_loss(x, phase, alpha)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    average_gradients(self.autoencoder.parameters())  # as DistributedDataParallel
+                    optimizer.step()
+                    losses.append(loss.detach())
+                    alphas.append(alpha)
+                    bar.update()
+                losses_cpu = torch.stack(losses).float().cpu()  # one host sync per phase
+                if not torch.isfinite(losses_cpu).all():
+                    raise RuntimeError(f"dpa: the training loss diverged at resolution {phase.resolution}; lower lr")
+                self.history.append(
+                    {
+                        "resolution": phase.resolution,
+                        "phase": "transition" if phase.transition else "stable",
+                        "iterations": phase.iterations,
+                        "alpha_first": alphas[0],
+                        "alpha_last": alphas[-1],
+                        "loss_first": float(losses_cpu[0]),
+                        "loss_last": float(losses_cpu[-max(1, len(losses) // 10) :].mean()),
+                    }
+                )
+                bar.set_postfix(res=phase.resolution, loss=f"{self.history[-1]['loss_last']:.4f}")
+                logger.info("dpa: %s", self.history[-1])
+        finally:
+            bar.close()
+            self.eval()
+
+    # ------------------------------------------------------------------ scoring
+    def position_scores(self, image: torch.Tensor) -> torch.Tensor:
+        """The per-position relative perceptual L1 ``[B, h, w]`` of slices ``[B, 1, S, S]`` in ``[0, 1]`` at the
+        final resolution."""
+        x = to_signed(image)
+        return self.loss.position_loss(x, self.autoencoder(x))
+
+    def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
+        grid = self.position_scores(image)
+        slice_scores = mean_in_roi(grid.flatten(1), roi_on_grid(roi, tuple(grid.shape[-2:])))
+        return SliceScores(pixel=self.to_map(grid), slice=slice_scores)
+
+
+__all__ = ["DeepPerceptualAutoencoder", "Phase", "mean_in_roi"]
