@@ -1,4 +1,4 @@
-"""``monai-ad`` (also ``python -m monai_ad``): phantom data, train, infer, evaluate, demo."""
+"""``monai-ad`` (also ``python -m monai_ad``): phantom data, train, infer, evaluate, demo, DICOMweb ingest, the MONAI Label app."""
 
 from __future__ import annotations
 
@@ -223,6 +223,71 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _print_metrics(values)
 
 
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from monai_ad.dicomweb import ingest_series
+
+    uids = ingest_series(args.series, args.url, repaired_dir=args.repaired)
+    print(json.dumps({"StudyInstanceUID": uids.study, "SeriesInstanceUID": uids.series, "instances": len(uids.instances)}))
+
+
+def cmd_app(args: argparse.Namespace) -> None:
+    from monai_ad.label_server import run_app
+
+    conf = {k: str(v) for k, v in _key_values(args.conf, "--conf").items()}
+    if args.models:
+        conf["models"] = args.models
+    code = run_app(args.studies, args.sample, port=args.port, host=args.host, conf=conf, preset=args.preset)
+    if code:
+        raise InputError(f"the MONAI Label server exited with code {code}")
+
+
+def _grid_values(pairs: Sequence[str] | None) -> dict[str, list[Any]]:
+    """``--grid KEY=V1,V2`` (each value read as JSON when it parses) or ``--grid KEY=[JSON list]``."""
+    grid: dict[str, list[Any]] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise InputError(f"--grid must be KEY=V1,V2,..., got {pair!r}")
+        key, text = (s.strip() for s in pair.split("=", 1))
+        if text.startswith("["):
+            values = _parse_value(text)
+            if not isinstance(values, list):
+                raise InputError(f"--grid {key}: not a JSON list: {text!r}")
+        else:
+            values = [_parse_value(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise InputError(f"--grid {key} has no values")
+        grid[key] = values
+    return grid
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from monai_ad import engine
+    from monai_ad.selection import select_hyperparameters, write_phantom_anomalies
+
+    config = _load_config(args.config)
+    hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
+    detector = args.detector or config.get("detector", "dpa")
+    anomalies = None
+    if args.phantom_anomalies:
+        if not args.lesion_kind:
+            raise InputError("--phantom-anomalies needs --lesion-kind (hypodense, hyperdense, rim or cyst)")
+        preset = json.loads(Path(args.datalist).read_text()).get("preset", "tiny") if Path(args.datalist).is_file() else "tiny"
+        anomalies = write_phantom_anomalies(Path(args.out) / "anomalies", args.lesion_kind, args.phantom_anomalies, preset, args.seed + 1000)
+    elif args.anomaly_datalist:
+        anomalies = engine.load_datalist(args.anomaly_datalist, args.anomaly_section or "test")
+    report = select_hyperparameters(
+        args.datalist, args.out, detector=detector, grid=_grid_values(args.grid) or None, base_hparams=hparams,
+        preprocessing=config.get("preprocessing"), anomalies=anomalies, anomaly_section=args.anomaly_section,
+        lesion_kind=args.lesion_kind, folds=args.folds, validation_fraction=args.validation_fraction,
+        roi_labels=_roi_labels(args.roi_label), seed=args.seed, device=args.device, progress=not args.quiet,
+    )  # fmt: skip
+    for row in report["candidates"]:
+        mark = "*" if row["index"] == report["chosen"]["index"] else " "
+        print(f"{mark} {json.dumps(row['hparams'])}: slice AUROC {row['mean_auroc']:.4f} ± {row['std_auroc']:.4f}")
+    for kind, path in report["files"].items():
+        print(f"  {kind}: {path}")
+
+
 # ----------------------------------------------------------------------------- parser
 def _add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--roi-label", type=int, action="append", help="label value(s) of the liver in the mask (default: any non-zero; 5 for TotalSegmentator)")
@@ -312,6 +377,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="detector hyper-parameter (repeatable)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("select", parents=[shared], help="weakly-supervised hyper-parameter selection: k-fold CV over patients, one-type validation anomalies")
+    p.add_argument("--datalist", required=True, help="datalist with the training normals (and, by default, the anomalies)")
+    p.add_argument("--out", required=True, help="folder for selection.json, selection.csv and config.json")
+    p.add_argument("--detector", help="dpa (default) or any other detector")
+    p.add_argument("--config", help="JSON with detector, base hparams and preprocessing")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="base hyper-parameter (repeatable)")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="candidate values of a hyper-parameter (repeatable)")
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--validation-fraction", type=float, default=0.2, help="share of training-normal patients held out per fold")
+    p.add_argument("--anomaly-section", help="datalist section of the validation anomalies (default validation_labelled; test for --anomaly-datalist)")
+    p.add_argument("--anomaly-datalist", help="another datalist holding the validation anomalies")
+    p.add_argument("--lesion-kind", help="keep only anomaly cases whose lesions are all of this kind")
+    p.add_argument("--phantom-anomalies", type=int, default=0, metavar="N", help="generate N phantom cases with one --lesion-kind lesion each")
+    p.add_argument("--roi-label", type=int, action="append")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("ingest", parents=[shared], help="store a DICOM series in a DICOMweb server (e.g. Orthanc), filling missing UIDs")
+    p.add_argument("--series", required=True, help="folder of the series' DICOM files")
+    p.add_argument("--url", required=True, help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    p.add_argument("--repaired", help="also write the repaired files to this folder")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("app", parents=[shared], help="start the MONAI Label app (3D Slicer / OHIF) on a datastore")
+    p.add_argument("--studies", help="folder of NIfTI/DICOM studies, or a DICOMweb URL")
+    p.add_argument("--sample", help="write phantom sample studies here (when missing) and serve them")
+    p.add_argument("--preset", default="small", help="phantom preset for --sample")
+    p.add_argument("--models", help="comma-separated bundle names to serve (default: all)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--conf", action="append", metavar="KEY=VALUE", help="app option (model_dir, roi_dir, train_on_start, ...)")
+    p.set_defaults(func=cmd_app)
     return parser
 
 

@@ -120,12 +120,13 @@ def start_server(
     conf: Mapping[str, str] | None = None,
     log_path: str | os.PathLike | None = None,
     timeout: float = 180.0,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """Start the app's server on 127.0.0.1 in the background; returns the process and its URL once it answers."""
     port = port or free_port()
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(
-        server_command(studies, port, conf), env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        server_command(studies, port, conf), env=server_env(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
     try:

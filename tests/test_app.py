@@ -43,7 +43,9 @@ def _image(app, case):
 
 
 def _abnormal_case(app):
-    return app["datalist"]["test"][-1]["case_id"]
+    """The abnormal test study with the most lesion volume."""
+    abnormal = [item for item in app["datalist"]["test"] if item["abnormal"]]
+    return max(abnormal, key=lambda item: sum(lesion["diameter_mm"] ** 3 for lesion in item["lesions"]))["case_id"]
 
 
 def _error(call):
@@ -169,6 +171,7 @@ def test_save_final_train_on_normals_and_infer_with_the_new_model(app):
     status = _wait_for_training(client)
     details = "\n".join(status.get("details", []))
     assert status["status"] == "DONE", details
+    assert "saved" in details  # progress lines reach the /train status
     assert model_file.stat().st_mtime > mtime
     log = app["log"].read_text()
     assert "studies marked normal" in log and "operating threshold on 1 corrected studies" in log

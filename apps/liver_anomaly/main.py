@@ -8,6 +8,7 @@ scoring method re-selects operating thresholds from corrected (``final``) labels
 - ``models``: comma-separated bundle names to serve (default: all)
 - ``model_dir``: where the app's trained models go (default: ``model/`` in this folder)
 - ``roi_dir``: folder of liver masks named ``<image id>.nii.gz`` (an ROI source beside the ``liver`` labels)
+- ``roi_label``: the liver's value in the ROI masks (default: any non-zero voxel; 5 for TotalSegmentator)
 - ``train_on_start``: ``true`` starts training, at start-up, every detector that has no model yet
 """
 
@@ -77,7 +78,7 @@ class LiverAnomalyApp(MONAILabelApp):
         return {name: config.trainer() for name, config in self.detectors.items()}
 
     def init_scoring_methods(self):
-        return {"feedback_threshold": FeedbackThreshold(self.detectors, self.roi_dir)}
+        return {"feedback_threshold": FeedbackThreshold(self.detectors, self.roi_dir, self.conf.get("roi_label"))}
 
     def on_init_complete(self):
         super().on_init_complete()

@@ -42,7 +42,10 @@ class DetectorConfig(TaskConfig):
             self.description = f"anomaly detector bundle {name}"
 
     def infer(self):
-        return {self.name: AnomalyInfer(self.bundle, self.path, self.description)}
+        defaults = {"roi_label": self.conf.get("roi_label", "")}
+        return {self.name: AnomalyInfer(self.bundle, self.path, self.description, defaults=defaults)}
 
     def trainer(self):
-        return NormalStudiesTrain(self.name, self.bundle, str(self.app_model), self.description, roi_dir=self.roi_dir)
+        return NormalStudiesTrain(
+            self.name, self.bundle, str(self.app_model), self.description, roi_dir=self.roi_dir, roi_label=self.conf.get("roi_label") or None
+        )

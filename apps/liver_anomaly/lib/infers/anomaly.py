@@ -85,7 +85,9 @@ class SummaryToResultd(MapTransform):
 class AnomalyInfer(BasicInferTask):
     """Infer task over one bundle; the model file is reloaded whenever training replaces it."""
 
-    def __init__(self, bundle: str | os.PathLike, model_paths: Sequence[str], description: str, **kwargs: Any):
+    def __init__(
+        self, bundle: str | os.PathLike, model_paths: Sequence[str], description: str, defaults: dict | None = None, **kwargs: Any
+    ):
         super().__init__(
             path=list(model_paths),  # the last existing path wins: the app's trained model over the bundle's own
             network=None,
@@ -93,7 +95,7 @@ class AnomalyInfer(BasicInferTask):
             labels=dict(ANOMALY_NAMES),
             dimension=3,
             description=description,
-            config={**OPTIONS, "result_extension": ".nii.gz", "result_dtype": "uint8"},
+            config={**OPTIONS, **dict(defaults or {}), "result_extension": ".nii.gz", "result_dtype": "uint8"},
             **kwargs,
         )
         self.bundle = Path(bundle)

@@ -22,6 +22,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
@@ -69,6 +70,7 @@ def select_threshold(
     roi_dir: str | None = None,
     device: str | None = None,
     source_path: str | os.PathLike | None = None,
+    roi_label: int | None = None,
 ) -> dict[str, Any] | None:
     """Pick the pixel threshold maximising Dice on the corrected studies; save it with the model at
     ``model_path`` (read from ``source_path`` when given, e.g. the bundle's own model). None when no study is
@@ -77,8 +79,14 @@ def select_threshold(
     if not cases:
         logger.info("[%s] no corrected studies ('final' labels with a liver ROI): threshold unchanged", name)
         return None
-    detector = AnomalyDetector.load(source_path or model_path, device=resolve_device(device))
-    components = bundle_components(bundle, detector)
+    source = Path(source_path or model_path)
+    signature = {case.image_id: os.path.getmtime(case.final) for case in cases}
+    stored = _stored_feedback(source)
+    if stored and stored.get("signature") == signature:
+        logger.info("[%s] threshold already selected on these %d corrected studies: unchanged", name, len(cases))
+        return stored
+    detector = AnomalyDetector.load(source, device=resolve_device(device))
+    components = bundle_components(bundle, detector, {"roi_label": roi_label})
     predictor = VolumePredictor(
         detector, preprocessing=components["preprocessing"], inferer=components["inferer"], postprocessing=components["postprocessing"]
     )
@@ -89,7 +97,8 @@ def select_threshold(
         if truth.shape != result.heatmap.shape:
             logger.warning("[%s] %s: final label shape %s differs from the image %s: skipped", name, case.image_id, truth.shape, result.heatmap.shape)
             continue
-        roi = np.asarray(nib.load(case.roi).dataobj) > 0
+        roi_values = np.asarray(nib.load(case.roi).dataobj)
+        roi = roi_values == roi_label if roi_label is not None else roi_values > 0
         roi = roi if roi.shape == truth.shape else np.ones_like(truth)
         heatmaps.append(result.heatmap), truths.append(truth), rois.append(roi), affines.append(result.affine)
         used.append(case.image_id)
@@ -123,6 +132,7 @@ def select_threshold(
         "dice_candidate": after,
         "voxel_dice_in_roi": voxel_dice,
         "changed": keep_new and chosen != before_threshold,
+        "signature": signature,
         "selected": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     thresholds.update({"pixel": chosen, "pixel_method": "max pooled Dice on corrected studies", "feedback": feedback})
@@ -135,6 +145,15 @@ def select_threshold(
     return feedback
 
 
+def _stored_feedback(model_path: Path) -> dict[str, Any] | None:
+    """The feedback record saved with a model, read without building the detector."""
+    try:
+        payload = torch.load(model_path, map_location="cpu", weights_only=True)
+        return dict(payload.get("thresholds", {}).get("feedback") or {}) or None
+    except Exception:
+        return None
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -143,9 +162,10 @@ class FeedbackThreshold(ScoringMethod):
     """``/scoring/feedback_threshold``: re-select every trained detector's threshold on the corrected studies
     (``{"model": "<bundle>"}`` for one)."""
 
-    def __init__(self, detectors: dict[str, Any], roi_dir: str | None = None):
+    def __init__(self, detectors: dict[str, Any], roi_dir: str | None = None, roi_label: Any = None):
         super().__init__("Choose each detector's threshold to maximise Dice on the studies with a 'final' label")
         self.detectors, self.roi_dir = detectors, roi_dir
+        self.roi_label = None if roi_label in (None, "") else int(roi_label)
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         wanted = request.get("model")
@@ -158,6 +178,7 @@ class FeedbackThreshold(ScoringMethod):
                 logger.info("[%s] not trained yet: skipped", name)
                 continue
             results[name] = select_threshold(
-                name, config.bundle, config.app_model, datastore, self.roi_dir, request.get("device"), source_path=source
+                name, config.bundle, config.app_model, datastore, self.roi_dir, request.get("device"), source_path=source,
+                roi_label=self.roi_label,
             )
         return results

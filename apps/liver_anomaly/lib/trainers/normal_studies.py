@@ -39,9 +39,12 @@ def stats_path(model_path: str | os.PathLike) -> Path:
 
 
 class NormalStudiesTrain(TrainTask):
-    def __init__(self, name: str, bundle: str | os.PathLike, model_path: str, description: str, roi_dir: str | None = None):
+    def __init__(
+        self, name: str, bundle: str | os.PathLike, model_path: str, description: str, roi_dir: str | None = None, roi_label: Any = None
+    ):
         super().__init__(f"Fit {name} on the studies marked normal ({description[:80]})")
         self.name, self.bundle, self.model_path, self.roi_dir = name, Path(bundle), model_path, roi_dir
+        self.roi_label = None if roi_label in (None, "") else int(roi_label)
 
     def config(self) -> dict[str, Any]:
         return {"device": "auto", "select_threshold": True, "quantile": 0.99}
@@ -71,6 +74,8 @@ class NormalStudiesTrain(TrainTask):
             parser["trainer"]["output"] = str(self.model_path)
             device = str(request.get("device") or "auto")
             parser["device"] = "cuda" if device == "auto" and _cuda() else ("cpu" if device == "auto" else device)
+            if self.roi_label is not None:
+                parser["roi_labels"] = [self.roi_label]
             for key, value in request.items():
                 if "#" in key:
                     parser[key] = value
@@ -90,7 +95,9 @@ class NormalStudiesTrain(TrainTask):
         if str(request.get("select_threshold", True)).lower() not in ("false", "0", "no"):
             from lib.scoring.feedback_threshold import select_threshold
 
-            feedback = select_threshold(self.name, self.bundle, self.model_path, datastore, self.roi_dir, device=parser["device"])
+            feedback = select_threshold(
+                self.name, self.bundle, self.model_path, datastore, self.roi_dir, device=parser["device"], roi_label=self.roi_label
+            )
             if feedback:
                 result["feedback"] = feedback
         write_json(stats_path(self.model_path), {**result, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})

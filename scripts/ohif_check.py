@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""End-to-end check of the app against a real DICOMweb store and OHIF, all on loopback, nothing downloaded.
+
+1. start Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) in a temporary folder;
+2. ingest the real CT series (``monai_ad.dicomweb``: missing UIDs filled in deterministically);
+3. train a small PatchCore on tiny phantom studies (the plumbing is under test, not the detector);
+4. start ``monailabel start_server`` with the app against Orthanc's DICOMweb root (dcmqi's
+   ``itkimage2segimage`` from the venv: no download), the liver ROI from a folder of masks named by
+   SeriesInstanceUID (the series' TotalSegmentator map, liver = 5);
+5. run the detector on the series by its SeriesInstanceUID; save the result as ``final`` (a DICOM SEG stored
+   back to Orthanc);
+6. open ``/ohif/viewer?StudyInstanceUIDs=...`` in headless Chromium (Selenium + Debian chromium/chromedriver),
+   wait until the viewport shows the CT, save a screenshot.
+
+Usage: ``python scripts/ohif_check.py [--out DIR]``; prints a JSON summary (also written to DIR/summary.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from monai_ad import dicomweb, engine, label_server
+from monai_ad.data.phantom import write_phantom_dataset
+
+REAL_CT = label_server.PROJECT_ROOT.parent / "shared" / "data" / "real_ct" / "ts_example"
+MODEL = "patchcore_liver_ct"
+TOTALSEGMENTATOR_LIVER = 5
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--window-size=1400,900"]  # fmt: skip
+
+
+def missing_tools() -> list[str]:
+    wanted = {"Orthanc": shutil.which("Orthanc"), "orthanc-dicomweb": Path(dicomweb.ORTHANC_PLUGIN).is_file() or None,
+              "chromium": Path(CHROMIUM).is_file() or None, "chromedriver": Path(CHROMEDRIVER).is_file() or None,
+              "itkimage2segimage": shutil.which("itkimage2segimage", path=str(Path(sys.executable).parent))}  # fmt: skip
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        wanted["selenium"] = None
+    return [name for name, found in wanted.items() if not found]
+
+
+def viewport_shows_image(png: Path) -> float:
+    """Spread of grey levels in the middle of the page (the OHIF viewport): ~0 while black or empty."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
+    h, w = image.shape
+    return float(image[h // 4 : 3 * h // 4, w // 3 : 2 * w // 3].std())
+
+
+def screenshot_ohif(url: str, out_png: Path, timeout: float = 90.0) -> dict:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    start = time.time()
+    spread = 0.0
+    try:
+        driver.get(url)
+        while time.time() - start < timeout:
+            time.sleep(3)
+            driver.save_screenshot(str(out_png))
+            spread = viewport_shows_image(out_png)
+            if spread > 20:
+                time.sleep(2)  # let the last tiles settle
+                driver.save_screenshot(str(out_png))
+                break
+        title = driver.title
+    finally:
+        driver.quit()
+    return {"url": url, "screenshot": str(out_png), "viewport_grey_std": round(viewport_shows_image(out_png), 2),
+            "rendered": spread > 20, "seconds": round(time.time() - start, 1), "title": title}  # fmt: skip
+
+
+def run_check(out: Path) -> dict:
+    from monailabel.client import MONAILabelClient
+
+    out.mkdir(parents=True, exist_ok=True)
+    timings, summary = {}, {}
+    t0 = time.time()
+    orthanc, dicomweb_url = dicomweb.start_orthanc(out / "orthanc", label_server.free_port())
+    server = None
+    try:
+        uids = dicomweb.ingest_series(REAL_CT / "example_ct_dicom", dicomweb_url)
+        again = dicomweb.repair_uids(dicomweb.read_series(REAL_CT / "example_ct_dicom"))
+        summary["ingest"] = {"StudyInstanceUID": uids.study, "SeriesInstanceUID": uids.series, "instances": len(uids.instances),
+                             "deterministic": (again.study, again.series, again.instances) == (uids.study, uids.series, uids.instances)}  # fmt: skip
+        timings["orthanc_and_ingest"] = time.time() - t0
+
+        t = time.time()
+        models = out / "models"
+        datalist = write_phantom_dataset(out / "phantom", n_normal=3, n_abnormal=0, preset="tiny", progress=False)
+        engine.train("patchcore", datalist, models / f"{MODEL}.pt",
+                     hparams={"image_size": 64, "coreset_ratio": 0.05}, device="cpu", progress=False)  # fmt: skip
+        roi_dir = out / "roi"
+        roi_dir.mkdir(exist_ok=True)
+        shutil.copy(REAL_CT / "example_seg_dicom.nii.gz", roi_dir / f"{uids.series}.nii.gz")
+        timings["model"] = time.time() - t
+
+        t = time.time()
+        conf = {"model_dir": str(models), "roi_dir": str(roi_dir), "roi_label": str(TOTALSEGMENTATOR_LIVER), "models": MODEL}
+        env = {"MONAI_LABEL_DATASTORE_CACHE_PATH": str(out / "cache"), "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(out / "cache"),
+               "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}  # fmt: skip
+        server, url = label_server.start_server(dicomweb_url, conf=conf, log_path=out / "server.log", env=env, timeout=240)
+        timings["server_start"] = time.time() - t
+        client = MONAILabelClient(url, tmpdir=str(out / "client"))
+        with urllib.request.urlopen(url + "/datastore/?output=stats") as response:
+            summary["datastore_stats"] = json.loads(response.read())
+
+        t = time.time()
+        label_file, params = client.infer(MODEL, uids.series, {})
+        label = nib.load(label_file)
+        summary["infer"] = {"label_shape": list(label.shape), "slices_scored": sum(s is not None for s in params["slice_scores"]),
+                            "abnormal_slices": params["abnormal_slices"], "lesions": len(params["lesions"]),
+                            "label_names": params["label_names"], "anomaly_voxels": int(np.count_nonzero(np.asarray(label.dataobj)))}  # fmt: skip
+        timings["infer"] = time.time() - t
+
+        t = time.time()
+        client.save_label(uids.series, label_file, tag="final", params={"label_info": [{"name": "anomaly", "idx": 1}]})
+        with urllib.request.urlopen(f"{dicomweb_url}/studies/{uids.study}/series") as response:
+            series = json.loads(response.read())
+        summary["after_save"] = {"series_in_study": len(series),
+                                 "modalities": sorted(s.get("00080060", {}).get("Value", [""])[0] for s in series)}  # fmt: skip
+        timings["save_final_seg"] = time.time() - t
+
+        t = time.time()
+        summary["ohif"] = screenshot_ohif(f"{url}/ohif/viewer?StudyInstanceUIDs={uids.study}", out / "ohif_viewer.png")
+        timings["ohif"] = time.time() - t
+    finally:
+        if server is not None:
+            label_server.stop_server(server)
+        orthanc.terminate()
+        orthanc.wait(20)
+    summary["seconds"] = {k: round(v, 1) for k, v in {**timings, "total": time.time() - t0}.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="output folder (default: a new temporary folder)")
+    args = parser.parse_args()
+    missing = missing_tools()
+    if missing:
+        print(f"missing: {', '.join(missing)} (scripts/setup_env.sh installs them)", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ohif_check_"))
+    summary = run_check(out)
+    print(json.dumps(summary, indent=2))
+    ok = summary["ohif"]["rendered"] and summary["after_save"]["series_in_study"] >= 2
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
