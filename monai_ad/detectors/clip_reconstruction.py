@@ -1,0 +1,265 @@
+"""Language-enhanced CLIP reconstruction (after Bao's thesis): image patch features reconstructed through the
+frozen CLIP *text* encoder from learned per-patch prompts and a narrow adaptor; the failure to reconstruct is
+the anomaly score.
+
+What METHODS §7 lists (all **unverified**: no thesis text or code was found) and how it is built here:
+
+- **Frozen CLIP image and text encoders** (``monai_ad.networks.clip.FrozenCLIP``; open_clip architecture name
+  + local checkpoint, nothing downloads; never saved with the detector).
+- **Image features from 4 layers.** Patch tokens of ``layers`` (default 4 evenly spaced blocks, 3/6/9/12 for a
+  12-block ViT), each moved into the joint space by ``ln_post`` then ``@ proj`` (METHODS §7).
+- **Adaptor.** Linear(D → D/16) – ReLU – Linear(D/16 → text width) on each patch's joint-space token of the
+  deepest chosen layer (the 16× bottleneck is what keeps it from simply copying the patch).
+- **Per-patch prompts.** For each of the N grid patches, M = ``prompt_length`` (16) learnable token embeddings
+  (N·M·text-width parameters, initialised N(0, 0.02²) as CoOp's context vectors).
+- **How the adaptor output meets the prompt (choice).** It enters the text encoder as one extra token
+  embedding right after the patch's M prompt tokens: ``[SOT] p_1 … p_M a(x) <object_name> . [EOT]``.
+  An extra token, rather than adding a(x) to each prompt token, keeps the prompts purely positional (what a
+  normal patch at that place looks like) and the image evidence in one slot the encoder attends to.
+- **Text features from the same 4 depths.** The EOT token's output of 4 evenly spaced text blocks, each through
+  ``ln_final`` and ``text_projection`` (the model's own pooled text feature at the last block).
+- **Map.** Per patch, the cosine distances ``1 − cos(image_l, text_l)`` summed over the 4 layer pairs;
+  **loss** = the mean of that map over the training (normal) patches. Slice score = the largest patch score
+  among the patches that overlap the ROI; pixel map = bilinear upsampling + Gaussian σ = ``sigma`` (4 px, as the
+  other detectors).
+- **Laplacian-pyramid low-frequency enhancement (choice: deterministic pre-processing at training *and*
+  scoring).** A ``laplacian_levels``-level pyramid (5-tap binomial blur, factor-2 steps); the slice is rebuilt
+  with its detail (Laplacian) bands scaled by ``detail_gain`` (< 1) and its coarsest Gaussian band kept, so
+  low-frequency structure (organ and lesion intensity) dominates fine texture and noise. Used as a training-
+  only augmentation it would make the scored slices a distribution the reconstruction never saw and raise
+  every normal score, so it is applied the same way everywhere; ``detail_gain=1`` switches it off exactly.
+- **Training.** Adam (``lr``), ``epochs`` passes over the normal slices in shuffled batches of ``batch_size``,
+  bf16 autocast on CUDA; image features (frozen) are computed once and cached on the device within
+  ``cache_features`` bytes (recomputed every epoch otherwise). Under torch.distributed each process trains on
+  its share and gradients are averaged (as DistributedDataParallel; ``average_gradients``).
+
+Slices are resized to the CLIP input size and maps come back at ``image_size``. Saved: prompts, adaptor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
+from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
+from monai_ad.distributed import average_gradients, min_over_processes
+from monai_ad.errors import InputError
+from monai_ad.networks.clip import FrozenCLIP, evenly_spaced_layers
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 2 << 30
+PLACEHOLDER = "X"
+
+
+def _binomial_blur(x: torch.Tensor) -> torch.Tensor:
+    kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=x.device, dtype=x.dtype) / 16.0
+    c = x.shape[1]
+    x = F.pad(x, (2, 2, 0, 0), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
+    x = F.pad(x, (0, 0, 2, 2), mode="replicate")
+    return F.conv2d(x, kernel.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
+
+
+def laplacian_low_frequency_enhance(x: torch.Tensor, levels: int = 3, detail_gain: float = 0.5) -> torch.Tensor:
+    """Rebuild ``x [B, C, H, W]`` from its Laplacian pyramid with every detail band scaled by ``detail_gain``
+    (the coarsest Gaussian band unchanged); ``detail_gain = 1`` or ``levels = 0`` returns ``x``."""
+    if levels <= 0 or detail_gain == 1.0:
+        return x
+    gaussians = [x]
+    for _ in range(levels):
+        if min(gaussians[-1].shape[-2:]) < 2:
+            break
+        gaussians.append(_binomial_blur(gaussians[-1])[..., ::2, ::2])
+    out = gaussians[-1]
+    for finer, coarser in zip(reversed(gaussians[:-1]), reversed(gaussians[1:])):
+        up = F.interpolate(coarser, size=finer.shape[-2:], mode="bilinear", align_corners=False)
+        out = F.interpolate(out, size=finer.shape[-2:], mode="bilinear", align_corners=False)
+        out = out + detail_gain * (finer - up)
+    return out
+
+
+@register_detector("clip_reconstruction")
+class CLIPReconstruction(AnomalyDetector):
+    """Language-enhanced CLIP reconstruction on ``[B, 1, image_size, image_size]`` slices (module docstring)."""
+
+    unsaved_prefixes = ("clip.",)
+
+    def __init__(
+        self,
+        image_size: int = 240,
+        clip_model: str = "ViT-B-16-plus-240",
+        clip_checkpoint: str | os.PathLike | None = None,
+        allow_random_weights: bool = False,
+        object_name: str = "liver",
+        prompt_length: int = 16,
+        bottleneck: int = 16,
+        layers: Sequence[int] | None = None,
+        text_layers: Sequence[int] | None = None,
+        laplacian_levels: int = 3,
+        detail_gain: float = 0.5,
+        epochs: int = 20,
+        batch_size: int = 8,
+        lr: float = 1e-3,
+        sigma: float = 4.0,
+        cache_features: bool | int | None = None,
+        amp: bool = True,
+        seed: int = 0,
+    ):
+        clip_checkpoint = None if clip_checkpoint in (None, "") else os.fspath(clip_checkpoint)
+        if prompt_length < 1 or bottleneck < 1 or epochs < 1 or batch_size < 1:
+            raise InputError("clip_reconstruction: prompt_length, bottleneck, epochs and batch_size must be at least 1")
+        super().__init__(
+            image_size=image_size, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
+            allow_random_weights=allow_random_weights, object_name=object_name, prompt_length=int(prompt_length),
+            bottleneck=int(bottleneck), layers=None if layers is None else [int(i) for i in layers],
+            text_layers=None if text_layers is None else [int(i) for i in text_layers],
+            laplacian_levels=int(laplacian_levels), detail_gain=float(detail_gain), epochs=int(epochs),
+            batch_size=int(batch_size), lr=float(lr), sigma=float(sigma), cache_features=cache_features, amp=amp,
+            seed=seed,
+        )  # fmt: skip
+        self.clip = clip = FrozenCLIP(clip_model, clip_checkpoint, allow_random_weights, amp=amp, seed=seed)
+        self.layers = list(layers) if layers is not None else evenly_spaced_layers(clip.vision_depth)
+        self.text_layers = list(text_layers) if text_layers is not None else evenly_spaced_layers(clip.text_depth)
+        if len(self.layers) != len(self.text_layers):
+            raise InputError("clip_reconstruction: layers and text_layers must pair up (same count)")
+        depths = {"layers": (self.layers, clip.vision_depth), "text_layers": (self.text_layers, clip.text_depth)}
+        for name, (chosen, depth) in depths.items():
+            if not chosen or min(chosen) < 0 or max(chosen) >= depth:
+                raise InputError(f"clip_reconstruction: {name} {chosen} must be block indices in 0..{depth - 1}")
+        dim, width = clip.embed_dim, clip.text_width
+        hidden = max(1, dim // int(bottleneck))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.adaptor = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, width))
+            self.prompts = nn.Parameter(0.02 * torch.randn(clip.num_patches, int(prompt_length), width))
+        # [SOT] X×M X <object> . [EOT]: the M + 1 placeholders become the prompts and the adaptor token
+        ids = clip.tokenize([" ".join([PLACEHOLDER] * (int(prompt_length) + 1)) + f" {object_name}."])[0]
+        self.eot = int(ids.argmax())
+        self.register_buffer("template_ids", ids[: self.eot + 1], persistent=False)
+        self.to_map = PatchScoreMap(image_size, sigma)
+        self.train_losses: list[float] = []
+
+    # ------------------------------------------------------------------ features
+    def enhance(self, image: torch.Tensor) -> torch.Tensor:
+        p = self.hparams
+        return laplacian_low_frequency_enhance(image, p["laplacian_levels"], p["detail_gain"]).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Joint-space patch features ``[B, L, N, D]`` of the chosen layers (frozen, no gradients)."""
+        clip = self.clip
+        with clip.autocast(image.device):
+            _, taps = clip.run_blocks(clip.embed_image(self.enhance(image)), self.layers)
+            return torch.stack([clip.to_joint(t[:, 1:]) for t in taps], 1).float()
+
+    def reconstruction_distance(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-patch map ``[B, N]``: ``Σ_l 1 − cos(image_l, text_l)`` with the text features of each patch's
+        prompt + adaptor token (gradients flow to the prompts and the adaptor)."""
+        clip = self.clip
+        b, n_layers, n, dim = features.shape
+        m = self.hparams["prompt_length"]
+        with clip.autocast(features.device):
+            token = self.adaptor(features[:, -1])  # [B, N, width], from the deepest layer
+            template = clip.token_embeddings(self.template_ids)  # [T, width]
+            embeddings = torch.cat(
+                [
+                    template[:1].expand(b, n, 1, -1),
+                    self.prompts.unsqueeze(0).expand(b, -1, -1, -1).to(token.dtype),
+                    token.unsqueeze(2),
+                    template[m + 2 :].expand(b, n, -1, -1),
+                ],
+                2,
+            ).reshape(b * n, -1, template.shape[-1])
+            text = clip.text_features(embeddings, self.eot, self.text_layers)
+        text = torch.stack(text, 1).float().reshape(b, n, n_layers, -1).transpose(1, 2)  # [B, L, N, D]
+        return (1.0 - F.cosine_similarity(features, text, dim=-1)).sum(1)
+
+    # ------------------------------------------------------------------ training
+    def _cache_budget(self) -> int | None:
+        cache = self.hparams["cache_features"]
+        if cache is None:
+            return DEFAULT_CACHE_BYTES
+        if isinstance(cache, bool):
+            return None if cache else 0
+        return int(cache)
+
+    def _extract(self, image: torch.Tensor) -> torch.Tensor:
+        self.check_slices(image)
+        return self.image_features(image.to(self.device, torch.float32, non_blocking=True))
+
+    def _cached_features(self, batches, progress: bool) -> torch.Tensor | None:
+        budget = self._cache_budget()
+        if budget == 0:
+            return None
+        cached, size = [], 0
+        for batch in tqdm(batches, desc="clip features", disable=not progress, unit="batch", leave=False):
+            feats = self._extract(batch["image"]).to(torch.float16)
+            size += feats.numel() * 2
+            if budget is not None and size > budget:
+                logger.info("clip_reconstruction: features exceed %d bytes; recomputing them every epoch", budget)
+                return None
+            cached.append(feats)
+        return torch.cat(cached) if cached else torch.empty(0)
+
+    def _training_batches(self, cached, batches, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        size = self.hparams["batch_size"]
+        if cached is not None:
+            order = torch.randperm(cached.shape[0], generator=generator).to(cached.device)
+            for start in range(0, len(order), size):
+                yield cached.index_select(0, order[start : start + size]).float()
+            return
+        for batch in batches:
+            feats = self._extract(batch["image"])
+            for start in range(0, feats.shape[0], size):
+                yield feats[start : start + size]
+
+    def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
+        p = self.hparams
+        shuffle = torch.Generator().manual_seed(int(p["seed"]))
+        cached = self._cached_features(batches, progress)
+        size = p["batch_size"]
+        if cached is not None:
+            local_steps = -(-cached.shape[0] // size)
+        else:
+            local_steps = sum(-(-len(b["image"]) // size) for b in batches)
+        steps_per_epoch = min_over_processes(local_steps)  # equal steps everywhere keeps the all-reduces paired
+        if steps_per_epoch == 0:
+            raise InputError("clip_reconstruction: no training slices")
+        trainable = [self.prompts, *self.adaptor.parameters()]
+        optimizer = torch.optim.Adam(trainable, lr=p["lr"])
+        self.train()
+        self.train_losses = []
+        bar = tqdm(total=p["epochs"], desc="clip_reconstruction", disable=not progress, unit="epoch", leave=False)
+        try:
+            for _ in range(p["epochs"]):
+                loss_sum, steps = torch.zeros((), device=self.device), 0
+                for feats in itertools.islice(self._training_batches(cached, batches, shuffle), steps_per_epoch):
+                    loss = self.reconstruction_distance(feats).mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    average_gradients(trainable)  # as DistributedDataParallel; no-op in one process
+                    optimizer.step()
+                    loss_sum += loss.detach()
+                    steps += 1
+                self.train_losses.append(float(loss_sum) / steps)  # one host sync per epoch
+                bar.set_postfix(loss=f"{self.train_losses[-1]:.4f}")
+                bar.update()
+        finally:
+            bar.close()
+            self.eval()
+
+    # ------------------------------------------------------------------ scoring
+    def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
+        scores = self.reconstruction_distance(self.image_features(image))
+        grid = self.clip.grid
+        pixel = self.to_map(scores.reshape(-1, *grid))
+        return SliceScores(pixel=pixel, slice=max_in_roi(scores, roi_on_grid(roi, grid)))
