@@ -13,6 +13,8 @@ from monai_ad.detectors.padim import PaDiM
 from monai_ad.detectors.patchcore import PatchCore
 from monai_ad.detectors.rd4ad import RD4AD
 from monai_ad.detectors.simplenet import SimpleNet
+from monai_ad.detectors.winclip import WinCLIP  # noqa: F401  (registers it)
+from monai_ad.detectors.clip_reconstruction import CLIPReconstruction  # noqa: F401  (registers it)
 from monai_ad.detectors.dpa import DeepPerceptualAutoencoder  # noqa: F401  (registers "dpa")
 
 __all__ = [
