@@ -241,6 +241,56 @@ def cmd_app(args: argparse.Namespace) -> None:
         raise InputError(f"the MONAI Label server exited with code {code}")
 
 
+def _grid_values(pairs: Sequence[str] | None) -> dict[str, list[Any]]:
+    """``--grid KEY=V1,V2`` (each value read as JSON when it parses) or ``--grid KEY=[JSON list]``."""
+    grid: dict[str, list[Any]] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise InputError(f"--grid must be KEY=V1,V2,..., got {pair!r}")
+        key, text = (s.strip() for s in pair.split("=", 1))
+        if text.startswith("["):
+            values = _parse_value(text)
+            if not isinstance(values, list):
+                raise InputError(f"--grid {key}: not a JSON list: {text!r}")
+        else:
+            values = [_parse_value(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise InputError(f"--grid {key} has no values")
+        grid[key] = values
+    return grid
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from monai_ad import engine
+    from monai_ad.selection import select_hyperparameters, write_phantom_anomalies
+
+    config = _load_config(args.config)
+    hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
+    detector = args.detector or config.get("detector", "dpa")
+    anomalies = None
+    if args.phantom_anomalies:
+        if not args.lesion_kind:
+            raise InputError("--phantom-anomalies needs --lesion-kind (hypodense, hyperdense, rim or cyst)")
+        try:  # the training phantoms' preset, so the anomalies look alike
+            preset = str(json.loads(Path(args.datalist).read_text()).get("preset") or "tiny")
+        except (OSError, ValueError, AttributeError):
+            preset = "tiny"
+        anomalies = write_phantom_anomalies(Path(args.out) / "anomalies", args.lesion_kind, args.phantom_anomalies, preset, args.seed + 1000)
+    elif args.anomaly_datalist:
+        anomalies = engine.load_datalist(args.anomaly_datalist, args.anomaly_section or "test")
+    report = select_hyperparameters(
+        args.datalist, args.out, detector=detector, grid=_grid_values(args.grid) or None, base_hparams=hparams,
+        preprocessing=config.get("preprocessing"), anomalies=anomalies, anomaly_section=args.anomaly_section,
+        lesion_kind=args.lesion_kind, folds=args.folds, validation_fraction=args.validation_fraction,
+        roi_labels=_roi_labels(args.roi_label), seed=args.seed, device=args.device, progress=not args.quiet,
+    )  # fmt: skip
+    for row in report["candidates"]:
+        mark = "*" if row["index"] == report["chosen"]["index"] else " "
+        print(f"{mark} {json.dumps(row['hparams'])}: slice AUROC {row['mean_auroc']:.4f} ± {row['std_auroc']:.4f}")
+    for kind, path in report["files"].items():
+        print(f"  {kind}: {path}")
+
+
 # ----------------------------------------------------------------------------- parser
 def _add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--roi-label", type=int, action="append", help="label value(s) of the liver in the mask (default: any non-zero; 5 for TotalSegmentator)")
@@ -330,6 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="detector hyper-parameter (repeatable)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("select", parents=[shared], help="weakly-supervised hyper-parameter selection: k-fold CV over patients, one-type validation anomalies")
+    p.add_argument("--datalist", required=True, help="datalist with the training normals (and, by default, the anomalies)")
+    p.add_argument("--out", required=True, help="folder for selection.json, selection.csv and config.json")
+    p.add_argument("--detector", help="dpa (default) or any other detector")
+    p.add_argument("--config", help="JSON with detector, base hparams and preprocessing")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="base hyper-parameter (repeatable)")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="candidate values of a hyper-parameter (repeatable)")
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--validation-fraction", type=float, default=0.2, help="share of training-normal patients held out per fold")
+    p.add_argument("--anomaly-section", help="datalist section of the validation anomalies (default validation_labelled; test for --anomaly-datalist)")
+    p.add_argument("--anomaly-datalist", help="another datalist holding the validation anomalies")
+    p.add_argument("--lesion-kind", help="keep only anomaly cases whose lesions are all of this kind")
+    p.add_argument("--phantom-anomalies", type=int, default=0, metavar="N", help="generate N phantom cases with one --lesion-kind lesion each")
+    p.add_argument("--roi-label", type=int, action="append")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("ingest", parents=[shared], help="store a DICOM series in a DICOMweb server (e.g. Orthanc), filling missing UIDs")
     p.add_argument("--series", required=True, help="folder of the series' DICOM files")
