@@ -114,7 +114,8 @@ class CLIPReconstruction(AnomalyDetector):
         amp: bool = True,
         seed: int = 0,
     ):
-        clip_checkpoint = None if clip_checkpoint in (None, "") else os.fspath(clip_checkpoint)
+        # absolute, so that a saved detector finds its CLIP weights from any working directory
+        clip_checkpoint = None if clip_checkpoint in (None, "") else os.path.abspath(os.fspath(clip_checkpoint))
         if prompt_length < 1 or bottleneck < 1 or epochs < 1 or batch_size < 1:
             raise InputError("clip_reconstruction: prompt_length, bottleneck, epochs and batch_size must be at least 1")
         super().__init__(

@@ -126,7 +126,8 @@ class WinCLIP(AnomalyDetector):
         amp: bool = True,
         seed: int = 0,
     ):
-        clip_checkpoint = None if clip_checkpoint in (None, "") else os.fspath(clip_checkpoint)
+        # absolute, so that a saved detector finds its CLIP weights from any working directory
+        clip_checkpoint = None if clip_checkpoint in (None, "") else os.path.abspath(os.fspath(clip_checkpoint))
         window_sizes = [int(s) for s in window_sizes]
         if not window_sizes or min(window_sizes) < 1:
             raise InputError("winclip: window_sizes must be positive patch counts, e.g. [2, 3]")
