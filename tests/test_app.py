@@ -2,6 +2,7 @@
 studies, driven by ``MONAILabelClient`` (the protocol the 3D Slicer plugin speaks). One server per module."""
 
 import json
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +14,12 @@ import pytest
 
 from monai_ad import engine, label_server
 
+from conftest import REAL_CT
+
 BUNDLES = sorted(p.name for p in label_server.PROJECT_ROOT.joinpath("bundles").iterdir() if (p / "configs" / "inference.json").is_file())
 MODEL = "patchcore_liver_ct"
+REAL_DICOM = REAL_CT / "example_ct_dicom"
+TOTALSEGMENTATOR_LIVER = 5
 TINY = {"network_def#image_size": 64, "network_def#coreset_ratio": 0.05}
 
 sys.path.insert(0, str(label_server.APP_DIR))
@@ -26,6 +31,8 @@ def app(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("app")
     studies = label_server.prepare_sample_studies(root, n_normal=4, n_abnormal=2, preset="tiny", progress=False)
+    if REAL_DICOM.is_dir():  # a DICOM series sub-folder in the folder datastore
+        shutil.copytree(REAL_DICOM, studies / "real_series")
     models = root / "models"
     datalist = root / "phantom" / "datalist.json"
     engine.train("patchcore", datalist, models / f"{MODEL}.pt", hparams={"image_size": 64, "coreset_ratio": 0.05}, device="cpu", progress=False)
@@ -93,6 +100,18 @@ def test_infer_by_upload_with_the_liver_mask(app):
     mask = app["root"] / "liver_masks" / f"{case}.nii.gz"
     label_file, params = app["client"].infer(MODEL, "", {}, label_in=str(mask), file=str(_image(app, case)))
     _check_result(app, case, label_file, params)
+
+
+def test_dicom_series_folder_with_an_organ_map_as_roi(app, real_ct):
+    """A DICOM series sub-folder is served as a study; its liver ROI is a TotalSegmentator map saved with tag
+    'liver' (stored in another axis order than the series), the liver's value given by the client."""
+    client = app["client"]
+    assert "real_series" in client.datastore()["objects"]
+    client.save_label("real_series", str(real_ct / "example_seg_dicom.nii.gz"), tag="liver")
+    label_file, params = client.infer(MODEL, "real_series", {"roi_label": TOTALSEGMENTATOR_LIVER})
+    label, image = nib.load(label_file), nib.load(str(app["studies"] / "real_series.nii.gz"))
+    assert label.shape == image.shape == (512, 512, 20) and np.allclose(label.affine, image.affine, atol=1e-3)
+    assert 0 < sum(s is not None for s in params["slice_scores"]) <= 20
 
 
 def test_bad_requests_get_a_clear_answer_and_the_server_goes_on(app, tmp_path):

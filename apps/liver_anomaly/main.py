@@ -10,6 +10,8 @@ scoring method re-selects operating thresholds from corrected (``final``) labels
 - ``roi_dir``: folder of liver masks named ``<image id>.nii.gz`` (an ROI source beside the ``liver`` labels)
 - ``roi_label``: the liver's value in the ROI masks (default: any non-zero voxel; 5 for TotalSegmentator)
 - ``train_on_start``: ``true`` starts training, at start-up, every detector that has no model yet
+
+A folder datastore may hold NIfTI/NRRD files and DICOM series sub-folders (served as ``<folder>.nii.gz``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 from lib import studies as study_rules
 from lib.configs.detector import DetectorConfig, find_bundles
+from lib.dicom_folder import convert_dicom_series
 from lib.errors import http_error
 from lib.scoring.feedback_threshold import FeedbackThreshold
 
@@ -67,6 +70,11 @@ class LiverAnomalyApp(MONAILabelApp):
             version="0.1.0",
             labels=dict(study_rules.ANOMALY_NAMES),
         )
+
+    def init_datastore(self):
+        if not self.studies.startswith(("http://", "https://")):
+            convert_dicom_series(self.studies)  # DICOM series sub-folders become NIfTI studies
+        return super().init_datastore()
 
     def init_infers(self):
         infers = {}
