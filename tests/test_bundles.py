@@ -15,6 +15,8 @@ BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 BUNDLES = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "metadata.json").is_file())
 # small and quick on a CPU: tiny phantoms (the bundle default), small slices, few epochs
 FAST = {"patchcore_liver_ct": ["--network_def#image_size", "64"],
+        "padim_liver_ct": ["--network_def#image_size", "64"],
+        "rd4ad_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
         "winclip_liver_ct": ["--clip_model", "tiny-random", "--allow_random_weights", "True", "--network_def#image_size", "96"],
         "clip_reconstruction_liver_ct": ["--clip_model", "tiny-random", "--allow_random_weights", "True", "--network_def#image_size", "96",
                                          "--network_def#epochs", "1", "--network_def#prompt_length", "4"],
