@@ -247,7 +247,8 @@ class FrozenCLIP(nn.Module):
         window's tokens and CLS see only each other gives exactly these numbers at ``(1 + N)²`` cost per
         window instead of ``(1 + size²)²``. ``chunk`` sequences run at once."""
         b, _, width = embedded.shape
-        index = torch.cat([torch.zeros(len(windows), 1, dtype=torch.long), windows + 1], 1).to(embedded.device)
+        windows = windows.to(embedded.device)
+        index = torch.cat([torch.zeros_like(windows[:, :1]), windows + 1], 1)  # CLS, then the window's tokens
         sequences = embedded[:, index].reshape(b * len(windows), index.shape[1], width)
         out = [self.pool(self.run_blocks(sequences[i : i + chunk])[0]) for i in range(0, len(sequences), chunk)]
         return torch.cat(out).reshape(b, len(windows), -1)
