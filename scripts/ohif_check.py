@@ -10,7 +10,9 @@
 5. run the detector on the series by its SeriesInstanceUID; save the result as ``final`` (a DICOM SEG stored
    back to Orthanc);
 6. open ``/ohif/viewer?StudyInstanceUIDs=...`` in headless Chromium (Selenium + Debian chromium/chromedriver),
-   wait until the viewport shows the CT, save a screenshot.
+   wait until the viewport shows the CT, save a screenshot;
+7. open OHIF's MONAI Label mode (``/ohif/monai-label?...``), point its panel at the server, run the detector
+   from there and screenshot the segment it draws.
 
 Usage: ``python scripts/ohif_check.py [--out DIR]``; prints a JSON summary (also written to DIR/summary.json).
 """
@@ -60,7 +62,7 @@ def viewport_shows_image(png: Path) -> float:
     return float(image[h // 4 : 3 * h // 4, w // 3 : 2 * w // 3].std())
 
 
-def screenshot_ohif(url: str, out_png: Path, timeout: float = 90.0) -> dict:
+def chromium():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -68,7 +70,11 @@ def screenshot_ohif(url: str, out_png: Path, timeout: float = 90.0) -> dict:
     options.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def screenshot_ohif(url: str, out_png: Path, timeout: float = 90.0) -> dict:
+    driver = chromium()
     start = time.time()
     spread = 0.0
     try:
@@ -86,6 +92,61 @@ def screenshot_ohif(url: str, out_png: Path, timeout: float = 90.0) -> dict:
         driver.quit()
     return {"url": url, "screenshot": str(out_png), "viewport_grey_std": round(viewport_shows_image(out_png), 2),
             "rendered": spread > 20, "seconds": round(time.time() - start, 1), "title": title}  # fmt: skip
+
+
+def changed_fraction(before: Path, after: Path) -> float:
+    """Share of pixels of the left (axial) viewport that differ between two screenshots."""
+    from PIL import Image
+
+    a = np.asarray(Image.open(before).convert("RGB"), dtype=np.int16)
+    b = np.asarray(Image.open(after).convert("RGB"), dtype=np.int16)
+    h, w = a.shape[:2]
+    region = (slice(h // 8, 7 * h // 8), slice(w // 5, w * 2 // 5))
+    return float((np.abs(a[region] - b[region]).sum(-1) > 30).mean())
+
+
+def run_detector_in_ohif(url: str, study_uid: str, server_log: Path, out: Path, timeout: float = 120.0) -> dict:
+    """OHIF's MONAI Label mode: point its panel at the server, check the detector is listed, press Run, wait
+    for the server to answer, and screenshot the viewport before and after (the anomaly segment is drawn)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    def infer_answers() -> int:
+        return server_log.read_text(errors="replace").count("Result File:")
+
+    driver = chromium()
+    start = time.time()
+    try:
+        driver.get(f"{url}/ohif/monai-label?StudyInstanceUIDs={study_uid}")
+        box = None
+        while box is None and time.time() - start < timeout:
+            time.sleep(2)
+            boxes = [i for i in driver.find_elements(By.CSS_SELECTOR, "input[type=text]") if "http" in (i.get_attribute("value") or "")]
+            box = boxes[0] if boxes else None
+        if box is None:
+            return {"listed": False, "ran": False, "reason": "no server field in the MONAI Label panel"}
+        time.sleep(3)  # the series loads
+        box.send_keys(Keys.CONTROL + "a")  # one key chord per call: the modifier stays down until the call ends
+        box.send_keys(Keys.DELETE)
+        box.send_keys(url + "/")
+        box.find_element(By.XPATH, "./following::button[1]").click()  # connect
+        time.sleep(5)
+        listed = MODEL in driver.find_element(By.TAG_NAME, "body").text
+        driver.save_screenshot(str(out / "ohif_monai_label_before.png"))
+        answers = infer_answers()
+        runs = [b for b in driver.find_elements(By.XPATH, "//button") if b.text.strip() == "Run"]
+        if not (listed and runs):
+            return {"listed": listed, "ran": False}
+        runs[0].click()
+        while infer_answers() == answers and time.time() - start < timeout:
+            time.sleep(1)
+        time.sleep(5)  # the label map is fetched and drawn
+        driver.save_screenshot(str(out / "ohif_monai_label.png"))
+    finally:
+        driver.quit()
+    return {"listed": listed, "ran": infer_answers() > answers, "screenshot": str(out / "ohif_monai_label.png"),
+            "viewport_changed": round(changed_fraction(out / "ohif_monai_label_before.png", out / "ohif_monai_label.png"), 4),
+            "seconds": round(time.time() - start, 1)}  # fmt: skip
 
 
 def run_check(out: Path) -> dict:
@@ -142,6 +203,10 @@ def run_check(out: Path) -> dict:
         t = time.time()
         summary["ohif"] = screenshot_ohif(f"{url}/ohif/viewer?StudyInstanceUIDs={uids.study}", out / "ohif_viewer.png")
         timings["ohif"] = time.time() - t
+
+        t = time.time()
+        summary["ohif_monai_label"] = run_detector_in_ohif(url, uids.study, out / "server.log", out)
+        timings["ohif_monai_label"] = time.time() - t
     finally:
         if server is not None:
             label_server.stop_server(server)
@@ -163,7 +228,7 @@ def main() -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ohif_check_"))
     summary = run_check(out)
     print(json.dumps(summary, indent=2))
-    ok = summary["ohif"]["rendered"] and summary["after_save"]["series_in_study"] >= 2
+    ok = summary["ohif"]["rendered"] and summary["after_save"]["series_in_study"] >= 2 and summary["ohif_monai_label"]["ran"]
     return 0 if ok else 1
 
 

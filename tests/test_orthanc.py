@@ -1,5 +1,6 @@
 """Integration: Orthanc (DICOMweb) ← ingest of the real CT series → the app on Orthanc → infer by SeriesInstanceUID →
-final label stored as DICOM SEG → OHIF renders the study in headless Chromium. About a minute on 2 CPU cores;
+final label stored as DICOM SEG → OHIF renders the study in headless Chromium, and runs the detector from its
+MONAI Label panel. About a minute on 2 CPU cores;
 skipped where Orthanc, Chromium or the real CT sample are missing (``scripts/setup_env.sh`` installs the tools)."""
 
 import importlib.util
@@ -53,3 +54,6 @@ def test_orthanc_app_ohif_end_to_end(real_ct, tmp_path):
     assert summary["after_save"]["modalities"] == ["CT", "SEG"]  # the final label went back as DICOM SEG
     assert summary["ohif"]["rendered"], json.dumps(summary["ohif"])
     assert (tmp_path / "ohif_viewer.png").stat().st_size > 10_000
+    in_ohif = summary["ohif_monai_label"]  # the detector run from OHIF's MONAI Label panel
+    assert in_ohif["listed"] and in_ohif["ran"], json.dumps(in_ohif)
+    assert in_ohif["viewport_changed"] > 0.002  # the anomaly segment is drawn over the CT

@@ -68,7 +68,7 @@ class LiverAnomalyApp(MONAILabelApp):
             name="Liver anomaly detection (monai_ad)",
             description="Unsupervised liver anomaly detectors trained on normal CT; abnormal regions as an editable segment",
             version="0.1.0",
-            labels=dict(study_rules.ANOMALY_NAMES),
+            labels=list(study_rules.ANOMALY_NAMES),  # a list: OHIF's MONAI Label panel appends to it
         )
 
     def init_datastore(self):
