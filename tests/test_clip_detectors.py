@@ -174,6 +174,7 @@ def test_winclip_few_shot_memory_ranks_lesion_pixels(few_shot, zero_shot, slices
 
     capped = WinCLIP(**TINY, memory_size=50, shots=3).fit(slices["train"][0], progress=False)
     assert [capped.memory(s).shape[0] for s in capped.scales] == [50, 50, 48]
+    assert not WinCLIP(**TINY, shots=0).fit(slices["train"][0], progress=False).few_shot
 
 
 # ----------------------------------------------------------------------------- CLIP reconstruction
