@@ -6,7 +6,6 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -16,7 +15,8 @@ from monai_ad import engine, label_server
 
 from conftest import REAL_CT
 
-BUNDLES = sorted(p.name for p in label_server.PROJECT_ROOT.joinpath("bundles").iterdir() if (p / "configs" / "inference.json").is_file())
+BUNDLES = sorted(p.name for p in label_server.PROJECT_ROOT.joinpath("bundles").iterdir()
+                 if (p / "configs" / "inference.json").is_file() and (p / "configs" / "train.json").is_file())
 MODEL = "patchcore_liver_ct"
 REAL_DICOM = REAL_CT / "example_ct_dicom"
 TOTALSEGMENTATOR_LIVER = 5

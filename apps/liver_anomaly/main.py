@@ -9,7 +9,8 @@ scoring method re-selects operating thresholds from corrected (``final``) labels
 - ``model_dir``: where the app's trained models go (default: ``model/`` in this folder)
 - ``roi_dir``: folder of liver masks named ``<image id>.nii.gz`` (an ROI source beside the ``liver`` labels)
 - ``roi_label``: the liver's value in the ROI masks (default: any non-zero voxel; 5 for TotalSegmentator)
-- ``train_on_start``: ``true`` starts training, at start-up, every detector that has no model yet
+- ``train_on_start``: ``true`` (or a comma-separated list of bundle names) trains, at start-up, the detectors that
+  have no model yet, one after another
 
 A folder datastore may hold NIfTI/NRRD files and DICOM series sub-folders (served as ``<folder>.nii.gz``).
 """
@@ -90,9 +91,10 @@ class LiverAnomalyApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
-        if str(self.conf.get("train_on_start", "false")).lower() == "true":
+        wanted = [w.strip() for w in str(self.conf.get("train_on_start", "false")).lower().split(",") if w.strip()]
+        if wanted and wanted != ["false"]:
             for name, task in self._infers.items():
-                if not task.is_valid():
+                if (wanted in (["true"], ["all"]) or name in wanted) and not task.is_valid():
                     logger.info("[%s] no model yet: training it on the studies marked normal", name)
                     self.async_training(name, enqueue=True)
 

@@ -18,7 +18,6 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 from monai.bundle import ConfigParser
 from monai.transforms import MapTransform, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -143,10 +142,6 @@ class AnomalyInfer(BasicInferTask):
         }
         # the label map without its channel: MONAI Label's writer expects a 3-D array
         return [*components["postprocessing"].transforms, SummaryToResultd(extra=extra), SqueezeDimd(self.output_label_key, dim=0)]
-
-    def run_inferer(self, data, convert_to_batch=True, device="cuda"):
-        with torch.no_grad():
-            return super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
 
     def writer(self, data, extension=None, dtype=None):
         data.pop(COMPONENTS, None)
