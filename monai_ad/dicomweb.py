@@ -158,7 +158,7 @@ def ingest_series(folder: str | os.PathLike, dicomweb_url: str, repaired_dir: st
     try:
         client.store_instances(datasets=list(datasets))
     except Exception as exc:
-        raise InputError(f"the DICOMweb server refused the series ({type(exc).__name__}: {str(exc)[:200]})", dicomweb_url) from None
+        raise InputError(f"storing the series failed ({type(exc).__name__}: {str(exc)[:200]})", dicomweb_url) from None
     return uids
 
 

@@ -219,3 +219,14 @@ def test_best_dice_threshold_is_exact():
     assert dice == pytest.approx(brute[0]) and threshold == pytest.approx(brute[1])
     _, with_missed = best_dice_threshold(scores, truth, missed=10)
     assert with_missed < dice
+
+
+def test_training_overrides_are_limited_to_plain_hyper_parameters():
+    from lib.trainers.normal_studies import config_overrides
+
+    assert config_overrides({"model": "x", "network_def#image_size": 64, "preprocessing_config#window": [-100, 200]}) == {
+        "network_def#image_size": 64, "preprocessing_config#window": [-100, 200]}  # fmt: skip
+    with pytest.raises(ValueError, match="cannot be set from a request"):
+        config_overrides({"trainer#output": "/elsewhere/model.pt"})
+    with pytest.raises(ValueError, match="only numbers"):
+        config_overrides({"network_def#backbone": "$__import__('os').getcwd()"})

@@ -2,8 +2,8 @@
 
 MONAI Label runs ``/train/<model>`` in a child process and streams its output into the server log and the
 ``/train`` status (``details``: the last lines), so progress is logged line by line here. The bundle's
-``configs/train.json`` supplies the detector and its hyper-parameters; the request may override any of its
-entries by config path (e.g. ``{"network_def#image_size": 64}``). The model is written atomically to the path the
+``configs/train.json`` supplies the detector and its hyper-parameters; the request may override its
+``network_def#...`` and ``preprocessing_config#...`` entries with plain values (e.g. ``{"network_def#image_size": 64}``). The model is written atomically to the path the
 infer task serves, which reloads it on its next request (no restart).
 
 After fitting, when corrected studies exist (``final`` labels), the operating threshold is chosen on them
@@ -32,6 +32,25 @@ from lib import studies as study_rules
 logger = logging.getLogger(__name__)
 
 MIN_NORMAL_STUDIES = 2  # one to fit on, one held out to calibrate the thresholds
+
+
+OVERRIDABLE = ("network_def#", "preprocessing_config#")  # detector hyper-parameters and pre-processing only
+
+
+def config_overrides(request: dict[str, Any]) -> dict[str, Any]:
+    """The request's ``train.json`` overrides (keys with ``#``), limited to hyper-parameters and plain values:
+    a remote request must not redirect outputs or run config expressions (``$...``, ``@...``, ``%...``)."""
+    overrides = {}
+    for key, value in request.items():
+        if "#" not in key:
+            continue
+        if not key.startswith(OVERRIDABLE):
+            raise InputError(f"training option {key!r} cannot be set from a request (allowed: {', '.join(p + '...' for p in OVERRIDABLE)})")
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float, bool)) or (isinstance(v, str) and not v.startswith(("$", "@", "%"))) for v in values):
+            raise InputError(f"training option {key!r}: only numbers, booleans, plain strings or lists of them")
+        overrides[key] = value
+    return overrides
 
 
 def stats_path(model_path: str | os.PathLike) -> Path:
@@ -76,9 +95,8 @@ class NormalStudiesTrain(TrainTask):
             parser["device"] = "cuda" if device == "auto" and _cuda() else ("cpu" if device == "auto" else device)
             if self.roi_label is not None:
                 parser["roi_labels"] = [self.roi_label]
-            for key, value in request.items():
-                if "#" in key:
-                    parser[key] = value
+            for key, value in config_overrides(request).items():
+                parser[key] = value
             if "quantile" in request and "quantile" in parser["trainer"]:
                 parser["trainer"]["quantile"] = float(request["quantile"])
             parser.parse()
