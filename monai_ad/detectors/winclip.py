@@ -21,8 +21,8 @@ Follows METHODS §7 (no official code; the facts come from two reproductions):
   window size; each memory is capped at ``memory_size`` tokens (a seeded random sample when there are more).
   A query token's score is ``½ · min(1 − cos)`` over its scale's memory; the three scale maps are averaged and
   added to the zero-shot map; slice score = mean(zero-shot slice score, max of the few-shot map in the ROI).
-  ``shots`` limits how many normal slices are used (None: all given); ``fit`` with no slices (or ``shots=0``)
-  leaves the detector zero-shot.
+  ``shots`` limits how many normal slices are used (None: all given; under torch.distributed, per process);
+  ``fit`` with no slices (or ``shots=0``) leaves the detector zero-shot.
 
 Choices where the sources are open: a window-scale few-shot score reaches a patch as the **mean** over the
 windows covering it (the harmonic mean is kept for the zero-shot probabilities); memory tokens come from every
