@@ -139,6 +139,12 @@ def test_slice_score_is_the_relative_perceptual_loss(fitted):
     cells = F.adaptive_max_pool2d(roi.float(), grid.shape[-2:])[:, 0] > 0
     in_roi = torch.stack([g[c].mean() for g, c in zip(grid, cells)])
     assert torch.allclose(fitted.score(image, roi).slice, in_roi, rtol=1e-5)
+    fitted.hparams["slice_score"] = "max"  # the option: the largest cell in the ROI
+    try:
+        peak = torch.stack([g[c].max() for g, c in zip(grid, cells)])
+        assert torch.allclose(fitted.score(image, roi).slice, peak, rtol=1e-5)
+    finally:
+        fitted.hparams["slice_score"] = "mean"
 
 
 def test_save_load_round_trip_gives_identical_scores(fitted, tmp_path):
@@ -196,12 +202,14 @@ def test_bad_input_raises_input_error(fitted, tmp_path):
         create_detector("dpa", image_size=32, start_resolution=64)
     with pytest.raises(InputError, match="inner_dims"):
         create_detector("dpa", image_size=32, inner_dims=[16, 16])
-    with pytest.raises(InputError, match="feature_stats"):
-        create_detector("dpa", image_size=32, feature_stats="imagenet")
+    with pytest.raises(InputError, match="feature_stats is neither"):
+        create_detector("dpa", **{**FAST, "feature_stats": "imagenet"}).fit(torch.zeros(2, 1, 32, 32), progress=False)
     with pytest.raises(InputError, match="unknown vgg16 layer"):
         create_detector("dpa", image_size=32, feature_layer="relu9_9")
     with pytest.raises(InputError, match="no feature map"):
         create_detector("dpa", image_size=8, start_resolution=8, feature_layer="relu5_3")
+    with pytest.raises(InputError, match="slice_score"):
+        create_detector("dpa", image_size=32, slice_score="median")
     with pytest.raises(InputError, match="final_iters"):
         create_detector("dpa", image_size=32, final_iters=0)
     with pytest.raises(InputError, match="not fitted"):

@@ -307,7 +307,7 @@ def _load_torch_file_any(path: str) -> Mapping:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise InputError("feature statistics file not found", path) from None
+        raise InputError("feature_stats is neither 'training', 'none' nor an existing statistics file", path) from None
     except Exception as exc:
         raise InputError(f"not a readable feature statistics file ({type(exc).__name__})", path) from None
     if not isinstance(content, Mapping):
