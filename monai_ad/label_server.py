@@ -165,6 +165,8 @@ def run_app(
             raise InputError("give --studies (a folder or a DICOMweb URL) or --sample DIR")
         print(f"preparing sample studies in {sample_dir} ...", flush=True)
         studies = prepare_sample_studies(sample_dir, preset=preset)
+    elif not str(studies).startswith(("http://", "https://")) and not Path(studies).is_dir():
+        raise InputError("studies folder not found", studies)
     conf = dict(conf or {})
     if sample_dir is not None:
         conf.setdefault("model_dir", str(Path(sample_dir) / "models"))
