@@ -8,7 +8,7 @@
    ``itkimage2segimage`` from the venv: no download), the liver ROI from a folder of masks named by
    SeriesInstanceUID (the series' TotalSegmentator map, liver = 5);
 5. run the detector on the series by its SeriesInstanceUID; save the result as ``final`` (a DICOM SEG stored
-   back to Orthanc);
+   back to Orthanc); choose the operating threshold on it (``/scoring/feedback_threshold``);
 6. open ``/ohif/viewer?StudyInstanceUIDs=...`` in headless Chromium (Selenium + Debian chromium/chromedriver),
    wait until the viewport shows the CT, save a screenshot;
 7. open OHIF's MONAI Label mode (``/ohif/monai-label?...``), point its panel at the server, run the detector
@@ -199,6 +199,14 @@ def run_check(out: Path) -> dict:
         summary["after_save"] = {"series_in_study": len(series),
                                  "modalities": sorted(s.get("00080060", {}).get("Value", [""])[0] for s in series)}  # fmt: skip
         timings["save_final_seg"] = time.time() - t
+
+        t = time.time()  # the saved correction drives the operating threshold (run in the server: run_sync)
+        request = urllib.request.Request(f"{url}/scoring/feedback_threshold?run_sync=true", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=300) as response:
+            feedback = json.loads(response.read()).get(MODEL) or {}
+        summary["feedback"] = {k: feedback.get(k) for k in ("cases", "threshold_before", "threshold_after", "dice_before", "dice_after")}
+        timings["feedback_threshold"] = time.time() - t
 
         t = time.time()
         summary["ohif"] = screenshot_ohif(f"{url}/ohif/viewer?StudyInstanceUIDs={uids.study}", out / "ohif_viewer.png")

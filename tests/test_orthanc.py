@@ -52,6 +52,8 @@ def test_orthanc_app_ohif_end_to_end(real_ct, tmp_path):
     assert infer["label_shape"] == [512, 512, 20] and infer["label_names"] == {"anomaly": 1}
     assert infer["slices_scored"] > 0
     assert summary["after_save"]["modalities"] == ["CT", "SEG"]  # the final label went back as DICOM SEG
+    assert summary["feedback"]["cases"] == [summary["ingest"]["SeriesInstanceUID"]]  # and counts as a correction
+    assert summary["feedback"]["dice_after"] >= summary["feedback"]["dice_before"]
     assert summary["ohif"]["rendered"], json.dumps(summary["ohif"])
     assert (tmp_path / "ohif_viewer.png").stat().st_size > 10_000
     in_ohif = summary["ohif_monai_label"]  # the detector run from OHIF's MONAI Label panel

@@ -10,19 +10,24 @@ Conventions (the same for a local folder and for DICOMweb):
 - **Normal study**: image info ``{"normal": true}`` (``PUT /datastore/image/info`` or ``upload_image(...,
   params={"normal": true})``), or a ``final`` label that holds no anomaly voxel: a radiologist looked and found
   nothing.
-- **Corrected case**: any study with a ``final`` label (1 = anomaly); these drive the operating threshold.
+- **Corrected case**: any study with a ``final`` label (1 = anomaly); these drive the operating threshold. With
+  DICOMweb, the labels saved through this server count (MONAI Label keeps a NIfTI copy in its cache beside the
+  DICOM SEG it stores).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 logger = logging.getLogger(__name__)
@@ -35,15 +40,25 @@ ANOMALY_NAMES = {"anomaly": 1}
 @dataclass
 class Study:
     image_id: str
-    image: str  # a file or DICOM series folder the pipeline can read
     roi: str | None  # liver mask file
-    final: str | None = None  # corrected anomaly label file
+    final: str | None  # corrected anomaly label file
+    datastore: Datastore = field(repr=False)
+
+    @cached_property
+    def image(self) -> str:
+        """A file the pipeline can read (a DICOMweb store downloads the series only now, when it is needed)."""
+        return self.datastore.get_image_uri(self.image_id)
 
 
 def _label_uri(datastore: Datastore, image_id: str, tag: str) -> str | None:
     try:
         label_id = datastore.get_label_by_image_id(image_id, tag)
-        uri = datastore.get_label_uri(label_id, tag) if label_id else ""
+        if isinstance(datastore, DICOMWebDatastore):
+            # the NIfTI kept in the local cache when the label was saved through this server (its DICOMweb
+            # lookup expects the SEG's own series UID, which the image does not give)
+            uri = LocalDatastore.get_label_uri(datastore, label_id, tag) if label_id else ""
+        else:
+            uri = datastore.get_label_uri(label_id, tag) if label_id else ""
     except Exception as exc:  # a remote store may not know the tag at all
         logger.debug("no %s label for %s: %s", tag, image_id, exc)
         return None
@@ -80,15 +95,10 @@ def is_marked_normal(datastore: Datastore, image_id: str, final: str | None) -> 
 
 def studies(datastore: Datastore, roi_dir: str | None = None) -> list[Study]:
     """Every study of the datastore with its ROI and ``final`` label (either may be None)."""
-    out = []
-    for image_id in datastore.list_images():
-        try:
-            image = datastore.get_image_uri(image_id)
-        except Exception as exc:
-            logger.warning("skipping %s: %s", image_id, exc)
-            continue
-        out.append(Study(image_id, image, liver_roi(datastore, image_id, roi_dir), _label_uri(datastore, image_id, FINAL_TAG)))
-    return out
+    return [
+        Study(image_id, liver_roi(datastore, image_id, roi_dir), _label_uri(datastore, image_id, FINAL_TAG), datastore)
+        for image_id in datastore.list_images()
+    ]
 
 
 def normal_studies(datastore: Datastore, roi_dir: str | None = None) -> list[Study]:
