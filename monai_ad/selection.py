@@ -187,7 +187,8 @@ class _SliceCache:
         for item in items:
             key = (int(image_size), str(item[IMAGE]))
             if key not in self._slices:
-                self._slices[key] = engine.collect_slices([item], self.config(image_size), self.roi_labels, progress=False)
+                config = self.config(image_size)
+                self._slices[key] = engine.collect_slices([item], config, self.roi_labels, progress=False)
             parts.append(self._slices[key])
         return {k: torch.cat([p[k] for p in parts]) for k in ("image", "roi")}
 
@@ -206,7 +207,9 @@ def _volume_slice_scores(predictor: engine.VolumePredictor, item: Mapping[str, A
     return scores, lesion.reshape(len(scored), -1).any(1).astype(int)
 
 
-def validation_auroc(detector, split: Mapping[str, list], cache: _SliceCache, roi_labels, quantile: float = 0.99) -> float:
+def validation_auroc(
+    detector, split: Mapping[str, list], cache: _SliceCache, roi_labels, quantile: float = 0.99
+) -> float:
     """Fit ``detector`` on the split's training normals and return its slice AUROC on validation normals +
     validation anomalies."""
     size = detector.image_size
@@ -273,7 +276,9 @@ def select_hyperparameters(
                 bar.update()
             rows.append({"index": index, "hparams": candidate, "fold_auroc": aucs,
                          "mean_auroc": float(np.mean(aucs)), "std_auroc": float(np.std(aucs))})  # fmt: skip
-            logger.info("candidate %d %s: slice AUROC %.4f ± %.4f", index, candidate, rows[-1]["mean_auroc"], rows[-1]["std_auroc"])
+            row = rows[-1]
+            logger.info("candidate %d %s: slice AUROC %.4f ± %.4f", index, candidate,
+                        row["mean_auroc"], row["std_auroc"])
     finally:
         bar.close()
     best = max(rows, key=lambda r: (r["mean_auroc"], -r["index"]))
@@ -300,7 +305,11 @@ def select_hyperparameters(
         "candidates": rows,
         "chosen": best,
         "config": config,
-        "files": {"report": str(out / "selection.json"), "csv": str(out / "selection.csv"), "config": str(out / "config.json")},
+        "files": {
+            "report": str(out / "selection.json"),
+            "csv": str(out / "selection.csv"),
+            "config": str(out / "config.json"),
+        },
     }
     write_json(out / "config.json", config)
     with atomic_path(out / "selection.csv") as tmp:
@@ -312,8 +321,10 @@ def select_hyperparameters(
 def _csv(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], n_folds: int, chosen: int) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["candidate", *keys, *(f"fold{i}_auroc" for i in range(n_folds)), "mean_auroc", "std_auroc", "chosen"])
+    folds = [f"fold{i}_auroc" for i in range(n_folds)]
+    writer.writerow(["candidate", *keys, *folds, "mean_auroc", "std_auroc", "chosen"])
     for row in rows:
         values = [row["hparams"][k] for k in keys]
-        writer.writerow([row["index"], *values, *row["fold_auroc"], row["mean_auroc"], row["std_auroc"], int(row["index"] == chosen)])
+        summary = [row["mean_auroc"], row["std_auroc"], int(row["index"] == chosen)]
+        writer.writerow([row["index"], *values, *row["fold_auroc"], *summary])
     return buffer.getvalue()

@@ -218,7 +218,8 @@ class DeepPerceptualAutoencoder(AnomalyDetector):
                 mean, scale = stats[layer]
                 channels = getattr(self.loss, f"mean_{r}").numel()
                 if mean.numel() != channels or scale.numel() != channels:
-                    raise InputError(f"feature statistics for {layer} have {mean.numel()} channels, not {channels}", source)
+                    problem = f"feature statistics for {layer} have {mean.numel()} channels, not {channels}"
+                    raise InputError(problem, source)
                 self.loss.set_stats(r, mean, scale)
             return
         for r in self.resolutions:
@@ -274,7 +275,8 @@ class DeepPerceptualAutoencoder(AnomalyDetector):
         phases = self.schedule()
         self.history = []
         self.autoencoder.train()
-        bar = tqdm(total=sum(p.iterations for p in phases), desc="dpa training", disable=not progress, unit="it", leave=False)
+        total = sum(p.iterations for p in phases)
+        bar = tqdm(total=total, desc="dpa training", disable=not progress, unit="it", leave=False)
         try:
             for phase in phases:
                 # a fresh optimiser for each phase's networks, as the reference

@@ -215,7 +215,8 @@ class ProgressiveAutoencoder(nn.Module):
     def _check_resolution(self, r: int, alpha: float) -> None:
         lowest = self.start_resolution * (2 if alpha < 1.0 else 1)
         if str(r) not in self.from_image or r < lowest:
-            raise ValueError(f"resolution {r} (alpha {alpha}) is outside {self.start_resolution}..{self.max_resolution}")
+            span = f"{self.start_resolution}..{self.max_resolution}"
+            raise ValueError(f"resolution {r} (alpha {alpha}) is outside {span}")
 
 
 def _power_of_two(n: int) -> bool:
@@ -252,7 +253,8 @@ def _vgg19(layers: Sequence[str], weights: str | None, allow_random: bool) -> Fe
         try:
             missing, _ = body.load_state_dict(wanted, strict=False)
         except RuntimeError as exc:
-            raise InputError(f"not a torchvision vgg19 state_dict ({str(exc).splitlines()[0][:160]})", weights) from None
+            reason = str(exc).splitlines()[0][:160]
+            raise InputError(f"not a torchvision vgg19 state_dict ({reason})", weights) from None
         if missing:
             raise InputError(f"VGG19 weights lack {len(missing)} tensors, e.g. {missing[0]}", weights)
     taps = [VGG19_RELU[layer] for layer in layers]
@@ -270,7 +272,9 @@ def _vgg19(layers: Sequence[str], weights: str | None, allow_random: bool) -> Fe
     return FeatureExtractor("vgg19", body, run, list(layers), channels_out, strides, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def build_vgg(name: str, layers: Sequence[str], weights: str | None = None, allow_random: bool = False) -> FeatureExtractor:
+def build_vgg(
+    name: str, layers: Sequence[str], weights: str | None = None, allow_random: bool = False
+) -> FeatureExtractor:
     """A frozen VGG feature extractor for the perceptual loss: ``vgg16`` (ImageNet weights that ship with the
     project, see ``monai_ad.networks.backbones``) or ``vgg19`` (the paper's; a torchvision weights file)."""
     if name == "vgg16":
@@ -321,8 +325,8 @@ class RelativePerceptualL1(nn.Module):
     ``x`` and ``x̂`` in ``[-1, 1]`` are rescaled to ``[0, 1]``, repeated to 3 channels and ImageNet-normalised
     (inside the ``FeatureExtractor``); features ``f`` of the layer for the input's resolution are normalised per
     channel, ``f̂ = (f − μ_c) / s_c`` (buffers ``mean_<r>``, ``scale_<r>``, set by the caller or from a file);
-    the per-position loss is ``mean_c |f̂(x) − f̂(x̂)| / mean_{c,h,w} |f̂(x)|`` with the denominator per sample and
-    detached; the loss is its mean over positions. With ``amp`` VGG runs under bf16 autocast on CUDA.
+    the per-position loss is ``mean_c |f̂(x) − f̂(x̂)| / mean_{c,h,w} |f̂(x)|`` with the denominator per sample
+    and detached; the loss is its mean over positions. With ``amp`` VGG runs under bf16 autocast on CUDA.
     """
 
     def __init__(
