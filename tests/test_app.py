@@ -5,6 +5,7 @@ import json
 import shutil
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
@@ -206,6 +207,15 @@ def test_save_final_train_on_normals_and_infer_with_the_new_model(app):
     assert after["model"]["modified"] > mtime
     assert after["operating_point"]["pixel"] == pytest.approx(feedback["threshold_after"])
     assert after["operating_point"]["feedback"]["cases"] == [case]
+
+    # the scoring step gives the same choice while the corrections are unchanged (and does not rewrite the model)
+    mtime = model_file.stat().st_mtime
+    request = urllib.request.Request(f"{app['url']}/scoring/feedback_threshold?run_sync=true", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as response:
+        scored = json.loads(response.read())[MODEL]
+    assert scored["threshold_after"] == pytest.approx(feedback["threshold_after"]) and scored["cases"] == [case]
+    assert model_file.stat().st_mtime == mtime
 
 
 def test_best_dice_threshold_is_exact():
