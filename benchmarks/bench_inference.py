@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     REAL_CT,
+    RESULTS,
     fitted_detector,
     format_table,
     median_seconds,
@@ -59,6 +60,12 @@ def throughput(detector: AnomalyDetector, slices: dict[str, torch.Tensor], batch
     row["core slices/s"] = batch / core
     if backbone is not None:
         row["core / backbone"] = backbone / core
+    fast = detector.score(image, roi)
+    with detector.full_precision():
+        reference = detector.score(image, roi)
+    spread = (reference.slice.max() - reference.slice.min()).clamp_min(1e-12)
+    row["max abs Δ slice / range vs fp32"] = float((fast.slice - reference.slice).abs().max() / spread)
+    row["pixel rel. error vs fp32"] = float((fast.pixel - reference.pixel).norm() / reference.pixel.norm().clamp_min(1e-12))
     return row
 
 
@@ -103,9 +110,10 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=200, help="Z of the 512×512×Z end-to-end volume")
     parser.add_argument("--scaling", type=int, nargs="*", default=[], help="Z values for the scaling runs")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fp32", action="store_true", help="detectors built with amp=False (no bf16 on CUDA)")
     parser.add_argument("--real-ct", type=Path, default=REAL_CT, help="folder with example_ct.nii.gz (+ its organ labels)")
     parser.add_argument("--work", type=Path, default=None, help="folder for generated data (default: a temp folder)")
-    parser.add_argument("--results", type=Path, default=None, help="append to this file (default benchmarks/RESULTS.md)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="append the figures to this file")
     parser.add_argument("--no-record", action="store_true", help="print only")
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--child-slices", type=int, help=argparse.SUPPRESS)
@@ -123,7 +131,8 @@ def main() -> None:
     volume, volume_label = realistic_volume(work, args.slices)
     real = args.real_ct / "example_ct.nii.gz"
     for name in args.detectors:
-        detector = fitted_detector(name, {k: v[: args.fit_slices] for k, v in slices.items()}, device, args.batch)
+        overrides = {"amp": False} if args.fp32 else {}
+        detector = fitted_detector(name, {k: v[: args.fit_slices] for k, v in slices.items()}, device, args.batch, **overrides)
         core_rows.append({"detector": name, "batch": args.batch, **throughput(detector, slices, args.batch, args.repeats)})
         row = volume_latency(detector, volume, volume_label, work / "out", args.repeats, batch_size=args.batch)
         e2e_rows.append({"detector": name, "volume": f"phantom 512×512×{row['slices']}", **row})
@@ -148,19 +157,21 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     tables = [
-        format_table(core_rows, ["detector", "batch", "backbone slices/s", "core slices/s", "core / backbone"]),
+        format_table(core_rows, ["detector", "batch", "backbone slices/s", "core slices/s", "core / backbone",
+                                 "max abs Δ slice / range vs fp32", "pixel rel. error vs fp32"]),
         format_table(e2e_rows, ["detector", "volume", "scored slices", *STAGES, "total"]),
     ]
     if scale_rows:
         cols = ["detector", "Z", "scored slices", "inference", "total", "peak RSS MiB"]
         tables.append(format_table(scale_rows, cols + (["peak GPU MiB"] if device.type == "cuda" else [])))
     notes = [
-        f"{args.image_size} px slices, EfficientNet-Lite0 backbone, detectors fitted on {args.fit_slices} phantom slices; "
+        f"{args.image_size} px slices, EfficientNet-Lite0 backbone ({'float32' if args.fp32 else 'bf16 autocast on CUDA'}), "
+        f"detectors fitted on {args.fit_slices} phantom slices; "
         f"median of {args.repeats} runs after a warm-up; stage times in seconds",
         "end-to-end = load (NIfTI gz) → pre-processing and ROI crop → slice inference → Invertd back to the scan → "
         "label map and lesion list → heatmap + label map (NIfTI gz) + JSON written",
     ]
-    record("Inference", device, tables, notes, results=None if args.no_record else (args.results or None) or __import__("common").RESULTS)
+    record("Inference", device, tables, notes, results=None if args.no_record else args.results)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def main() -> None:
     parser.add_argument("--simplenet-epochs", type=int, nargs=2, default=[40, 4], metavar=("META", "GAN"))
     parser.add_argument("--detectors", nargs="+", default=["patchcore", "simplenet"])
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="append the figures to this file")
+    parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args()
     device = resolve(args.device)
     batch = args.batch or (64 if device.type == "cuda" else 16)
@@ -73,7 +74,7 @@ def main() -> None:
     cols = ["detector", "slices", "schedule", "fit s", "slices/s", "memory bank", "bank MiB", "peak RSS MiB"]
     cols += ["peak GPU MiB"] if device.type == "cuda" else []
     notes = [f"{args.image_size} px phantom liver slices (repeated with flips/shifts to the count), EfficientNet-Lite0"]
-    record("Training", device, [format_table(rows, cols)], notes, results=None if args.no_record else RESULTS)
+    record("Training", device, [format_table(rows, cols)], notes, results=None if args.no_record else args.results)
 
 
 if __name__ == "__main__":

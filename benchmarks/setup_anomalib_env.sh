@@ -12,7 +12,7 @@ if [ ! -x "$ENV/bin/python" ]; then
 fi
 base_site=$("$BASE/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 env_site=$("$ENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "$base_site" > "$env_site/_monai_ad_base.pth"
+printf "%s\n%s\n" "$base_site" "$PWD" > "$env_site/_monai_ad_base.pth"  # the project itself too: editable installs are not seen through a path line
 if ! "$ENV/bin/python" -c 'import anomalib' 2>/dev/null; then
   "$ENV/bin/python" -m pip install -q --disable-pip-version-check "anomalib==2.7.0" "numpy<2" \
     -c <(grep -Ei '^(torch|torchvision|numpy|timm|monai|scikit-learn|scipy|pillow)==' constraints.txt)

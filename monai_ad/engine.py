@@ -78,35 +78,43 @@ def case_name(image_path: str | os.PathLike) -> str:
     return name
 
 
-def preprocess_case(pipeline, image: Any, roi: Any) -> dict[str, Any]:
-    data = {IMAGE: image, ROI: roi}
-    require_roi(data, image)
-    return run_pipeline(pipeline, data)
-
-
 def collect_slices(
     items: Sequence[Mapping[str, Any]],
     config: PreprocessConfig,
     roi_labels: Sequence[int] | int | None = None,
     progress: bool = True,
     desc: str = "slices",
+    lesions: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The scored axial slices of several volumes: ``{"image": [N,1,S,S] float16, "roi": [N,1,S,S] bool}``.
+    """The scored axial slices of several volumes: ``{"image": [N,1,S,S] float16, "roi": [N,1,S,S] bool}``,
+    with ``lesions``: also ``"lesion"`` ([N,1,S,S] bool, label ``LESION_LABEL`` of each item's ``label``) and
+    ``"case"`` ([N] index of the item each slice comes from).
 
     Slices are kept in half precision (windowed intensities in [0, 1] lose nothing a detector sees).
     """
-    pipeline = build_preprocessing(config, roi_labels)
-    images, rois = [], []
-    for item in tqdm(items, desc=desc, disable=not progress, unit="volume"):
-        data = preprocess_case(pipeline, item[IMAGE], roi_source(item))
+    pipeline = build_preprocessing(config, roi_labels, mask_keys=["label"] if lesions else ())
+    images, rois, lesion_masks, cases = [], [], [], []
+    for index, item in enumerate(tqdm(items, desc=desc, disable=not progress, unit="volume")):
+        inputs = {"label": item["label"]} if lesions else {}
+        if lesions and not item.get("label"):
+            raise InputError("a case has no 'label' to take lesion masks from", item.get(IMAGE))
+        data = {IMAGE: item[IMAGE], ROI: roi_source(item), **inputs}
+        require_roi(data, item[IMAGE])
+        data = run_pipeline(pipeline, data)
         img, roi = data[IMAGE].as_tensor(), data[ROI].as_tensor() > 0
         keep = roi.flatten(0, 2).sum(0) >= config.min_roi_pixels
         images.append(img[..., keep].permute(3, 0, 1, 2).half())
         rois.append(roi[..., keep].permute(3, 0, 1, 2))
+        if lesions:
+            lesion_masks.append((data["label"].as_tensor() == LESION_LABEL)[..., keep].permute(3, 0, 1, 2))
+            cases.append(torch.full((int(keep.sum()),), index))
     image = torch.cat(images)
     if image.shape[0] == 0:
         raise InputError("no slice of the given volumes contains enough of the liver ROI")
-    return {"image": image, "roi": torch.cat(rois)}
+    out = {"image": image, "roi": torch.cat(rois)}
+    if lesions:
+        out.update({"lesion": torch.cat(lesion_masks), "case": torch.cat(cases)})
+    return out
 
 
 class SliceBatches:
@@ -301,13 +309,16 @@ def write_outputs(result: VolumeResult, output_dir: str | os.PathLike) -> dict[s
         "summary": out / f"{result.case}_summary.json",
     }
     summary = {**result.summary, "files": {k: str(v) for k, v in files.items()}}
+    label_img = nib.Nifti1Image(result.label_map, result.affine)
+    label_img.header.set_intent("label")
     with contextlib.ExitStack() as stack:
         tmp = {k: stack.enter_context(atomic_path(v)) for k, v in files.items()}
-        nib.save(nib.Nifti1Image(result.heatmap, result.affine), tmp["heatmap"])
-        label_img = nib.Nifti1Image(result.label_map, result.affine)
-        label_img.header.set_intent("label")
-        nib.save(label_img, tmp["label_map"])
-        tmp["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+        with ThreadPoolExecutor(max_workers=2) as pool:  # gzip releases the GIL: compress both volumes at once
+            writes = [pool.submit(nib.save, nib.Nifti1Image(result.heatmap, result.affine), tmp["heatmap"]),
+                      pool.submit(nib.save, label_img, tmp["label_map"])]  # fmt: skip
+            tmp["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+            for write in writes:
+                write.result()
     result.summary = summary
     return {k: str(v) for k, v in files.items()}
 

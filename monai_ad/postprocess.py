@@ -51,9 +51,14 @@ def label_lesions(
     components, n = ndimage.label(above, structure=np.ones((3, 3, 3), dtype=bool))
     voxel_mm3 = voxel_volume_mm3(affine)
     index = np.arange(1, n + 1)
-    counts = np.bincount(components.ravel(), minlength=n + 1)[1:]
-    peaks = ndimage.maximum(heat, components, index)
-    centroids = [np.asarray(c) + offset for c in ndimage.center_of_mass(above, components, index)]
+    voxels = np.nonzero(above)  # per-component statistics from the voxels above threshold only
+    member = components[voxels]
+    counts = np.bincount(member, minlength=n + 1)[1:]
+    peaks = np.full(n + 1, -np.inf)
+    np.maximum.at(peaks, member, heat[voxels])
+    peaks = peaks[1:]
+    sums = np.stack([np.bincount(member, weights=v, minlength=n + 1)[1:] for v in voxels], axis=1)
+    centroids = sums / counts[:, None] + offset
     local_map = label_map[box]  # a view: writing it writes the label map
     axis = axial_axis(affine)
     lesions = []
@@ -97,12 +102,15 @@ def abnormal_slices(slice_scores: Sequence[float | None], threshold: float) -> l
 def slice_scores_along_axis(slice_channel: np.ndarray, roi: np.ndarray, axis: int) -> list[float | None]:
     """Per slice of the scan's axial axis: the slice score carried by the inferer's slice channel (constant
     over a scored slice), or None where the slice holds no ROI or was not scored."""
-    channel, mask = np.moveaxis(slice_channel, axis, 0), np.moveaxis(roi > 0, axis, 0)
-    scores: list[float | None] = []
-    for values, inside in zip(channel, mask):
+    scores: list[float | None] = [None] * slice_channel.shape[axis]
+    box = _bounding_box(roi > 0)
+    if box is None:
+        return scores
+    channel, mask = np.moveaxis(slice_channel[box], axis, 0), np.moveaxis(roi[box] > 0, axis, 0)
+    for index, values, inside in zip(range(box[axis].start, box[axis].stop), channel, mask):
         picked = values[inside]
         picked = picked[np.isfinite(picked)]
-        scores.append(float(picked.max()) if picked.size else None)
+        scores[index] = float(picked.max()) if picked.size else None
     return scores
 
 
@@ -138,7 +146,7 @@ class AnomalyOutputsd(MapTransform):
             label_map, lesions = label_lesions(heatmap, affine, self.pixel_threshold, self.min_lesion_mm3, roi)
             axis = axial_axis(affine)
             slice_scores = slice_scores_along_axis(values[1], roi, axis)
-            d[self.heatmap_key] = _like(pred, heatmap[None].astype(np.float32))
+            d[self.heatmap_key] = _like(pred, heatmap[None].astype(np.float32, copy=False))
             d[key] = _like(pred, label_map[None])
             d[self.summary_key] = {
                 "shape": list(heatmap.shape),

@@ -406,3 +406,11 @@ def test_simplenet_fit_is_seeded(data):
         scores.append(detector.score(image).slice)
     assert torch.equal(scores[0], scores[1]) and not torch.allclose(scores[0], scores[2])
     assert torch.equal(scores[3], scores[4])  # features recomputed every pass (no cache): also reproducible
+
+
+def test_full_precision_switches_mixed_precision_off_and_back():
+    detector = PatchCore(image_size=64, backbone="efficientnet_lite0", coreset_ratio=0.5, amp=True)
+    assert detector.features.amp
+    with detector.full_precision():
+        assert not detector.features.amp
+    assert detector.features.amp

@@ -11,6 +11,7 @@ optional ``roi`` of the same shape marks the liver. ``H == W == detector.image_s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from abc import ABC, abstractmethod
@@ -143,6 +144,20 @@ class AnomalyDetector(nn.Module, ABC):
             return self._score(image, roi)
         finally:
             self.train(was_training)
+
+    @contextlib.contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """Inside the block every sub-module's mixed-precision switch (a boolean ``amp`` attribute) is off: the
+        float32 reference that a mixed-precision CUDA path is checked against."""
+        switches = [m for m in self.modules() if isinstance(getattr(m, "amp", None), bool)]
+        saved = [m.amp for m in switches]
+        for module in switches:
+            module.amp = False
+        try:
+            yield
+        finally:
+            for module, value in zip(switches, saved):
+                module.amp = value
 
     def backbone_forward(self, image: torch.Tensor) -> Any:
         """Only the frozen pretrained network on a batch ``[B, 1, H, W]``, run as ``score`` runs it (device, dtype,

@@ -1,7 +1,7 @@
 """Pieces shared by the feature-based detectors (PatchCore, SimpleNet and later ones).
 
 - ``PatchEmbedding``: the locally aware patch features of PatchCore/SimpleNet (METHODS §0).
-- ``PatchFeatures``: a frozen backbone followed by ``PatchEmbedding`` (bf16 autocast for the backbone on CUDA).
+- ``PatchFeatures``: a frozen backbone followed by ``PatchEmbedding`` (channels-last on CUDA; bf16 autocast opt-in).
 - ``greedy_coreset``: PatchCore's approximate greedy k-center coreset.
 - ``GaussianBlur2d`` / ``gaussian_blur2d``: ``scipy.ndimage.gaussian_filter`` (mode ``reflect``) on the device.
 - ``PatchScoreMap``: a patch-score grid → a pixel map (bilinear upsampling + Gaussian blur).
@@ -93,7 +93,9 @@ class PatchFeatures(nn.Module):
     """A frozen backbone + ``PatchEmbedding``: ``[B, 1, H, W]`` → ``([B, h·w, dim] float32, (h, w))``.
 
     ``pre_dim`` / ``target_dim`` default to ``default_embedding_dim(channels, paper_dim)``. With ``amp`` the
-    backbone runs under bf16 autocast on CUDA (never on the CPU); the embedding is computed in float32.
+    backbone runs under bf16 autocast on CUDA (never on the CPU); the embedding is computed in float32. It is off
+    by default: with EfficientNet-Lite0 on an H100, bf16 gave no backbone speed-up (12.8k vs 13.0k slices/s at
+    batch 64) and moved PatchCore slice scores by up to 24 % of their range (``benchmarks/RESULTS.md``).
     Always runs without gradients (the backbone is frozen; the features are inputs of what is trained).
     """
 
@@ -107,7 +109,7 @@ class PatchFeatures(nn.Module):
         target_dim: int | None,
         paper_dim: int,
         patch_size: int = 3,
-        amp: bool = True,
+        amp: bool = False,
     ):
         super().__init__()
         self.backbone = build_backbone(backbone, layers, weights, allow_random_weights)
@@ -131,7 +133,7 @@ class PatchFeatures(nn.Module):
 
     @torch.no_grad()
     def backbone_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen backbone's feature maps, as scoring computes them (channels-last + bf16 on CUDA)."""
+        """The frozen backbone's feature maps, as scoring computes them (channels-last on CUDA, bf16 with ``amp``)."""
         if x.device.type == "cuda":
             if not self._channels_last:
                 self.backbone.to(memory_format=torch.channels_last)

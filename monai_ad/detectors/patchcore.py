@@ -88,7 +88,7 @@ class PatchCore(AnomalyDetector):
         reweight_neighbors: int = 9,
         sigma: float = 4.0,
         batch_size: int = 16,
-        amp: bool = True,
+        amp: bool = False,
         seed: int = 0,
     ):
         super().__init__(

@@ -96,7 +96,7 @@ class SimpleNet(AnomalyDetector):
         adaptor_lr: float = 1e-4,
         sigma: float = 4.0,
         cache_features: bool | int | None = None,
-        amp: bool = True,
+        amp: bool = False,
         seed: int = 0,
     ):
         if isinstance(feature_norm, bool):

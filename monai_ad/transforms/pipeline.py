@@ -7,6 +7,7 @@ on the slices back to the scan's own shape, orientation and affine.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Sequence
 
@@ -80,19 +81,26 @@ class LoadVolumed(LoadImaged):
 
     def __call__(self, data, reader=None):
         d = dict(data)
-        for key in self.key_iterator(d):
-            path = d[key]
-            if isinstance(path, (str, os.PathLike)):
-                if not os.path.exists(path):
-                    raise InputError("file not found", path)
-                try:
-                    loaded = self._loader(path, reader)
-                    # the image, its metadata inside; also when a framework switched ``image_only`` off
-                    d[key] = loaded[0] if isinstance(loaded, tuple) else loaded
-                except Exception as exc:  # any reader failure: unreadable, truncated, wrong format
-                    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                    raise InputError(f"cannot be read as a medical image ({reason[:200]})", path) from None
+        paths = {key: d[key] for key in self.key_iterator(d) if isinstance(d[key], (str, os.PathLike))}
+        for path in paths.values():
+            if not os.path.exists(path):
+                raise InputError("file not found", path)
+        if len(paths) > 1:  # decompression releases the GIL: the image and its masks are read side by side
+            with ThreadPoolExecutor(max_workers=len(paths)) as pool:
+                loaded = dict(zip(paths, pool.map(lambda path: self._load_one(path, reader), paths.values())))
+        else:
+            loaded = {key: self._load_one(path, reader) for key, path in paths.items()}
+        d.update(loaded)
         return d
+
+    def _load_one(self, path, reader=None):
+        try:
+            loaded = self._loader(path, reader)
+        except Exception as exc:  # any reader failure: unreadable, truncated, wrong format
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"cannot be read as a medical image ({reason[:200]})", path) from None
+        # the image, its metadata inside; also when a framework switched ``image_only`` off
+        return loaded[0] if isinstance(loaded, tuple) else loaded
 
 
 def build_preprocessing(
@@ -100,6 +108,7 @@ def build_preprocessing(
     roi_labels: Sequence[int] | int | None = None,
     load: bool = True,
     concat: bool = False,
+    mask_keys: Sequence[str] = (),
 ) -> Compose:
     """The pre-processing ``Compose`` over ``{"image": CT, "roi": liver mask or organ label map}``.
 
@@ -107,9 +116,12 @@ def build_preprocessing(
     ``config.image_size``), the image windowed to ``[0, 1]``, and ``roi_source``: the liver mask in the scan's own
     geometry. ``roi_labels`` selects the liver in the mask
     (default: any non-zero label, which suits LiTS-style 1 liver / 2 lesion labels; 5 for TotalSegmentator).
+    ``mask_keys`` name further label maps in the scan's geometry (e.g. lesion labels) that follow the ROI through
+    every spatial step (nearest-neighbour), so they line up with the slices.
     """
     cfg = config if isinstance(config, PreprocessConfig) else PreprocessConfig.from_dict(config)
-    keys = [IMAGE, ROI]
+    masks = [ROI, *mask_keys]
+    keys = [IMAGE, *masks]
     steps: list[MapTransform] = []
     if load:
         steps.append(LoadVolumed(keys))
@@ -117,7 +129,7 @@ def build_preprocessing(
         CheckCTVolumed(IMAGE),
         CopyItemsd(ROI, names=ROI_SOURCE),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        CheckSameGeometryd(ROI, ref_key=IMAGE),  # after re-orientation: the same grid stored in another axis order is fine
+        CheckSameGeometryd(masks, ref_key=IMAGE),  # after re-orientation: the same grid stored in another axis order is fine
         SelectROId([ROI, ROI_SOURCE], labels=roi_labels),
         CropROId(keys, source_key=ROI, margin_mm=cfg.margin_mm),
     ]
@@ -130,10 +142,10 @@ def build_preprocessing(
         steps.append(MaskOutsideROId(IMAGE, roi_key=ROI))
     steps += [
         PadToSquared(keys),
-        Resized(keys, spatial_size=(cfg.image_size, cfg.image_size, -1), mode=("bilinear", "nearest")),
+        Resized(keys, spatial_size=(cfg.image_size, cfg.image_size, -1), mode=["bilinear"] + ["nearest"] * len(masks)),
     ]
     if concat:
-        steps.append(ConcatItemsd(keys, name=IMAGE))
+        steps.append(ConcatItemsd([IMAGE, ROI], name=IMAGE))
     return Compose(steps)
 
 
