@@ -73,6 +73,7 @@ def test_info_lists_the_detectors(app):
     assert {"pixel_threshold", "slice_threshold", "min_lesion_mm3", "roi_label"} <= set(model["config"])
     assert set(BUNDLES) <= set(info["trainers"])  # every bundle is served (listed as a model once trained)
     assert "feedback_threshold" in info["scoring"]
+    assert info["labels"] == ["anomaly"]  # a list: OHIF's MONAI Label panel fails on anything else
 
 
 def _check_result(app, case, label_file, params):
