@@ -174,12 +174,12 @@ def test_feature_statistics_from_a_file_in_the_papers_format(tmp_path):
 
 
 def test_vgg19_needs_a_weights_file_and_loads_torchvision_layout(tmp_path):
-    import torchvision
+    from torchvision.models.vgg import cfgs, make_layers
 
     with pytest.raises(InputError, match="vgg19 state_dict"):
         create_detector("dpa", image_size=SIZE, perceptual="vgg19", final_iters=1)
     torch.manual_seed(0)
-    features = torchvision.models.vgg19(weights=None).features[:14].eval()  # up to relu3_2
+    features = make_layers(cfgs["E"])[:14].eval()  # torchvision's vgg19().features up to relu3_2
     path = tmp_path / "vgg19.pth"
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
     vgg = build_vgg("vgg19", ["relu3_2"], weights=str(path))
