@@ -423,6 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: train and infer split their work
+            from monai_ad import distributed
+
+            distributed.init_from_environment()
         args.func(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

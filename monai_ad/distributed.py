@@ -5,6 +5,7 @@ Outside a process group every helper is the identity, so the same code runs in o
 
 from __future__ import annotations
 
+import os
 from typing import Sequence, TypeVar
 
 import torch
@@ -15,6 +16,17 @@ T = TypeVar("T")
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def init_from_environment() -> bool:
+    """Join the process group that torchrun describes in the environment (``WORLD_SIZE`` > 1): NCCL with one
+    GPU per process (``LOCAL_RANK``) when CUDA is there, gloo on CPUs. Returns whether this is a distributed run."""
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return is_distributed()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def rank() -> int:

@@ -172,9 +172,13 @@ def train(
 
 
 def resolve_device(device: str | None = None) -> torch.device:
+    """``auto``: this process's GPU when there is one (under torchrun, the one for its local rank), else the CPU."""
     if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 # ----------------------------------------------------------------------------- inference

@@ -28,7 +28,8 @@ class PatchEmbedding(nn.Module):
     Per layer ``[B, C, h, w]``: unfold ``patch_size``² neighbourhoods (stride 1, zero padding), flatten each
     patch in ``(C, kh, kw)`` order and ``adaptive_avg_pool1d`` it to ``pre_dim``; deeper grids are bilinearly
     resized to the first layer's grid (``align_corners=False``). The layers' vectors are concatenated
-    (layer-major) and ``adaptive_avg_pool1d``-ed to ``target_dim``. No learned projection.
+    (layer-major) and ``adaptive_avg_pool1d``-ed to ``target_dim``. No learned projection. The unfold + pool is
+    computed as the equivalent convolution with a fixed averaging kernel.
 
     The reference code resizes the unfolded ``C·k²``-channel patches before pooling them; the pooling (across
     channels) and the resize (across positions) are both linear and act on different axes, so resizing the
@@ -44,16 +45,25 @@ class PatchEmbedding(nn.Module):
             raise ValueError(f"patch_size must be odd and positive, got {patch_size}")
         self.pre_dim, self.target_dim, self.patch_size = int(pre_dim), int(target_dim), int(patch_size)
         self.chunk_bytes = int(chunk_bytes)
+        self._kernels: dict[tuple, torch.Tensor] = {}
 
     def _pool_layer(self, feature: torch.Tensor) -> torch.Tensor:
-        """``[b, C, h, w]`` → ``[b, pre_dim, h, w]``: unfolded patches pooled along their ``(C, k, k)`` axis."""
-        b, c, h, w = feature.shape
-        k = self.patch_size
-        patches = F.unfold(feature, kernel_size=k, padding=k // 2, stride=1)  # [b, C·k·k, h·w], (C, kh, kw) order
-        # a 2-D adaptive pool whose second output size equals the input's is a 1-D pool along the first axis,
-        # with the same bin edges as adaptive_avg_pool1d and no transpose of the large unfolded tensor
-        pooled = F.adaptive_avg_pool2d(patches.unsqueeze(1), (self.pre_dim, h * w))
-        return pooled.view(b, self.pre_dim, h, w)
+        """``[b, C, h, w]`` → ``[b, pre_dim, h, w]``: unfolded patches pooled along their ``(C, k, k)`` axis.
+
+        Unfolding and then average-pooling each patch vector is one linear map per position, i.e. a convolution
+        whose fixed kernel holds the pooling weights: computed as such, without the ``C·k²``-channel tensor."""
+        return F.conv2d(feature, self._pooling_kernel(feature), padding=self.patch_size // 2)
+
+    def _pooling_kernel(self, feature: torch.Tensor) -> torch.Tensor:
+        """``[pre_dim, C, k, k]``: row ``o`` averages the ``o``-th adaptive-pooling bin of the ``(C, kh, kw)``-ordered
+        patch vector (the bins of ``adaptive_avg_pool1d``)."""
+        c, k = feature.shape[1], self.patch_size
+        key = (c, feature.device, feature.dtype)
+        if key not in self._kernels:
+            eye = torch.eye(c * k * k, dtype=torch.float64)
+            bins = F.adaptive_avg_pool1d(eye[None], self.pre_dim)[0].t()  # [pre_dim, C·k·k]
+            self._kernels[key] = bins.reshape(self.pre_dim, c, k, k).to(feature.device, feature.dtype)
+        return self._kernels[key]
 
     def _embed(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         grid = tuple(features[0].shape[-2:])
