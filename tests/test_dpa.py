@@ -210,8 +210,12 @@ def test_bad_input_raises_input_error(fitted, tmp_path):
         create_detector("dpa", image_size=8, start_resolution=8, feature_layer="relu5_3")
     with pytest.raises(InputError, match="slice_score"):
         create_detector("dpa", image_size=32, slice_score="median")
-    with pytest.raises(InputError, match="final_iters"):
+    with pytest.raises(InputError, match="final_iters must be an integer of at least 1"):
         create_detector("dpa", image_size=32, final_iters=0)
+    with pytest.raises(InputError, match="transition_iters must be an integer"):
+        create_detector("dpa", image_size=32, transition_iters="many")
+    with pytest.raises(InputError, match="lr must be positive"):
+        create_detector("dpa", image_size=32, lr=-1.0)
     with pytest.raises(InputError, match="not fitted"):
         create_detector("dpa", image_size=32).score(torch.zeros(1, 1, 32, 32))
     broken = tmp_path / "broken.pt"

@@ -130,15 +130,17 @@ class DeepPerceptualAutoencoder(AnomalyDetector):
         amp: bool = True,
         seed: int = 0,
     ):
-        start_resolution = int(image_size if start_resolution in (None, 0) else start_resolution)
-        for name, value in (("transition_iters", transition_iters), ("stable_iters", stable_iters)):
-            if int(value) < 0:
-                raise InputError(f"dpa: {name} must be at least 0, got {value}")
-        if int(final_iters) < 1 or int(batch_size) < 1:
-            raise InputError("dpa: final_iters and batch_size must be at least 1")
+        start_resolution = image_size if start_resolution in (None, 0) else start_resolution
+        for name, value, least in (
+            ("image_size", image_size, 1), ("start_resolution", start_resolution, 1), ("latent_dim", latent_dim, 1),
+            ("latent_resolution", latent_resolution, 1), ("transition_iters", transition_iters, 0),
+            ("stable_iters", stable_iters, 0), ("final_iters", final_iters, 1), ("batch_size", batch_size, 1),
+        ):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"dpa: {name} must be an integer of at least {least}, got {value!r}")
         if slice_score not in SLICE_SCORES:
             raise InputError(f"dpa: slice_score must be one of {', '.join(SLICE_SCORES)}, got {slice_score!r}")
-        if lr is not None and not float(lr) > 0:
+        if lr is not None and (not isinstance(lr, (int, float)) or not lr > 0):
             raise InputError(f"dpa: lr must be positive, got {lr}")
         if not isinstance(feature_stats, (str, os.PathLike)):  # a file is read at fit time (a saved model needs none)
             raise InputError(f"dpa: feature_stats must be {' or '.join(FEATURE_STATS)} or a statistics file")
