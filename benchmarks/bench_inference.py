@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=200, help="Z of the 512×512×Z end-to-end volume")
     parser.add_argument("--scaling", type=int, nargs="*", default=[], help="Z values for the scaling runs")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fp32", action="store_true", help="detectors built with amp=False (no bf16 on CUDA)")
+    parser.add_argument("--amp", action="store_true", help="detectors built with amp=True (bf16 autocast on CUDA)")
     parser.add_argument("--real-ct", type=Path, default=REAL_CT, help="folder with example_ct.nii.gz (+ its organ labels)")
     parser.add_argument("--work", type=Path, default=None, help="folder for generated data (default: a temp folder)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="append the figures to this file")
@@ -131,7 +131,7 @@ def main() -> None:
     volume, volume_label = realistic_volume(work, args.slices)
     real = args.real_ct / "example_ct.nii.gz"
     for name in args.detectors:
-        overrides = {"amp": False} if args.fp32 else {}
+        overrides = {"amp": True} if args.amp else {}
         detector = fitted_detector(name, {k: v[: args.fit_slices] for k, v in slices.items()}, device, args.batch, **overrides)
         core_rows.append({"detector": name, "batch": args.batch, **throughput(detector, slices, args.batch, args.repeats)})
         row = volume_latency(detector, volume, volume_label, work / "out", args.repeats, batch_size=args.batch)
@@ -165,7 +165,7 @@ def main() -> None:
         cols = ["detector", "Z", "scored slices", "inference", "total", "peak RSS MiB"]
         tables.append(format_table(scale_rows, cols + (["peak GPU MiB"] if device.type == "cuda" else [])))
     notes = [
-        f"{args.image_size} px slices, EfficientNet-Lite0 backbone ({'float32' if args.fp32 else 'bf16 autocast on CUDA'}), "
+        f"{args.image_size} px slices, EfficientNet-Lite0 backbone ({'bf16 autocast on CUDA' if args.amp else 'float32'}), "
         f"detectors fitted on {args.fit_slices} phantom slices; "
         f"median of {args.repeats} runs after a warm-up; stage times in seconds",
         "end-to-end = load (NIfTI gz) → pre-processing and ROI crop → slice inference → Invertd back to the scan → "

@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
+from monai_ad.detectors.components import PatchScoreMap, cache_budget, max_in_roi, roi_on_grid
 from monai_ad.distributed import average_gradients, min_over_processes
 from monai_ad.errors import InputError
 from monai_ad.networks.clip import FrozenCLIP, evenly_spaced_layers
@@ -185,20 +185,12 @@ class CLIPReconstruction(AnomalyDetector):
         return (1.0 - F.cosine_similarity(features, text, dim=-1)).sum(1)
 
     # ------------------------------------------------------------------ training
-    def _cache_budget(self) -> int | None:
-        cache = self.hparams["cache_features"]
-        if cache is None:
-            return DEFAULT_CACHE_BYTES
-        if isinstance(cache, bool):
-            return None if cache else 0
-        return int(cache)
-
     def _extract(self, image: torch.Tensor) -> torch.Tensor:
         self.check_slices(image)
         return self.image_features(image.to(self.device, torch.float32, non_blocking=True))
 
     def _cached_features(self, batches, progress: bool) -> torch.Tensor | None:
-        budget = self._cache_budget()
+        budget = cache_budget(self.hparams["cache_features"], DEFAULT_CACHE_BYTES)
         if budget == 0:
             return None
         cached, size = [], 0

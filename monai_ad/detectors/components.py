@@ -373,3 +373,13 @@ LAYER1_TO_3: dict[str, tuple[str, ...]] = {
     "resnet18": ("layer1", "layer2", "layer3"),
     "wide_resnet50_2": ("layer1", "layer2", "layer3"),
 }
+
+
+def cache_budget(setting: bool | int | None, default: int = 4 << 30) -> int | None:
+    """Bytes a detector may spend caching its frozen network's outputs during training: ``None`` (unset) →
+    ``default``; ``True`` → no limit (returned as ``None``); ``False`` → 0, no cache; an integer → that many."""
+    if setting is None:
+        return default
+    if isinstance(setting, bool):
+        return None if setting else 0
+    return int(setting)

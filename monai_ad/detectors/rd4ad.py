@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import LAYER1_TO_3, GaussianBlur2d, cuda_autocast, max_in_roi_map
+from monai_ad.detectors.components import LAYER1_TO_3, GaussianBlur2d, cache_budget, cuda_autocast, max_in_roi_map
 from monai_ad.distributed import all_reduce_sum_, average_gradients, min_over_processes, world_size
 from monai_ad.errors import InputError
 from monai_ad.networks.backbones import build_backbone
@@ -113,15 +113,6 @@ class RD4AD(AnomalyDetector):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ training
-    def _cache_budget(self) -> int | None:
-        """Bytes the teacher-map cache may take: None = unlimited, 0 = no cache."""
-        cache = self.hparams["cache_features"]
-        if cache is None:
-            return DEFAULT_CACHE_BYTES
-        if isinstance(cache, bool):
-            return None if cache else 0
-        return int(cache)
-
     @torch.no_grad()
     def _teacher_maps(self, image: torch.Tensor) -> list[torch.Tensor]:
         self.check_slices(image)
@@ -130,7 +121,7 @@ class RD4AD(AnomalyDetector):
             return self.model.teacher(image)
 
     def _cache_teacher_maps(self, batches, progress: bool) -> list[torch.Tensor] | None:
-        budget = self._cache_budget()
+        budget = cache_budget(self.hparams["cache_features"], DEFAULT_CACHE_BYTES)
         if budget == 0:
             return None
         levels: list[list[torch.Tensor]] = [[], [], []]

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, max_in_roi, roi_on_grid
+from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, cache_budget, max_in_roi, roi_on_grid
 from monai_ad.distributed import all_reduce_sum_, average_gradients, min_over_processes
 from monai_ad.errors import InputError
 
@@ -129,15 +129,6 @@ class SimpleNet(AnomalyDetector):
         self.train_losses: list[float] = []
 
     # ------------------------------------------------------------------ training
-    def _cache_budget(self) -> int | None:
-        """Bytes the feature cache may take: None = unlimited, 0 = no cache."""
-        cache = self.hparams["cache_features"]
-        if cache is None:
-            return DEFAULT_CACHE_BYTES
-        if isinstance(cache, bool):
-            return None if cache else 0
-        return int(cache)
-
     def _extract(self, image: torch.Tensor) -> torch.Tensor:
         self.check_slices(image)
         return self.features(image.to(self.device, torch.float32, non_blocking=True))[0]
@@ -146,7 +137,7 @@ class SimpleNet(AnomalyDetector):
     def _first_pass(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> torch.Tensor | None:
         """One pass over the training slices: the normalisation statistics (summed over processes) and, within
         the cache budget, every patch feature ``[N, h·w, D]`` (float16, on the device; None otherwise)."""
-        budget = self._cache_budget()
+        budget = cache_budget(self.hparams["cache_features"], DEFAULT_CACHE_BYTES)
         norm = self.hparams["feature_norm"]
         if budget == 0 and norm == "none":
             return None
