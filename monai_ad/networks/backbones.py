@@ -28,7 +28,7 @@ import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -277,11 +277,11 @@ def _efficientnet_lite0(layers: list, weights: str | None, allow_random: bool) -
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-def _vgg16_features(upto: int) -> nn.Sequential:
-    """torchvision's ``vgg16().features[: upto + 1]`` (same module indices), without building the classifier."""
+def _vgg_features(config: Sequence[int | str], upto: int) -> nn.Sequential:
+    """torchvision's VGG ``features[: upto + 1]`` for a layer ``config`` (same module indices), no classifier."""
     ops: list[nn.Module] = []
     channels = 3
-    for item in VGG16_CFG:
+    for item in config:
         if item == "M":
             ops.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
@@ -293,23 +293,36 @@ def _vgg16_features(upto: int) -> nn.Sequential:
     return nn.Sequential(*ops[: upto + 1])
 
 
-def _vgg16(layers: list, weights: str | None, allow_random: bool) -> FeatureExtractor:
-    unknown = [layer for layer in layers if layer not in VGG16_RELU]
+def vgg_extractor(
+    name: str,
+    config: Sequence[int | str],
+    relu_index: Mapping[str, int],
+    layers: Sequence[str],
+    weights: str | None,
+    default_state: Callable[[], dict[str, torch.Tensor]] | None,
+) -> FeatureExtractor:
+    """A VGG (``config``, torchvision's module indices) cut after the deepest ReLU in ``layers``; weights from a
+    torchvision ``state_dict`` file, else ``default_state()`` (``None``: random weights)."""
+    unknown = [layer for layer in layers if layer not in relu_index]
     if unknown:
-        raise InputError(f"unknown vgg16 layer(s) {unknown}; choose from {', '.join(VGG16_RELU)}")
-    last = max(VGG16_RELU[layer] for layer in layers)
-    body = _vgg16_features(last)
+        raise InputError(f"unknown {name} layer(s) {unknown}; choose from {', '.join(relu_index)}")
+    last = max(relu_index[layer] for layer in layers)
+    body = _vgg_features(config, last)
     if weights:
-        source = _load_torch_file(weights, "VGG16")
+        source = _load_torch_file(weights, name.upper())
         state = {k.removeprefix("features."): v for k, v in source.items() if not k.startswith("classifier.")}
     else:
-        state = None if allow_random else vgg16_state()
+        state = default_state() if default_state is not None else None
     if state is not None:
         wanted = {k: v for k, v in state.items() if k.split(".")[0].isdigit() and int(k.split(".")[0]) <= last}
-        missing, _ = body.load_state_dict(wanted, strict=False)
+        try:
+            missing, _ = body.load_state_dict(wanted, strict=False)
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0][:160]
+            raise InputError(f"not a torchvision {name} state_dict ({reason})", weights) from None
         if missing:
-            raise InputError(f"VGG16 weights lack {len(missing)} tensors, e.g. {missing[0]}", weights)
-    taps = [VGG16_RELU[layer] for layer in layers]
+            raise InputError(f"{name.upper()} weights lack {len(missing)} tensors, e.g. {missing[0]}", weights)
+    taps = [relu_index[layer] for layer in layers]
 
     def run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         out = {}
@@ -321,7 +334,11 @@ def _vgg16(layers: list, weights: str | None, allow_random: bool) -> FeatureExtr
 
     channels = [body[t - 1].out_channels for t in taps]
     strides = [2 ** sum(isinstance(m, nn.MaxPool2d) for m in body[:t]) for t in taps]
-    return FeatureExtractor("vgg16", body, run, list(layers), channels, strides, IMAGENET_MEAN, IMAGENET_STD)
+    return FeatureExtractor(name, body, run, list(layers), channels, strides, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _vgg16(layers: list, weights: str | None, allow_random: bool) -> FeatureExtractor:
+    return vgg_extractor("vgg16", VGG16_CFG, VGG16_RELU, layers, weights, None if allow_random else vgg16_state)
 
 
 def _torchvision_resnet(name: str, layers: list, weights: str | None, allow_random: bool) -> FeatureExtractor:

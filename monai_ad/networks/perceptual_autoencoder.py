@@ -34,13 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monai_ad.errors import InputError
-from monai_ad.networks.backbones import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    FeatureExtractor,
-    _load_torch_file,
-    build_backbone,
-)
+from monai_ad.networks.backbones import FeatureExtractor, build_backbone, vgg_extractor
 
 SLOPE = 0.2
 
@@ -227,49 +221,13 @@ def _power_of_two(n: int) -> bool:
 def _vgg19(layers: Sequence[str], weights: str | None, allow_random: bool) -> FeatureExtractor:
     """torchvision's ``vgg19().features`` (same module indices) cut after the deepest layer in ``layers``,
     ImageNet weights from a torchvision VGG19 ``state_dict`` file (nothing ships them)."""
-    unknown = [layer for layer in layers if layer not in VGG19_RELU]
-    if unknown:
-        raise InputError(f"unknown vgg19 layer(s) {unknown}; choose from {', '.join(VGG19_RELU)}")
     if not weights and not allow_random:
         raise InputError(
             "the vgg19 perceptual loss needs its ImageNet weights: a torchvision vgg19 state_dict (.pth) passed as "
             "weights=<path>; no package ships it. perceptual='vgg16' uses weights that ship with the project"
         )
-    last = max(VGG19_RELU[layer] for layer in layers)
-    ops: list[nn.Module] = []
-    channels = 3
-    with torch.random.fork_rng(devices=[]):
-        for item in VGG19_CFG:
-            if item == "M":
-                ops.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                ops += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
-                channels = item
-    body = nn.Sequential(*ops[: last + 1])
-    if weights:
-        source = _load_torch_file(weights, "VGG19")
-        state = {k.removeprefix("features."): v for k, v in source.items() if not k.startswith("classifier.")}
-        wanted = {k: v for k, v in state.items() if k.split(".")[0].isdigit() and int(k.split(".")[0]) <= last}
-        try:
-            missing, _ = body.load_state_dict(wanted, strict=False)
-        except RuntimeError as exc:
-            reason = str(exc).splitlines()[0][:160]
-            raise InputError(f"not a torchvision vgg19 state_dict ({reason})", weights) from None
-        if missing:
-            raise InputError(f"VGG19 weights lack {len(missing)} tensors, e.g. {missing[0]}", weights)
-    taps = [VGG19_RELU[layer] for layer in layers]
-
-    def run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-        out = {}
-        for i, op in enumerate(module):
-            x = op(x)
-            if i in taps:
-                out[i] = x
-        return [out[t] for t in taps]
-
-    channels_out = [body[t - 1].out_channels for t in taps]
-    strides = [2 ** sum(isinstance(m, nn.MaxPool2d) for m in body[:t]) for t in taps]
-    return FeatureExtractor("vgg19", body, run, list(layers), channels_out, strides, IMAGENET_MEAN, IMAGENET_STD)
+    with torch.random.fork_rng(devices=[]):  # building draws random initial weights: keep callers' RNG intact
+        return vgg_extractor("vgg19", VGG19_CFG, VGG19_RELU, layers, weights, None)
 
 
 def build_vgg(
