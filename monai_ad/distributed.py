@@ -94,6 +94,17 @@ def average_gradients(parameters) -> None:
             all_reduce_sum_(p.grad).div_(n)
 
 
+def optimizer_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer], parameters) -> None:
+    """One training step: clear the gradients, back-propagate ``loss``, average the gradients of ``parameters``
+    over processes (as DistributedDataParallel; nothing to do in one process), step every optimiser."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(parameters)
+    for optimizer in optimizers:
+        optimizer.step()
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
 from monai_ad.detectors.components import PatchScoreMap, cache_budget, max_in_roi, roi_on_grid
-from monai_ad.distributed import average_gradients, min_over_processes
+from monai_ad.distributed import min_over_processes, optimizer_step
 from monai_ad.errors import InputError
 from monai_ad.networks.clip import FrozenCLIP, evenly_spaced_layers
 
@@ -237,10 +237,7 @@ class CLIPReconstruction(AnomalyDetector):
                 loss_sum, steps = torch.zeros((), device=self.device), 0
                 for feats in itertools.islice(self._training_batches(cached, batches, shuffle), steps_per_epoch):
                     loss = self.reconstruction_distance(feats).mean()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    average_gradients(trainable)  # as DistributedDataParallel; no-op in one process
-                    optimizer.step()
+                    optimizer_step(loss, [optimizer], trainable)
                     loss_sum += loss.detach()
                     steps += 1
                 self.train_losses.append(float(loss_sum) / steps)  # one host sync per epoch

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
 from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
-from monai_ad.distributed import all_reduce_sum_, average_gradients
+from monai_ad.distributed import all_reduce_sum_, optimizer_step
 from monai_ad.errors import InputError
 from monai_ad.networks.perceptual_autoencoder import (
     ProgressiveAutoencoder,
@@ -289,10 +289,7 @@ class DeepPerceptualAutoencoder(AnomalyDetector):
                     batch = slices[next(indices).to(slices.device)].float()
                     x = self.training_inputs(batch, phase, alpha)
                     loss = self.training_loss(x, phase, alpha)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    average_gradients(self.autoencoder.parameters())  # as DistributedDataParallel
-                    optimizer.step()
+                    optimizer_step(loss, [optimizer], self.autoencoder.parameters())
                     losses.append(loss.detach())
                     alphas.append(alpha)
                     bar.update()

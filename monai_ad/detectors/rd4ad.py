@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
 from monai_ad.detectors.components import LAYER1_TO_3, GaussianBlur2d, cache_budget, cuda_autocast, max_in_roi_map
-from monai_ad.distributed import all_reduce_sum_, average_gradients, min_over_processes, world_size
+from monai_ad.distributed import all_reduce_sum_, min_over_processes, optimizer_step, world_size
 from monai_ad.errors import InputError
 from monai_ad.networks.backbones import build_backbone
 from monai_ad.networks.reverse_distillation import MAP_MODES, ReverseDistillation, anomaly_map, distillation_loss
@@ -176,10 +176,7 @@ class RD4AD(AnomalyDetector):
                     with cuda_autocast(device, p["amp"]):
                         student_maps = self.model.student_maps(teacher_maps)
                     loss = distillation_loss(teacher_maps, student_maps)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    average_gradients(parameters)  # as DistributedDataParallel; no-op in one process
-                    optimizer.step()
+                    optimizer_step(loss, [optimizer], parameters)
                     loss_sum += loss.detach()
                     steps += 1
                 self._average_batchnorm_statistics()

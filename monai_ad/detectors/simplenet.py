@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
 from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, cache_budget, max_in_roi, roi_on_grid
-from monai_ad.distributed import all_reduce_sum_, average_gradients, min_over_processes
+from monai_ad.distributed import all_reduce_sum_, min_over_processes, optimizer_step
 from monai_ad.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -213,12 +213,7 @@ class SimpleNet(AnomalyDetector):
                 loss_sum, steps = torch.zeros((), device=device), 0
                 for feats in itertools.islice(self._training_batches(cached, batches, shuffle), steps_per_epoch):
                     loss = self._loss(feats.reshape(-1, feats.shape[-1]).float(), noise_gen)
-                    dsc_opt.zero_grad(set_to_none=True)
-                    adaptor_opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    average_gradients(self.parameters())  # as DistributedDataParallel; no-op in one process
-                    adaptor_opt.step()
-                    dsc_opt.step()
+                    optimizer_step(loss, [adaptor_opt, dsc_opt], self.parameters())
                     loss_sum += loss.detach()
                     steps += 1
                 self.train_losses.append(float(loss_sum) / steps)  # one host sync per epoch
