@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import PatchScoreMap, cache_budget, max_in_roi, roi_on_grid
+from monai_ad.detectors.components import PatchScoreMap, cache_budget, feature_batches, max_in_roi, roi_on_grid
 from monai_ad.distributed import min_over_processes, optimizer_step
 from monai_ad.errors import InputError
 from monai_ad.networks.clip import FrozenCLIP, evenly_spaced_layers
@@ -203,18 +203,6 @@ class CLIPReconstruction(AnomalyDetector):
             cached.append(feats)
         return torch.cat(cached) if cached else torch.empty(0)
 
-    def _training_batches(self, cached, batches, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        size = self.hparams["batch_size"]
-        if cached is not None:
-            order = torch.randperm(cached.shape[0], generator=generator).to(cached.device)
-            for start in range(0, len(order), size):
-                yield cached.index_select(0, order[start : start + size]).float()
-            return
-        for batch in batches:
-            feats = self._extract(batch["image"])
-            for start in range(0, feats.shape[0], size):
-                yield feats[start : start + size]
-
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
         p = self.hparams
         shuffle = torch.Generator().manual_seed(int(p["seed"]))
@@ -235,8 +223,9 @@ class CLIPReconstruction(AnomalyDetector):
         try:
             for _ in range(p["epochs"]):
                 loss_sum, steps = torch.zeros((), device=self.device), 0
-                for feats in itertools.islice(self._training_batches(cached, batches, shuffle), steps_per_epoch):
-                    loss = self.reconstruction_distance(feats).mean()
+                epoch = feature_batches(cached, batches, self._extract, size, shuffle)
+                for feats in itertools.islice(epoch, steps_per_epoch):
+                    loss = self.reconstruction_distance(feats.float()).mean()
                     optimizer_step(loss, [optimizer], trainable)
                     loss_sum += loss.detach()
                     steps += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -383,3 +383,19 @@ def cache_budget(setting: bool | int | None, default: int = 4 << 30) -> int | No
     if isinstance(setting, bool):
         return None if setting else 0
     return int(setting)
+
+
+def feature_batches(
+    cached: torch.Tensor | None, batches, extract, size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """One epoch of training batches of ``size`` feature rows: from the ``cached`` tensor in a fresh order drawn
+    from ``generator`` when there is a cache, else ``extract(batch["image"])`` for each batch of ``batches``."""
+    if cached is not None:
+        order = torch.randperm(cached.shape[0], generator=generator).to(cached.device)
+        for start in range(0, len(order), size):
+            yield cached.index_select(0, order[start : start + size])
+        return
+    for batch in batches:
+        feats = extract(batch["image"])
+        for start in range(0, feats.shape[0], size):
+            yield feats[start : start + size]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, cache_budget, max_in_roi, roi_on_grid
+from monai_ad.detectors.components import (
+    PatchFeatures,
+    PatchScoreMap,
+    cache_budget,
+    feature_batches,
+    max_in_roi,
+    roi_on_grid,
+)
 from monai_ad.distributed import all_reduce_sum_, min_over_processes, optimizer_step
 from monai_ad.errors import InputError
 
@@ -173,20 +180,6 @@ class SimpleNet(AnomalyDetector):
             self.feature_scale.copy_(scale.float().clamp_min(1e-6))
         return torch.cat(cached) if cached else None
 
-    def _training_batches(
-        self, cached: torch.Tensor | None, batches, generator: torch.Generator
-    ) -> Iterator[torch.Tensor]:
-        size = int(self.hparams["batch_size"])
-        if cached is not None:
-            order = torch.randperm(cached.shape[0], generator=generator).to(cached.device)
-            for start in range(0, len(order), size):
-                yield cached.index_select(0, order[start : start + size])
-            return
-        for batch in batches:
-            feats = self._extract(batch["image"])
-            for start in range(0, feats.shape[0], size):
-                yield feats[start : start + size]
-
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
         p = self.hparams
         device = self.device
@@ -211,7 +204,8 @@ class SimpleNet(AnomalyDetector):
         try:
             for _ in range(total):
                 loss_sum, steps = torch.zeros((), device=device), 0
-                for feats in itertools.islice(self._training_batches(cached, batches, shuffle), steps_per_epoch):
+                epoch = feature_batches(cached, batches, self._extract, size, shuffle)
+                for feats in itertools.islice(epoch, steps_per_epoch):
                     loss = self._loss(feats.reshape(-1, feats.shape[-1]).float(), noise_gen)
                     optimizer_step(loss, [adaptor_opt, dsc_opt], self.parameters())
                     loss_sum += loss.detach()
