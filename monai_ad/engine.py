@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import Compose
@@ -22,7 +21,7 @@ from monai_ad import distributed
 from monai_ad.detectors.base import AnomalyDetector, create_detector
 from monai_ad.errors import InputError
 from monai_ad.inferers import SliceAnomalyInferer
-from monai_ad.io import atomic_path, write_json
+from monai_ad.io import atomic_path, save_nifti, write_json
 from monai_ad.postprocess import axial_axis
 from monai_ad.transforms.array import HUWindow, SelectROI
 from monai_ad.transforms.pipeline import (
@@ -313,13 +312,11 @@ def write_outputs(result: VolumeResult, output_dir: str | os.PathLike) -> dict[s
         "summary": out / f"{result.case}_summary.json",
     }
     summary = {**result.summary, "files": {k: str(v) for k, v in files.items()}}
-    label_img = nib.Nifti1Image(result.label_map, result.affine)
-    label_img.header.set_intent("label")
     with contextlib.ExitStack() as stack:
         tmp = {k: stack.enter_context(atomic_path(v)) for k, v in files.items()}
-        with ThreadPoolExecutor(max_workers=2) as pool:  # gzip releases the GIL: compress both volumes at once
-            writes = [pool.submit(nib.save, nib.Nifti1Image(result.heatmap, result.affine), tmp["heatmap"]),
-                      pool.submit(nib.save, label_img, tmp["label_map"])]  # fmt: skip
+        with ThreadPoolExecutor(max_workers=2) as pool:  # compression releases the GIL: both volumes at once
+            writes = [pool.submit(save_nifti, result.heatmap, result.affine, tmp["heatmap"]),
+                      pool.submit(save_nifti, result.label_map, result.affine, tmp["label_map"], "label")]  # fmt: skip
             tmp["summary"].write_text(json.dumps(summary, indent=2) + "\n")
             for write in writes:
                 write.result()

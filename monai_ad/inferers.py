@@ -7,9 +7,9 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from monai_ad.detectors.base import AnomalyDetector
+from monai_ad.postprocess import HEATMAP_CHANNEL, SLICE_SCORE_CHANNEL
 from monai_ad.transforms.array import axial_slices, stack_axial_slices
 
-HEATMAP_CHANNEL, SLICE_SCORE_CHANNEL = 0, 1
 
 
 class SliceAnomalyInferer(Inferer):
@@ -22,12 +22,14 @@ class SliceAnomalyInferer(Inferer):
 
     Only slices whose ROI covers at least ``min_roi_pixels`` pixels are scored; every other voxel (outside the
     ROI, or in unscored slices) gets the lowest score of the volume. Slices move to the device one batch at a
-    time and results stay there until the end.
+    time and results stay there. The output is on ``device`` (default: the detector's), so on a GPU the way
+    back to the scan's geometry (``Invertd``, filling outside the liver) runs there too.
     """
 
-    def __init__(self, batch_size: int = 32, min_roi_pixels: int = 16):
+    def __init__(self, batch_size: int = 32, min_roi_pixels: int = 16, device: str | torch.device | None = None):
         super().__init__()
         self.batch_size, self.min_roi_pixels = batch_size, min_roi_pixels
+        self.device = None if device is None else torch.device(device)
 
     def score_volume(self, image: torch.Tensor, roi: torch.Tensor, detector: AnomalyDetector) -> torch.Tensor:
         """``[1, S, S, Z]`` image and ROI → ``[2, S, S, Z]`` (heatmap, slice scores), with the image's metadata."""
@@ -51,7 +53,7 @@ class SliceAnomalyInferer(Inferer):
             out[:, HEATMAP_CHANNEL] = floor
             out[index, HEATMAP_CHANNEL] = torch.where(roi_dev, maps, floor)
             out[index, SLICE_SCORE_CHANNEL] = torch.cat(slice_scores)[:, None, None]
-        volume = stack_axial_slices(out).cpu()
+        volume = stack_axial_slices(out).to(self.device or device)
         if isinstance(image, MetaTensor):
             volume = MetaTensor(volume, meta=dict(image.meta), applied_operations=list(image.applied_operations))
         return volume

@@ -1,4 +1,5 @@
-"""Atomic output writing: a reader never sees a half-written file, a failure leaves no partial output."""
+"""Volume and output files: fast gzip NIfTI reading and writing, and atomic writes (a reader never sees a
+half-written file, a failure leaves no partial output)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,19 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import NibabelReader
+from monai.data.utils import correct_nifti_header_if_necessary
+
+try:  # ISA-L's deflate: the same gzip format, several times faster than zlib at both ends
+    from isal import igzip as gzip_codec
+except ImportError:  # pragma: no cover - platforms without an isal wheel fall back to zlib
+    import gzip as gzip_codec
+
+NIFTI_COMPRESSLEVEL = 1  # nibabel's own default for .nii.gz: the size barely shrinks at higher levels
 
 
 @contextlib.contextmanager
@@ -44,3 +58,77 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
         tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
     return atomic_write(path, _write)
+
+
+class NiftiReader(NibabelReader):
+    """MONAI's ``NibabelReader``, faster: ``.nii.gz`` files are decompressed in one call with ISA-L and the
+    voxels are put in C order (as MONAI holds them) by ``c_order``. The values and metadata are the same."""
+
+    def read(self, data, **kwargs):
+        names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        if any(not str(name).endswith(".gz") for name in names):
+            return super().read(data, **kwargs)
+        self.filenames = names
+        images = [correct_nifti_header_if_necessary(_nifti_from_gzip(Path(name), {**self.kwargs, **kwargs})) for name in names]
+        return images if len(names) > 1 else images[0]
+
+    def _get_array_data(self, img, filename):
+        if self.to_gpu:
+            return super()._get_array_data(img, filename)
+        return c_order(np.asanyarray(img.dataobj))
+
+
+def _nifti_from_gzip(path: Path, load_kwargs: dict[str, Any]) -> Any:
+    raw = gzip_codec.decompress(path.read_bytes())
+    for image_class in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            return image_class.from_bytes(raw)
+        except Exception:  # not this NIfTI version (or not NIfTI): the next class, then nibabel's own loader
+            continue
+    return nib.load(path, **load_kwargs)
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, intent: str | None = None) -> Path:
+    """Write a 3-D array as NIfTI; ``.nii.gz`` is compressed with ISA-L (gzip level ``NIFTI_COMPRESSLEVEL``).
+    Writes to ``path`` as given: wrap in ``atomic_path`` for all-or-nothing outputs."""
+    path = Path(path)
+    image = nib.Nifti1Image(fortran_order(array), affine)
+    if intent:
+        image.header.set_intent(intent)
+    if path.name.endswith(".gz"):
+        with gzip_codec.open(path, "wb", compresslevel=NIFTI_COMPRESSLEVEL) as stream:
+            image.to_file_map(image.make_file_map({"image": stream, "header": stream}))
+    else:
+        nib.save(image, str(path))
+    return path
+
+
+def fortran_order(array: np.ndarray) -> np.ndarray:
+    """A 3-D volume in Fortran order (NIfTI's on-disk order), as numpy would give it, several times faster:
+    the axis reversal is done as a cache-friendly swap of whole z-runs and one blocked 2-D transpose."""
+    if array.flags.f_contiguous or not _transposable(array):
+        return np.asfortranarray(array)
+    x, y, z = array.shape
+    yxz = torch.from_numpy(np.ascontiguousarray(array)).transpose(0, 1).contiguous()
+    zyx = yxz.view(y * x, z).t().contiguous()
+    return zyx.numpy().reshape(z, y, x).transpose()
+
+
+def c_order(array: np.ndarray) -> np.ndarray:
+    """The inverse of ``fortran_order``: a 3-D volume in C order (as MONAI holds it), the same way."""
+    if array.flags.c_contiguous or not _transposable(array) or not array.flags.f_contiguous:
+        return np.ascontiguousarray(array)
+    x, y, z = array.shape
+    yxz = torch.from_numpy(array.transpose()).reshape(z, y * x).t().contiguous().view(y, x, z)
+    return yxz.transpose(0, 1).contiguous().numpy()
+
+
+def _transposable(array: np.ndarray) -> bool:
+    """3-D, in a dtype and byte order torch holds."""
+    if array.ndim != 3 or not array.dtype.isnative or min(array.shape) == 0:
+        return False
+    try:
+        torch.from_numpy(array[:0, :0, :0])
+    except TypeError:
+        return False
+    return True

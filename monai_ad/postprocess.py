@@ -12,6 +12,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 ANOMALY_LABEL = 1
+HEATMAP_CHANNEL, SLICE_SCORE_CHANNEL = 0, 1  # the inferer's output channels
 
 
 def axial_axis(affine: np.ndarray) -> int:
@@ -41,8 +42,8 @@ def label_lesions(
     above = heatmap >= threshold
     if roi is not None:
         above &= roi > 0
-    label_map = np.zeros(heatmap.shape, dtype=np.uint8)
-    box = _bounding_box(above)
+    label_map = np.zeros_like(heatmap, dtype=np.uint8)  # the heatmap's memory order: written without a transpose
+    box = bounding_box(above)
     if box is None:
         return label_map, []
     # everything below runs on the bounding box of the voxels above threshold, not on the whole scan
@@ -84,7 +85,7 @@ def label_lesions(
     return label_map, lesions
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """The smallest box holding every true voxel of ``mask`` (None when there is none)."""
     box = []
     for axis in range(mask.ndim):
@@ -103,14 +104,14 @@ def slice_scores_along_axis(slice_channel: np.ndarray, roi: np.ndarray, axis: in
     """Per slice of the scan's axial axis: the slice score carried by the inferer's slice channel (constant
     over a scored slice), or None where the slice holds no ROI or was not scored."""
     scores: list[float | None] = [None] * slice_channel.shape[axis]
-    box = _bounding_box(roi > 0)
+    box = bounding_box(roi > 0)
     if box is None:
         return scores
     channel, mask = np.moveaxis(slice_channel[box], axis, 0), np.moveaxis(roi[box] > 0, axis, 0)
-    for index, values, inside in zip(range(box[axis].start, box[axis].stop), channel, mask):
-        picked = values[inside]
-        picked = picked[np.isfinite(picked)]
-        scores[index] = float(picked.max()) if picked.size else None
+    with np.errstate(invalid="ignore"):
+        highest = np.where(mask & np.isfinite(channel), channel, -np.inf).max(axis=(1, 2))
+    for index, value in zip(range(box[axis].start, box[axis].stop), highest):
+        scores[index] = float(value) if np.isfinite(value) else None
     return scores
 
 
@@ -142,10 +143,10 @@ class AnomalyOutputsd(MapTransform):
             affine = np.asarray(pred.affine if isinstance(pred, MetaTensor) else np.eye(4), dtype=np.float64)
             values = torch.as_tensor(pred).detach().cpu().float().numpy()
             roi = torch.as_tensor(d[self.roi_key]).cpu().numpy()[0] > 0
-            heatmap = values[0]
+            heatmap = values[HEATMAP_CHANNEL]
             label_map, lesions = label_lesions(heatmap, affine, self.pixel_threshold, self.min_lesion_mm3, roi)
             axis = axial_axis(affine)
-            slice_scores = slice_scores_along_axis(values[1], roi, axis)
+            slice_scores = slice_scores_along_axis(values[SLICE_SCORE_CHANNEL], roi, axis)
             d[self.heatmap_key] = _like(pred, heatmap[None].astype(np.float32, copy=False))
             d[key] = _like(pred, label_map[None])
             d[self.summary_key] = {
@@ -162,7 +163,7 @@ class AnomalyOutputsd(MapTransform):
 
 
 def _like(reference: Any, array: np.ndarray) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(array)  # any memory order: no copy
     if isinstance(reference, MetaTensor):
         return MetaTensor(tensor, meta=dict(reference.meta), applied_operations=list(reference.applied_operations))
     return tensor

@@ -13,9 +13,9 @@ import torch
 from monai.data import MetaTensor
 from monai.utils import TraceKeys
 from monai.transforms import BorderPad, Crop, InvertibleTransform, Pad, Transform
-from monai.transforms.utils import generate_spatial_bounding_box
 
 from monai_ad.errors import InputError
+from monai_ad.postprocess import bounding_box
 
 ABDOMEN_WINDOW = (-160.0, 240.0)  # level 40 HU, width 400 HU
 BMAD_WINDOW = (-200.0, 250.0)
@@ -58,11 +58,13 @@ class CheckCTVolume(Transform):
             raise InputError(f"is {len(spatial)}-D with shape {spatial}, expected a 3-D CT volume", path)
         if min(spatial) < self.min_size:
             raise InputError(f"has shape {spatial}: a single slice, not a 3-D CT volume", path)
-        values = torch.as_tensor(img).float()
-        if not torch.isfinite(values).all():
+        values = _plain(img)
+        lowest, highest = torch.aminmax(values)  # NaN and ±inf show in the extremes: one pass, not a mask
+        if not (math.isfinite(float(lowest)) and math.isfinite(float(highest))):
             raise InputError(f"contains {int((~torch.isfinite(values)).sum())} NaN or infinite voxels", path)
-        sample = values.flatten()[:: max(1, values.numel() // 1_000_000)]
-        low, high = torch.quantile(sample, torch.tensor([0.005, 0.995])).tolist()
+        step = max(1, math.ceil((values.numel() / 1_000_000) ** (1 / 3)))  # a regular grid of about a million voxels
+        sample = values[0, ::step, ::step, ::step].float().flatten()
+        low, high = torch.quantile(sample, torch.tensor([0.005, 0.995], device=sample.device)).tolist()
         if low > self.min_low_hu or high < self.min_high_hu or high > self.max_hu:
             raise InputError(
                 f"intensities {low:.4g}..{high:.4g} do not look like CT in Hounsfield units "
@@ -197,32 +199,57 @@ def _fill_outside(img: torch.Tensor, roi: torch.Tensor, value) -> torch.Tensor:
 
 def channel_floor(channel: torch.Tensor) -> float:
     """The lowest finite value of a channel (0 when it has none)."""
-    values = channel.as_tensor() if isinstance(channel, MetaTensor) else torch.as_tensor(channel)
-    lowest = float(torch.where(torch.isfinite(values), values, math.inf).min()) if values.numel() else math.inf
+    values = _plain(channel)
+    if not values.numel():
+        return 0.0
+    lowest = float(values.min())  # NaN or -inf when the channel holds any: then the slower masked search
+    if not math.isfinite(lowest):
+        lowest = float(torch.where(torch.isfinite(values), values, math.inf).min())
     return lowest if math.isfinite(lowest) else 0.0
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor without MetaTensor's per-operation overhead (same storage)."""
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else torch.as_tensor(tensor)
 
 
 class FillOutsideROI(Transform):
     """Give every voxel outside the ROI its channel's lowest value (a heatmap's lowest score).
 
-    Used after ``Invertd``: interpolation on the way back blends scores across the liver's edge.
+    Used after ``Invertd``: interpolation on the way back blends scores across the liver's edge. ``channels``
+    limits the fill to some channels (default: all). The output takes the ROI's memory layout: the ROI comes
+    from the scan file, so the result is already in the order it is written back in.
     """
 
+    def __init__(self, channels: Sequence[int] | None = None):
+        self.channels = None if channels is None else [int(c) for c in channels]
+
     def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
-        out = img.clone()
-        values = out.as_tensor() if isinstance(out, MetaTensor) else out  # same storage, without MetaTensor overhead
-        outside = (roi.as_tensor() if isinstance(roi, MetaTensor) else torch.as_tensor(roi))[0] <= 0
+        values = _plain(img)
+        outside = (_plain(roi)[0] <= 0).to(values.device)
+        filled = range(values.shape[0]) if self.channels is None else self.channels
+        out = torch.empty_strided((values.shape[0], *outside.shape), (outside.numel(), *outside.stride()), dtype=values.dtype, device=values.device)
         for c in range(values.shape[0]):
-            values[c][outside] = channel_floor(values[c])
+            out[c].copy_(values[c])
+            if c in filled:
+                out[c].masked_fill_(outside, channel_floor(values[c]))
+        if isinstance(img, MetaTensor):
+            out = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
         return out
 
 
 def roi_box(roi: torch.Tensor, margin_mm: float | Sequence[float], spacing: Sequence[float]) -> tuple[list[int], list[int]]:
-    """Bounding box of the ROI grown by ``margin_mm`` (converted to voxels per axis) and clipped to the image."""
+    """Bounding box of the ROI (any channel) grown by ``margin_mm`` (converted to voxels per axis) and clipped to
+    the image; an empty ROI gives an empty box at the origin."""
+    spatial = tuple(roi.shape[1:])
     margin = np.broadcast_to(np.asarray(margin_mm, dtype=float), (len(spacing),))
     margin_vox = [int(np.ceil(m / max(s, 1e-6))) for m, s in zip(margin, spacing)]
-    start, end = generate_spatial_bounding_box(roi, margin=margin_vox, allow_smaller=True)
-    return list(start), list(end)
+    box = bounding_box((_plain(roi) > 0).any(0).cpu().numpy())
+    if box is None:
+        return [0] * len(spatial), [0] * len(spatial)
+    start = [max(0, b.start - m) for b, m in zip(box, margin_vox)]
+    end = [min(n, b.stop + m) for b, n, m in zip(box, spatial, margin_vox)]
+    return start, end
 
 
 class CropROI(InvertibleTransform):
@@ -247,14 +274,18 @@ class CropROI(InvertibleTransform):
 
     def inverse(self, data: torch.Tensor) -> torch.Tensor:
         transform = self.cropper.pop_transform(data)
-        cropped = transform[TraceKeys.EXTRA_INFO]["cropped"]
-        channels = []
-        for c in range(data.shape[0]):
-            fill = channel_floor(data[c]) if self.inverse_fill == "min" else 0.0
-            pad = BorderPad(cropped, mode="constant", value=fill)
-            with pad.trace_transform(False):
-                channels.append(pad(data[c : c + 1]))
-        return torch.cat(channels) if len(channels) > 1 else channels[0]
+        cropped = transform[TraceKeys.EXTRA_INFO]["cropped"]  # voxels cut before and after, per spatial axis
+        fills = [channel_floor(data[c]) if self.inverse_fill == "min" else 0.0 for c in range(data.shape[0])]
+        pad = BorderPad(cropped, mode="constant", value=fills[0])
+        with pad.trace_transform(False):
+            out = pad(data)
+        values = _plain(out)
+        for c, fill in enumerate(fills[1:], start=1):  # other channels: their own fill, outside the crop only
+            for axis in range(1, values.ndim):
+                before, after = cropped[2 * (axis - 1)], cropped[2 * (axis - 1) + 1]
+                values[c].narrow(axis - 1, 0, before).fill_(fill)
+                values[c].narrow(axis - 1, values.shape[axis] - after, after).fill_(fill)
+        return out
 
 
 class PadToSquare(InvertibleTransform):

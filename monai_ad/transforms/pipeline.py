@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 from monai.transforms import Compose, ConcatItemsd, CopyItemsd, Invertd, LoadImaged, MapTransform, Orientationd, Resized
 
 from monai_ad.errors import InputError
-from monai_ad.postprocess import AnomalyOutputsd
+from monai_ad.io import NiftiReader
+from monai_ad.postprocess import HEATMAP_CHANNEL, AnomalyOutputsd
 from monai_ad.transforms.array import ABDOMEN_WINDOW
 from monai_ad.transforms.dictionary import (
     CheckCTVolumed,
@@ -70,10 +71,12 @@ class PreprocessConfig:
 class LoadVolumed(LoadImaged):
     """``LoadImaged`` (channel first, float32) whose failures become one-line errors naming the file.
 
-    NIfTI, NRRD, MHA and DICOM series folders are read through MONAI's readers (nibabel, ITK).
+    NIfTI, NRRD, MHA and DICOM series folders are read through MONAI's readers (nibabel, ITK); gzip NIfTI
+    first through ``NiftiReader`` (the same result, faster).
     """
 
     def __init__(self, keys, allow_missing_keys: bool = False, **kwargs):
+        kwargs.setdefault("reader", NiftiReader())
         kwargs.setdefault("image_only", True)
         kwargs.setdefault("ensure_channel_first", True)
         kwargs.setdefault("dtype", "float32")
@@ -127,10 +130,10 @@ def build_preprocessing(
         steps.append(LoadVolumed(keys))
     steps += [
         CheckCTVolumed(IMAGE),
+        SelectROId(ROI, labels=roi_labels),
         CopyItemsd(ROI, names=ROI_SOURCE),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         CheckSameGeometryd(masks, ref_key=IMAGE),  # after re-orientation: the same grid stored in another axis order is fine
-        SelectROId([ROI, ROI_SOURCE], labels=roi_labels),
         CropROId(keys, source_key=ROI, margin_mm=cfg.margin_mm),
     ]
     if cfg.normalize_liver_hu is not None:
@@ -156,11 +159,12 @@ def build_postprocessing(
     min_lesion_mm3: float = 20.0,
 ) -> Compose:
     """From the inferer's output ``pred`` to heatmap, label map and summary in the scan's own geometry:
-    ``Invertd`` through the pre-processing, lowest score outside the liver, then ``AnomalyOutputsd``."""
+    ``Invertd`` through the pre-processing, lowest score outside the liver (the slice-score channel is read
+    only inside the liver, so it is left as it is), then ``AnomalyOutputsd``."""
     return Compose(
         [
             Invertd(keys=PRED, transform=preprocessing, orig_keys=IMAGE, nearest_interp=False),
-            FillOutsideROId(PRED, roi_key=ROI_SOURCE),
+            FillOutsideROId(PRED, roi_key=ROI_SOURCE, channels=[HEATMAP_CHANNEL]),
             AnomalyOutputsd(PRED, ROI_SOURCE, pixel_threshold, slice_threshold, min_lesion_mm3),
         ]
     )
