@@ -93,6 +93,7 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, i
     Writes to ``path`` as given: wrap in ``atomic_path`` for all-or-nothing outputs."""
     path = Path(path)
     image = nib.Nifti1Image(fortran_order(array), affine)
+    image.header.set_xyzt_units("mm")
     if intent:
         image.header.set_intent(intent)
     if path.name.endswith(".gz"):

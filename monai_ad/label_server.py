@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from monai_ad.errors import InputError
+from monai_ad.io import atomic_write, save_nifti
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = PROJECT_ROOT / "apps" / "liver_anomaly"
@@ -36,11 +37,7 @@ def write_liver_mask(label_path: str | os.PathLike, out_path: str | os.PathLike)
     """A liver mask (uint8, 1 = liver) from a LiTS-style label (1 liver, 2 lesion), same geometry."""
     label = nib.load(str(label_path))
     mask = (np.asarray(label.dataobj) > 0).astype(np.uint8)
-    image = nib.Nifti1Image(mask, label.affine)
-    image.header.set_intent("label")
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(out_path))
-    return Path(out_path)
+    return atomic_write(out_path, lambda tmp: save_nifti(mask, label.affine, tmp, intent="label"))
 
 
 def prepare_sample_studies(

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from monai_ad.io import atomic_write, write_json
+from monai_ad.io import atomic_write, save_nifti, write_json
 
 PRESETS: dict[str, dict[str, Any]] = {
     # in-plane matrix, field of view (mm), slice spacings to draw from (mm), craniocaudal extent (mm)
@@ -335,12 +334,8 @@ def _add_lesions(rng, g: _Grid, image, label, liver, liver_hu: float, count: int
 
 def save_case(case: PhantomCase, image_path: str | os.PathLike, label_path: str | os.PathLike) -> None:
     """Write image and label as NIfTI (atomically)."""
-    image = nib.Nifti1Image(case.image, case.affine)
-    image.header.set_xyzt_units("mm")
-    label = nib.Nifti1Image(case.label, case.affine)
-    label.header.set_intent("label")
-    atomic_write(image_path, lambda tmp: nib.save(image, str(tmp)))
-    atomic_write(label_path, lambda tmp: nib.save(label, str(tmp)))
+    atomic_write(image_path, lambda tmp: save_nifti(case.image, case.affine, tmp))
+    atomic_write(label_path, lambda tmp: save_nifti(case.label, case.affine, tmp, intent="label"))
 
 
 def write_phantom_dataset(

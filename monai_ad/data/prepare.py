@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from monai_ad.errors import InputError
-from monai_ad.io import atomic_write, write_json
+from monai_ad.io import atomic_write, save_nifti, write_json
 from monai_ad.report import radiological
 from monai_ad.transforms.array import BMAD_WINDOW, HistogramEqualize, HUWindow
 from monai_ad.transforms.pipeline import LoadVolumed
@@ -97,7 +97,7 @@ def _split(cases: list[dict], fractions: Sequence[float], rng: np.random.Generat
 
 
 def _write_mask(mask: np.ndarray, affine: np.ndarray, path: Path) -> str:
-    atomic_write(path, lambda tmp: nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(tmp)))
+    atomic_write(path, lambda tmp: save_nifti(mask.astype(np.uint8), affine, tmp, intent="label"))
     return str(path)
 
 

@@ -8,10 +8,9 @@ import logging
 import os
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from monai_ad.io import atomic_path
+from monai_ad.io import atomic_path, save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def convert_dicom_series(studies_dir: str | os.PathLike) -> list[Path]:
             logger.warning("cannot read the DICOM series in %s (%s): not served", folder, str(exc).splitlines()[-1][:200])
             continue
         with atomic_path(target) as tmp:
-            nib.save(nib.Nifti1Image(np.asarray(image), np.asarray(image.affine, dtype=np.float64)), str(tmp))
+            save_nifti(np.asarray(image), np.asarray(image.affine, dtype=np.float64), tmp)
         logger.info("DICOM series %s served as %s", folder.name, target.name)
         written.append(target)
     return written
