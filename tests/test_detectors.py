@@ -395,6 +395,22 @@ def test_patchcore_distance_and_reweighting_options(data):
     assert torch.equal(reweighted.pixel, squared.pixel)
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_nearest_neighbors_equal_a_brute_force_search_in_any_block_size(k):
+    from monai_ad.detectors.patchcore import nearest_neighbors
+
+    generator = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(300, 24, generator=generator), torch.randn(50, 24, generator=generator)
+    queries[:5] = bank[:5]  # a query that is a bank row is at distance 0
+    reference = torch.cdist(queries.double(), bank.double()).square()
+    expected, expected_index = reference.topk(k, dim=1, largest=False)
+    for block in (300, 7 * 300, 1 << 26):
+        values, indices = nearest_neighbors(queries, bank, k, block=block)
+        assert torch.allclose(values.double(), expected, atol=1e-4)
+        assert torch.equal(indices, expected_index)
+    assert torch.all(values[:5, 0] < 1e-4) and torch.equal(indices[:5, 0], torch.arange(5))
+
+
 def test_simplenet_fit_is_seeded(data):
     small = [{"image": F.interpolate(data["train"][0]["image"], size=64, mode="bilinear")}]
     image = F.interpolate(data["abnormal"][0], size=64, mode="bilinear")

@@ -33,28 +33,24 @@ from monai_ad.errors import InputError
 KNN_BLOCK_ELEMENTS = 1 << 26
 
 
-def squared_distances(
-    queries: torch.Tensor, bank: torch.Tensor, bank_sq_norms: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``‖q − b‖²`` for all pairs ``[Q, M]``, as ‖q‖² + ‖b‖² − 2·q·b (one matrix product), clamped at 0."""
-    if bank_sq_norms is None:
-        bank_sq_norms = bank.square().sum(1)
-    d = torch.addmm(bank_sq_norms[None, :], queries, bank.t(), alpha=-2.0)
-    return d.add_(queries.square().sum(1, keepdim=True)).clamp_min_(0.0)
-
-
 def nearest_neighbors(
     queries: torch.Tensor, bank: torch.Tensor, k: int, block: int = KNN_BLOCK_ELEMENTS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared L2 distances ``[Q, k]`` (ascending) and indices ``[Q, k]`` of each query's ``k`` nearest bank
-    rows, computed on the tensors' device in blocks of at most ``block`` query×bank elements."""
+    rows, computed on the tensors' device in blocks of at most ``block`` query×bank elements.
+
+    ``‖q − b‖² = ‖q‖² + (‖b‖² − 2·q·b)``: the bracket is one matrix product per block and the search runs on it;
+    ``‖q‖²`` (the same for a whole row) is added to the k winners only, and the clamp at 0 (rounding) after.
+    The distance block is thus written once and read once, not passed over again per term.
+    """
     norms = bank.square().sum(1)
     rows = max(1, block // max(1, bank.shape[0]))
     values, indices = [], []
     for start in range(0, queries.shape[0], rows):
-        d = squared_distances(queries[start : start + rows], bank, norms)
-        v, i = d.min(1, keepdim=True) if k == 1 else torch.topk(d, k, dim=1, largest=False, sorted=True)
-        values.append(v)
+        chunk = queries[start : start + rows]
+        partial = torch.addmm(norms[None, :], chunk, bank.t(), alpha=-2.0)
+        v, i = partial.min(1, keepdim=True) if k == 1 else torch.topk(partial, k, dim=1, largest=False, sorted=True)
+        values.append(v.add_(chunk.square().sum(1, keepdim=True)).clamp_min_(0.0))
         indices.append(i)
     return torch.cat(values), torch.cat(indices)
 
