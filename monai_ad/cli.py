@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from monai_ad.allocator import keep_freed_memory
 from monai_ad.errors import InputError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -422,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    keep_freed_memory()
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: train and infer split their work
             from monai_ad import distributed

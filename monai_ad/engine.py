@@ -370,7 +370,7 @@ def evaluate(
     predictor = VolumePredictor(model, **options)
     items = load_datalist(datalist, key)
     out = Path(output_dir)
-    loader = LoadVolumed([IMAGE, ROI, "label"], allow_missing_keys=True)
+    loader = LoadVolumed([IMAGE, ROI, "label"], allow_missing_keys=True, mask_keys=[ROI, "label"])
     window = HUWindow(predictor.config.window)
     slice_labels, slice_scores, slice_ids = [], [], []
     gt_slices, map_slices, roi_slices = [], [], []

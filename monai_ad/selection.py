@@ -200,7 +200,7 @@ def _volume_slice_scores(predictor: engine.VolumePredictor, item: Mapping[str, A
     scores = np.asarray([result.summary["slice_scores"][z] for z in scored], dtype=float)
     if not abnormal:
         return scores, np.zeros(len(scored), dtype=int)
-    label = LoadVolumed(["label"])({"label": item["label"]})["label"].as_tensor()[0].numpy()
+    label = LoadVolumed(["label"], mask_keys=["label"])({"label": item["label"]})["label"].as_tensor()[0].numpy()
     if label.shape != result.heatmap.shape:
         raise InputError(f"label shape {label.shape} does not match image shape {result.heatmap.shape}", item["label"])
     lesion = np.moveaxis(label == engine.LESION_LABEL, axial_axis(result.affine), 0)[scored]

@@ -12,6 +12,7 @@ import torch
 from monai.transforms import Compose
 
 from monai_ad import distributed, engine
+from monai_ad.allocator import keep_freed_memory
 from monai_ad.detectors.base import AnomalyDetector
 from monai_ad.inferers import SliceAnomalyInferer
 from monai_ad.transforms.pipeline import IMAGE
@@ -57,6 +58,7 @@ class DetectorTrainer:
         self.device, self.progress = None if device is None else str(device), progress
 
     def run(self) -> AnomalyDetector:
+        keep_freed_memory()
         Path(self.output).parent.mkdir(parents=True, exist_ok=True)
         detector = engine.train(
             self.detector, self.datalist, self.output, preprocessing=self.preprocessing, roi_labels=self.roi_labels,
@@ -92,6 +94,7 @@ class BatchInference:
         self.components = {"preprocessing": preprocessing, "inferer": inferer, "postprocessing": postprocessing}
 
     def run(self) -> list[dict[str, Any]]:
+        keep_freed_memory()
         results = engine.infer(self.network, self.images, self.rois, self.output_dir, progress=self.progress, **self.components)
         return [r.summary for r in results]
 
@@ -115,6 +118,7 @@ class DetectorEvaluator:
         self.options = {"preprocessing": preprocessing, "inferer": inferer, "postprocessing": postprocessing, "roi_labels": roi_labels}
 
     def run(self) -> dict[str, Any]:
+        keep_freed_memory()
         values = engine.evaluate(self.network, self.datalist, self.output_dir, key=self.key, progress=self.progress, **self.options)
         logger.info("metrics: %s", {k: v for k, v in values.items() if isinstance(v, float)})
         return values

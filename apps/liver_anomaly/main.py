@@ -26,6 +26,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
+from monai_ad.allocator import keep_freed_memory
+
 from lib import studies as study_rules
 from lib.configs.detector import DetectorConfig, find_bundles
 from lib.dicom_folder import convert_dicom_series
@@ -39,6 +41,7 @@ PROJECT_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
 class LiverAnomalyApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        keep_freed_memory()
         conf = dict(conf or {})
         self.roi_dir = conf.get("roi_dir") or None
         bundles_dir = conf.get("bundles") or os.environ.get("MONAI_AD_BUNDLES") or str(PROJECT_BUNDLES)

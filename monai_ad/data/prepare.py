@@ -108,7 +108,7 @@ class _SliceWriter:
         self.window = HUWindow(window)
         self.equalize = HistogramEqualize(bmad_squeeze=True)
         self.orient = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
-        self.loader = LoadVolumed(["image", "label"])
+        self.loader = LoadVolumed(["image", "label"], mask_keys=["label"])
 
     def slices(self, case: dict, liver_labels: Sequence[int], tumour_label: int | None):
         data = self.loader({"image": case["image"], "label": case["label"]})

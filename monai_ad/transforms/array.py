@@ -217,24 +217,20 @@ class FillOutsideROI(Transform):
     """Give every voxel outside the ROI its channel's lowest value (a heatmap's lowest score).
 
     Used after ``Invertd``: interpolation on the way back blends scores across the liver's edge. ``channels``
-    limits the fill to some channels (default: all). The output takes the ROI's memory layout: the ROI comes
-    from the scan file, so the result is already in the order it is written back in.
+    limits the fill to some channels (default: all). ``inplace`` writes into the input instead of a copy (for
+    a volume nothing else holds, such as ``Invertd``'s fresh output: no second full-size volume).
     """
 
-    def __init__(self, channels: Sequence[int] | None = None):
+    def __init__(self, channels: Sequence[int] | None = None, inplace: bool = False):
         self.channels = None if channels is None else [int(c) for c in channels]
+        self.inplace = inplace
 
     def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
-        values = _plain(img)
+        out = img if self.inplace else img.clone()
+        values = _plain(out)  # same storage, without MetaTensor's per-operation overhead
         outside = (_plain(roi)[0] <= 0).to(values.device)
-        filled = range(values.shape[0]) if self.channels is None else self.channels
-        out = torch.empty_strided((values.shape[0], *outside.shape), (outside.numel(), *outside.stride()), dtype=values.dtype, device=values.device)
-        for c in range(values.shape[0]):
-            out[c].copy_(values[c])
-            if c in filled:
-                out[c].masked_fill_(outside, channel_floor(values[c]))
-        if isinstance(img, MetaTensor):
-            out = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
+        for c in range(values.shape[0]) if self.channels is None else self.channels:
+            values[c].masked_fill_(outside, channel_floor(values[c]))
         return out
 
 

@@ -89,9 +89,16 @@ class MaskOutsideROId(_Applyd):
 
 
 class FillOutsideROId(_Applyd):
-    def __init__(self, keys: KeysCollection, roi_key: str = "roi", channels: Sequence[int] | None = None, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        roi_key: str = "roi",
+        channels: Sequence[int] | None = None,
+        inplace: bool = False,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
-        self.transform, self.roi_key = FillOutsideROI(channels), roi_key
+        self.transform, self.roi_key = FillOutsideROI(channels, inplace), roi_key
 
 
 class _InvertibleApplyd(MapTransform, InvertibleTransform):

@@ -6,6 +6,7 @@ on the slices back to the scan's own shape, orientation and affine.
 
 from __future__ import annotations
 
+import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -72,15 +73,19 @@ class LoadVolumed(LoadImaged):
     """``LoadImaged`` (channel first, float32) whose failures become one-line errors naming the file.
 
     NIfTI, NRRD, MHA and DICOM series folders are read through MONAI's readers (nibabel, ITK); gzip NIfTI
-    first through ``NiftiReader`` (the same result, faster).
+    first through ``NiftiReader`` (the same result, faster). ``mask_keys`` are label maps: they keep the type
+    they are stored in (a uint8 liver mask read as float32 would take four times the memory and time).
     """
 
-    def __init__(self, keys, allow_missing_keys: bool = False, **kwargs):
+    def __init__(self, keys, allow_missing_keys: bool = False, mask_keys: Sequence[str] = (), **kwargs):
         kwargs.setdefault("reader", NiftiReader())
         kwargs.setdefault("image_only", True)
         kwargs.setdefault("ensure_channel_first", True)
         kwargs.setdefault("dtype", "float32")
         super().__init__(keys, allow_missing_keys=allow_missing_keys, **kwargs)
+        self.mask_keys = set(mask_keys)
+        self._mask_loader = copy.copy(self._loader)
+        self._mask_loader.dtype = None
 
     def __call__(self, data, reader=None):
         d = dict(data)
@@ -90,15 +95,15 @@ class LoadVolumed(LoadImaged):
                 raise InputError("file not found", path)
         if len(paths) > 1:  # decompression releases the GIL: the image and its masks are read side by side
             with ThreadPoolExecutor(max_workers=len(paths)) as pool:
-                loaded = dict(zip(paths, pool.map(lambda path: self._load_one(path, reader), paths.values())))
+                loaded = dict(zip(paths, pool.map(lambda key: self._load_one(key, paths[key], reader), paths)))
         else:
-            loaded = {key: self._load_one(path, reader) for key, path in paths.items()}
+            loaded = {key: self._load_one(key, path, reader) for key, path in paths.items()}
         d.update(loaded)
         return d
 
-    def _load_one(self, path, reader=None):
+    def _load_one(self, key, path, reader=None):
         try:
-            loaded = self._loader(path, reader)
+            loaded = (self._mask_loader if key in self.mask_keys else self._loader)(path, reader)
         except Exception as exc:  # any reader failure: unreadable, truncated, wrong format
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise InputError(f"cannot be read as a medical image ({reason[:200]})", path) from None
@@ -127,7 +132,7 @@ def build_preprocessing(
     keys = [IMAGE, *masks]
     steps: list[MapTransform] = []
     if load:
-        steps.append(LoadVolumed(keys))
+        steps.append(LoadVolumed(keys, mask_keys=masks))
     steps += [
         CheckCTVolumed(IMAGE),
         SelectROId(ROI, labels=roi_labels),
@@ -164,7 +169,7 @@ def build_postprocessing(
     return Compose(
         [
             Invertd(keys=PRED, transform=preprocessing, orig_keys=IMAGE, nearest_interp=False),
-            FillOutsideROId(PRED, roi_key=ROI_SOURCE, channels=[HEATMAP_CHANNEL]),
+            FillOutsideROId(PRED, roi_key=ROI_SOURCE, channels=[HEATMAP_CHANNEL], inplace=True),  # Invertd's own output
             AnomalyOutputsd(PRED, ROI_SOURCE, pixel_threshold, slice_threshold, min_lesion_mm3),
         ]
     )
