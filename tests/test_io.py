@@ -93,3 +93,19 @@ def test_crop_roi_inverse_fills_each_channel_with_its_own_lowest_value():
         outside = torch.ones(12, 10, 6, dtype=torch.bool)
         outside[box] = False
         assert torch.all(back[c].as_tensor()[outside] == cropped[c].min())
+
+
+def test_keep_freed_memory_applies_once_and_yields_to_the_environment(monkeypatch):
+    import subprocess
+    import sys
+
+    from monai_ad.allocator import keep_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        assert keep_freed_memory() is False
+        return
+    code = "from monai_ad.allocator import keep_freed_memory; print(keep_freed_memory())"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": ""}, check=True)
+    assert fresh.stdout.strip() == "True"  # glibc accepts M_TOP_PAD
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
+    assert keep_freed_memory() is False  # the user's own setting is left alone
