@@ -144,7 +144,10 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 def record(title: str, device: torch.device, tables: Sequence[str], notes: Sequence[str] = (), data: Any = None,
            results: Path | None = RESULTS) -> None:
     """Print the figures and append them, with machine, date and command, to ``RESULTS.md``."""
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    args = list(sys.argv[1:])
+    if "--work" in args[:-1]:  # a scratch folder, not part of what was measured
+        del args[args.index("--work") : args.index("--work") + 2]
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *args])
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = [f"## {title}", "", f"- machine: {machine_description(device)}", f"- date: {stamp}", f"- command: `{command}`"]
     if ALLOCATOR_TUNED:
