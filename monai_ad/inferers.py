@@ -11,7 +11,6 @@ from monai_ad.postprocess import HEATMAP_CHANNEL, SLICE_SCORE_CHANNEL
 from monai_ad.transforms.array import axial_slices, stack_axial_slices
 
 
-
 class SliceAnomalyInferer(Inferer):
     """Run a detector over the axial slices of a pre-processed volume, in batches on its device.
 

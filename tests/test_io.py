@@ -95,7 +95,7 @@ def test_crop_roi_inverse_fills_each_channel_with_its_own_lowest_value():
         assert torch.all(back[c].as_tensor()[outside] == cropped[c].min())
 
 
-def test_keep_freed_memory_applies_once_and_yields_to_the_environment(monkeypatch):
+def test_keep_freed_memory_applies_in_a_fresh_process_and_yields_to_the_environment(monkeypatch):
     import subprocess
     import sys
 
