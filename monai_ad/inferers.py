@@ -32,26 +32,32 @@ class SliceAnomalyInferer(Inferer):
 
     def score_volume(self, image: torch.Tensor, roi: torch.Tensor, detector: AnomalyDetector) -> torch.Tensor:
         """``[1, S, S, Z]`` image and ROI → ``[2, S, S, Z]`` (heatmap, slice scores), with the image's metadata."""
-        slices, roi_slices = axial_slices(image), axial_slices(roi) > 0
-        n = slices.shape[0]
-        scored = torch.nonzero(roi_slices.flatten(1).sum(1) >= self.min_roi_pixels).flatten().tolist()
+        in_roi = axial_slices(roi) > 0
+        n = in_roi.shape[0]
+        scored = torch.nonzero(in_roi.sum((1, 2, 3)) >= self.min_roi_pixels).flatten()
         device = detector.device
-        pixel_maps, slice_scores = [], []
-        for start in range(0, len(scored), self.batch_size):
-            idx = scored[start : start + self.batch_size]
-            scores = detector.score(torch.as_tensor(slices[idx]).float(), torch.as_tensor(roi_slices[idx]))
-            pixel_maps.append(scores.pixel.float())
-            slice_scores.append(scores.slice.float())
-        out = torch.zeros((n, 2, *slices.shape[2:]), device=device)
+        out = torch.empty((n, 2, *in_roi.shape[2:]), device=device)
         out[:, SLICE_SCORE_CHANNEL] = float("nan")
-        if scored:
-            index = torch.as_tensor(scored, device=device)
-            maps = torch.cat(pixel_maps)
-            roi_dev = torch.as_tensor(roi_slices[scored]).to(device)[:, 0]
-            floor = maps[roi_dev].min() if bool(roi_dev.any()) else maps.min()
-            out[:, HEATMAP_CHANNEL] = floor
-            out[index, HEATMAP_CHANNEL] = torch.where(roi_dev, maps, floor)
-            out[index, SLICE_SCORE_CHANNEL] = torch.cat(slice_scores)[:, None, None]
+        heatmap = out[:, HEATMAP_CHANNEL]
+        if len(scored):
+            images = axial_slices(image)[scored].float()  # one gather: the scored slices, contiguous
+            masks = in_roi[scored]
+            index = scored.to(device)
+            floor_in_roi = floor_all = torch.tensor(float("inf"), device=device)
+            for start in range(0, len(scored), self.batch_size):
+                batch = slice(start, start + self.batch_size)
+                scores = detector.score(images[batch], masks[batch])
+                pixel, mask = scores.pixel.float(), masks[batch, 0].to(device)
+                floor_in_roi = torch.minimum(floor_in_roi, torch.where(mask, pixel, float("inf")).amin())
+                floor_all = torch.minimum(floor_all, pixel.amin())
+                heatmap[index[batch]] = pixel
+                out[index[batch], SLICE_SCORE_CHANNEL] = scores.slice.float()[:, None, None]
+            outside = torch.ones(n, *in_roi.shape[2:], dtype=torch.bool, device=device)
+            outside[index] = ~masks[:, 0].to(device)
+            floor = torch.where(floor_in_roi.isfinite(), floor_in_roi, floor_all)  # no host sync
+            heatmap.masked_fill_(outside, floor)  # outside the ROI and unscored slices: the lowest score in it
+        else:
+            heatmap.fill_(0.0)
         volume = stack_axial_slices(out).to(self.device or device)
         if isinstance(image, MetaTensor):
             volume = MetaTensor(volume, meta=dict(image.meta), applied_operations=list(image.applied_operations))

@@ -107,7 +107,9 @@ def test_efficientnet_lite0_packaged_weights_equal_the_packages_own_model():
         for block in ours.blocks[:5]:
             h = block(h)
             stages.append(h)
-    assert torch.allclose(maps[0], stages[2], atol=1e-5) and torch.allclose(maps[1], stages[4], atol=1e-5)
+    # BatchNorm folded into the convolutions: the same features up to float32 rounding
+    assert torch.allclose(maps[0], stages[2], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(maps[1], stages[4], rtol=1e-4, atol=1e-4)
 
 
 def test_backbones_are_frozen_and_stay_in_eval_mode():
@@ -121,6 +123,40 @@ def test_backbones_are_frozen_and_stay_in_eval_mode():
         build_backbone("efficientnet_lite0", layers=["blocks.9"])
     with pytest.raises(InputError, match="unknown backbone"):
         build_backbone("alexnet")
+
+
+def test_batch_norms_fold_into_the_convolutions_they_follow(caplog):
+    from monai_ad.networks.backbones import fold_batch_norms
+
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in build_backbone("efficientnet_lite0").modules())
+
+    def with_statistics(norm):
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.weight.data.uniform_(0.5, 2)
+        return norm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), with_statistics(torch.nn.BatchNorm2d(4)),
+                                torch.nn.ReLU()).eval()  # fmt: skip
+    expected = plain(x)
+    assert fold_batch_norms(plain, lambda t: [plain(t)]) == 1
+    assert isinstance(plain[1], torch.nn.Identity) and torch.allclose(plain(x), expected, atol=1e-5)
+
+    class ReadTwice(torch.nn.Module):  # the convolution's output also feeds a sum the hooks cannot see
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(3, 3, 3, padding=1), with_statistics(torch.nn.BatchNorm2d(3))
+
+        def forward(self, t):
+            y = self.conv(t)
+            return self.norm(y) + y
+
+    model = ReadTwice().eval()
+    expected = model(x)
+    with caplog.at_level(logging.WARNING, logger="monai_ad.networks.backbones"):
+        assert fold_batch_norms(model, lambda t: [model(t)]) == 0
+    assert "left unfolded" in caplog.text
+    assert isinstance(model.norm, torch.nn.BatchNorm2d) and torch.allclose(model(x), expected)
 
 
 def test_vgg16_weights_come_from_the_lpips_package():
@@ -233,8 +269,7 @@ def test_patch_embedding_equals_the_reference_order(channels, pre_dim, target_di
     expected = _reference_embedding(features, pre_dim, target_dim)
     out, grid = PatchEmbedding(pre_dim, target_dim)(features)
     assert grid == (10, 8) and torch.allclose(out, expected, atol=1e-5)
-    chunked, _ = PatchEmbedding(pre_dim, target_dim, chunk_bytes=1)(features)  # one slice at a time
-    assert torch.allclose(chunked, out, atol=1e-6)
+    assert out.is_contiguous()
 
 
 def _reference_coreset(features, ratio, seed, projection_dim=128, n_starts=10):

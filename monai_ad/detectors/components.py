@@ -28,69 +28,59 @@ class PatchEmbedding(nn.Module):
     Per layer ``[B, C, h, w]``: unfold ``patch_size``² neighbourhoods (stride 1, zero padding), flatten each
     patch in ``(C, kh, kw)`` order and ``adaptive_avg_pool1d`` it to ``pre_dim``; deeper grids are bilinearly
     resized to the first layer's grid (``align_corners=False``). The layers' vectors are concatenated
-    (layer-major) and ``adaptive_avg_pool1d``-ed to ``target_dim``. No learned projection. The unfold + pool is
-    computed as the equivalent convolution with a fixed averaging kernel.
+    (layer-major) and ``adaptive_avg_pool1d``-ed to ``target_dim``. No learned projection.
 
-    The reference code resizes the unfolded ``C·k²``-channel patches before pooling them; the pooling (across
-    channels) and the resize (across positions) are both linear and act on different axes, so resizing the
-    pooled ``pre_dim`` channels instead gives the same numbers with ``C·k²/pre_dim`` times less work. The
-    unfolded tensor is built for a few slices at a time (at most ``chunk_bytes``).
+    Computed without any of those intermediate tensors, with the same numbers: unfolding and both poolings are
+    linear maps across channels, so for each layer they fold into one fixed convolution kernel
+    ``[target_dim, C, k, k]``; the resize acts across positions and commutes with them, so the layers' convolved
+    maps are resized and summed. The reference code resizes the unfolded ``C·k²``-channel patches; this resizes
+    ``target_dim`` channels. The maps are kept channels-last, so the ``[B, h·w, target_dim]`` result is a view.
 
     ``forward(features) -> (patches [B, h·w, target_dim], (h, w))`` with ``(h, w)`` the first layer's grid.
     """
 
-    def __init__(self, pre_dim: int, target_dim: int, patch_size: int = 3, chunk_bytes: int = 256 << 20):
+    def __init__(self, pre_dim: int, target_dim: int, patch_size: int = 3):
         super().__init__()
         if patch_size < 1 or patch_size % 2 == 0:
             raise ValueError(f"patch_size must be odd and positive, got {patch_size}")
         self.pre_dim, self.target_dim, self.patch_size = int(pre_dim), int(target_dim), int(patch_size)
-        self.chunk_bytes = int(chunk_bytes)
-        self._kernels: dict[tuple, torch.Tensor] = {}
+        self._kernels: dict[tuple, list[torch.Tensor]] = {}
 
-    def _pool_layer(self, feature: torch.Tensor) -> torch.Tensor:
-        """``[b, C, h, w]`` → ``[b, pre_dim, h, w]``: unfolded patches pooled along their ``(C, k, k)`` axis.
-
-        Unfolding and then average-pooling each patch vector is one linear map per position, i.e. a convolution
-        whose fixed kernel holds the pooling weights: computed as such, without the ``C·k²``-channel tensor."""
-        return F.conv2d(feature, self._pooling_kernel(feature), padding=self.patch_size // 2)
-
-    def _pooling_kernel(self, feature: torch.Tensor) -> torch.Tensor:
-        """``[pre_dim, C, k, k]``: row ``o`` averages the ``o``-th adaptive-pooling bin of the ``(C, kh, kw)``-ordered
-        patch vector (the bins of ``adaptive_avg_pool1d``)."""
-        c, k = feature.shape[1], self.patch_size
-        key = (c, feature.device, feature.dtype)
+    def _folded_kernels(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per layer ``[target_dim, C, k, k]``: row ``o`` is the weight each ``(C, kh, kw)`` patch entry of that
+        layer has in output ``o`` after both ``adaptive_avg_pool1d`` steps."""
+        channels = tuple(int(f.shape[1]) for f in features)
+        key = (channels, features[0].device, features[0].dtype)
         if key not in self._kernels:
-            eye = torch.eye(c * k * k, dtype=torch.float64)
-            bins = F.adaptive_avg_pool1d(eye[None], self.pre_dim)[0].t()  # [pre_dim, C·k·k]
-            self._kernels[key] = bins.reshape(self.pre_dim, c, k, k).to(feature.device, feature.dtype)
+            k, pre = self.patch_size, self.pre_dim
+            final = _pooling_matrix(len(channels) * pre, self.target_dim)  # [target_dim, L·pre_dim]
+            self._kernels[key] = [
+                (final[:, i * pre : (i + 1) * pre] @ _pooling_matrix(c * k * k, pre))
+                .reshape(self.target_dim, c, k, k)
+                .to(features[0].device, features[0].dtype)
+                for i, c in enumerate(channels)
+            ]
         return self._kernels[key]
-
-    def _embed(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        grid = tuple(features[0].shape[-2:])
-        layers = []
-        for feature in features:
-            pooled = self._pool_layer(feature)
-            if tuple(pooled.shape[-2:]) != grid:
-                pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
-            layers.append(pooled.flatten(2))
-        stacked = torch.cat(layers, dim=1)  # [b, L·pre_dim, h·w]
-        out = F.adaptive_avg_pool2d(stacked.unsqueeze(1), (self.target_dim, stacked.shape[-1]))
-        return out.squeeze(1).transpose(1, 2).contiguous()  # [b, h·w, target_dim]
 
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         if not features:
             raise ValueError("PatchEmbedding needs at least one feature map")
-        b = features[0].shape[0]
-        grid = (int(features[0].shape[-2]), int(features[0].shape[-1]))
-        per_slice = sum(f[0].numel() for f in features) * self.patch_size**2 * features[0].element_size()
-        step = max(1, self.chunk_bytes // max(1, per_slice))
-        if step >= b:
-            return self._embed(features), grid
-        chunks = [self._embed([f[i : i + step] for f in features]) for i in range(0, b, step)]
-        return torch.cat(chunks), grid
+        b, grid = features[0].shape[0], (int(features[0].shape[-2]), int(features[0].shape[-1]))
+        total = None
+        for feature, kernel in zip(features, self._folded_kernels(features)):
+            mapped = F.conv2d(feature.contiguous(memory_format=torch.channels_last), kernel, padding=self.patch_size // 2)
+            if tuple(mapped.shape[-2:]) != grid:
+                mapped = F.interpolate(mapped, size=grid, mode="bilinear", align_corners=False)
+            total = mapped if total is None else total.add_(mapped)
+        return total.permute(0, 2, 3, 1).reshape(b, grid[0] * grid[1], self.target_dim), grid
 
     def extra_repr(self) -> str:
         return f"pre_dim={self.pre_dim}, target_dim={self.target_dim}, patch_size={self.patch_size}"
+
+
+def _pooling_matrix(n: int, m: int) -> torch.Tensor:
+    """``[m, n]`` float64: ``adaptive_avg_pool1d`` from ``n`` to ``m`` entries as a matrix."""
+    return F.adaptive_avg_pool1d(torch.eye(n, dtype=torch.float64)[None], m)[0].t()
 
 
 def default_embedding_dim(channels: Sequence[int], paper_dim: int) -> int:

@@ -90,6 +90,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         super().train(False)
+        fold_batch_norms(body, lambda x: run(body, x))
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(False)
@@ -102,6 +103,79 @@ class FeatureExtractor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name}, layers={self.layers}, channels={self.channels}, strides={self.strides}"
+
+
+@torch.no_grad()
+def fold_batch_norms(body: nn.Module, run: Callable[[torch.Tensor], list[torch.Tensor]], size: int = 64) -> int:
+    """Fold each frozen ``BatchNorm2d`` that only normalises a ``Conv2d``'s output into that convolution's weights
+    and bias, and drop it (a ``BatchNorm2d`` with a built-in activation, as timm's, leaves the activation).
+    Returns how many were folded.
+
+    The backbone is frozen and always in eval mode, so a BatchNorm is a fixed per-channel affine map: computing it
+    inside the convolution saves a pass over every feature map (about a tenth of EfficientNet-Lite0's time on
+    the CPU). Which BatchNorm follows which convolution is read from one forward pass on a ``size``² input; the
+    outputs are then compared with the unfolded ones and, should anything not match, nothing is folded.
+    """
+    made_by: dict[int, nn.Conv2d] = {}  # id of a convolution's output -> the convolution
+    uses: dict[int, int] = {}  # id of a tensor -> how many modules took it as input
+    calls: dict[int, int] = {}  # id of a module -> how many times it ran
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d, int]] = []
+    alive: list[torch.Tensor] = []  # keeps every traced tensor alive, so no id is reused during the pass
+
+    def trace(module: nn.Module, inputs: tuple, output: object) -> None:
+        calls[id(module)] = calls.get(id(module), 0) + 1
+        for x in inputs:
+            if isinstance(x, torch.Tensor):
+                uses[id(x)] = uses.get(id(x), 0) + 1
+                alive.append(x)
+        if isinstance(module, nn.Conv2d) and isinstance(output, torch.Tensor):
+            made_by[id(output)] = module
+            alive.append(output)
+        elif isinstance(module, nn.BatchNorm2d) and inputs and id(inputs[0]) in made_by:
+            pairs.append((made_by[id(inputs[0])], module, id(inputs[0])))
+
+    leaves = [m for m in body.modules() if not list(m.children()) or isinstance(m, nn.BatchNorm2d)]
+    handles = [m.register_forward_hook(trace) for m in leaves]
+    param = next(body.parameters(), None)
+    example = torch.rand(1, 3, size, size, device=param.device if param is not None else None)
+    try:
+        expected = run(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    owners = {id(m): (parent, name) for parent in body.modules() for name, m in parent.named_children()}
+    foldable = [
+        (conv, bn) for conv, bn, output in pairs
+        if uses[output] == 1 and calls[id(conv)] == calls[id(bn)] == 1 and bn.running_mean is not None
+        and id(bn) in owners and _without_batch_norm(bn) is not None
+    ]  # fmt: skip
+    if not foldable:
+        return 0
+    saved = [(conv, conv.weight, conv.bias, bn) for conv, bn in foldable]
+    for conv, bn in foldable:
+        weight, bias = nn.utils.fusion.fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        conv.weight, conv.bias = weight.requires_grad_(False), bias.requires_grad_(False)
+        parent, name = owners[id(bn)]
+        setattr(parent, name, _without_batch_norm(bn))
+    if all(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max())) for a, b in zip(run(example), expected)):
+        return len(foldable)
+    for conv, weight, bias, bn in saved:  # the convolution also fed something the hooks did not see
+        conv.weight, conv.bias = weight, bias
+        parent, name = owners[id(bn)]
+        setattr(parent, name, bn)
+    logger.warning("%s: folding BatchNorm into the convolutions changed the features; left unfolded", type(body).__name__)
+    return 0
+
+
+def _without_batch_norm(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """What is left of ``bn`` once its normalisation is folded away, or None when that is unknown."""
+    if type(bn).forward is nn.BatchNorm2d.forward:
+        return nn.Identity()
+    if isinstance(getattr(bn, "act", None), nn.Module) and isinstance(getattr(bn, "drop", None), nn.Module):
+        return nn.Sequential(bn.drop, bn.act)  # timm's BatchNormAct2d: norm, then drop (identity in eval), then act
+    return None
 
 
 # ----------------------------------------------------------------------------- weight files
