@@ -1,7 +1,7 @@
 """Pieces shared by the feature-based detectors (PatchCore, SimpleNet and later ones).
 
 - ``PatchEmbedding``: the locally aware patch features of PatchCore/SimpleNet (METHODS §0).
-- ``PatchFeatures``: a frozen backbone followed by ``PatchEmbedding`` (channels-last on CUDA; bf16 autocast opt-in).
+- ``PatchFeatures``: a frozen backbone followed by ``PatchEmbedding`` (bf16 autocast on CUDA opt-in).
 - ``greedy_coreset``: PatchCore's approximate greedy k-center coreset.
 - ``GaussianBlur2d`` / ``gaussian_blur2d``: ``scipy.ndimage.gaussian_filter`` (mode ``reflect``) on the device.
 - ``PatchScoreMap``: a patch-score grid → a pixel map (bilinear upsampling + Gaussian blur).
@@ -118,7 +118,6 @@ class PatchFeatures(nn.Module):
         self.dim = self.embed.target_dim
         self.stride = self.backbone.strides[0]
         self.amp = bool(amp)
-        self._channels_last = False
 
     def autocast(self, device: torch.device):
         if self.amp and device.type == "cuda":
@@ -133,12 +132,7 @@ class PatchFeatures(nn.Module):
 
     @torch.no_grad()
     def backbone_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen backbone's feature maps, as scoring computes them (channels-last on CUDA, bf16 with ``amp``)."""
-        if x.device.type == "cuda":
-            if not self._channels_last:
-                self.backbone.to(memory_format=torch.channels_last)
-                self._channels_last = True
-            x = x.contiguous(memory_format=torch.channels_last)
+        """The frozen backbone's feature maps, as scoring computes them (channels-last, bf16 with ``amp`` on CUDA)."""
         with self.autocast(x.device):
             return self.backbone(x)
 

@@ -65,7 +65,10 @@ class FeatureExtractor(nn.Module):
 
     Grey slices are repeated to 3 channels and normalised with the backbone's own mean/std. The module is
     frozen (no gradients) and stays in eval mode even when a parent calls ``.train()`` (BatchNorm statistics
-    never change). ``channels[i]`` and ``strides[i]`` describe output ``i``.
+    never change), so its BatchNorms are folded into the convolutions (``fold_batch_norms``). It runs
+    channels-last on every device: on a 2-core CPU that made EfficientNet-Lite0 about 1.45× faster (ResNet-18
+    1.35×, VGG16 1.2×) with the same features; the maps it returns are channels-last too.
+    ``channels[i]`` and ``strides[i]`` describe output ``i``.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class FeatureExtractor(nn.Module):
         self.requires_grad_(False)
         super().train(False)
         fold_batch_norms(body, lambda x: run(body, x))
+        body.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(False)
@@ -98,7 +102,7 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"expected grey slices [B, 1, H, W], got {tuple(x.shape)}")
-        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        x = ((x.expand(-1, 3, -1, -1) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         return self._run(self.body, x)
 
     def extra_repr(self) -> str:
