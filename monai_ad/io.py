@@ -62,7 +62,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 class NiftiReader(NibabelReader):
     """MONAI's ``NibabelReader``, faster: ``.nii.gz`` files are decompressed in one call with ISA-L and the
-    voxels are put in C order (as MONAI holds them) by ``c_order``. The values and metadata are the same."""
+    voxels are put in C order (as MONAI holds them) by ``c_order``, converted to ``dtype`` (when given) in the
+    same pass, as ``LoadImage(dtype=...)`` would convert them afterwards. The values and metadata are the same."""
+
+    def __init__(self, *args, dtype: Any = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dtype = None if dtype is None else np.dtype(dtype)
 
     def read(self, data, **kwargs):
         names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
@@ -75,7 +80,7 @@ class NiftiReader(NibabelReader):
     def _get_array_data(self, img, filename):
         if self.to_gpu:
             return super()._get_array_data(img, filename)
-        return c_order(np.asanyarray(img.dataobj))
+        return c_order(np.asanyarray(img.dataobj), self.dtype)
 
 
 def _nifti_from_gzip(path: Path, load_kwargs: dict[str, Any]) -> Any:
@@ -115,13 +120,19 @@ def fortran_order(array: np.ndarray) -> np.ndarray:
     return zyx.numpy().reshape(z, y, x).transpose()
 
 
-def c_order(array: np.ndarray) -> np.ndarray:
-    """The inverse of ``fortran_order``: a 3-D volume in C order (as MONAI holds it), the same way."""
-    if array.flags.c_contiguous or not _transposable(array) or not array.flags.f_contiguous:
-        return np.ascontiguousarray(array)
+def c_order(array: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """The inverse of ``fortran_order``: a 3-D volume in C order (as MONAI holds it), the same way; in ``dtype``
+    (default: the array's), converted during the last copy rather than in a pass of its own."""
+    dtype = array.dtype if dtype is None else np.dtype(dtype)
+    if array.flags.c_contiguous or not _transposable(array) or not array.flags.f_contiguous or not _transposable(
+        np.empty((1, 1, 1), dtype)
+    ):
+        return np.ascontiguousarray(array, dtype=dtype)
     x, y, z = array.shape
     yxz = torch.from_numpy(array.transpose()).reshape(z, y * x).t().contiguous().view(y, x, z)
-    return yxz.transpose(0, 1).contiguous().numpy()
+    out = np.empty((x, y, z), dtype)
+    torch.from_numpy(out).copy_(yxz.transpose(0, 1))
+    return out
 
 
 def _transposable(array: np.ndarray) -> bool:

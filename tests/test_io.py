@@ -21,7 +21,10 @@ def test_memory_order_conversions_keep_every_value(shape, dtype):
     fortran = fortran_order(array)
     assert fortran.flags.f_contiguous and np.array_equal(fortran, array)
     back = c_order(fortran)
-    assert back.flags.c_contiguous and np.array_equal(back, array)
+    assert back.flags.c_contiguous and back.dtype == array.dtype and np.array_equal(back, array)
+    as_float = c_order(fortran, np.float32)  # the conversion LoadImage(dtype=float32) makes, in the same copy
+    assert as_float.flags.c_contiguous and as_float.dtype == np.float32
+    assert np.array_equal(as_float, array.astype(np.float32))
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
@@ -35,6 +38,9 @@ def test_nifti_reader_gives_what_monais_reader_gives(tmp_path, suffix, image_cla
     ours = LoadImage(reader=NiftiReader(), image_only=True, ensure_channel_first=True)(str(path))
     monais = LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True)(str(path))
     assert torch.equal(ours.as_tensor(), monais.as_tensor())
+    as_float = LoadImage(reader=NiftiReader(dtype=np.float32), image_only=True, ensure_channel_first=True, dtype=np.float32)
+    monais = LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
+    assert as_float(str(path)).dtype == torch.float32 and torch.equal(as_float(str(path)).as_tensor(), monais.as_tensor())
     assert torch.allclose(ours.affine, monais.affine)
     assert np.allclose(ours.as_tensor()[0].numpy(), data * 0.5 - 10.0)
 

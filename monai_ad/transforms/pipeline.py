@@ -78,14 +78,18 @@ class LoadVolumed(LoadImaged):
     """
 
     def __init__(self, keys, allow_missing_keys: bool = False, mask_keys: Sequence[str] = (), **kwargs):
-        kwargs.setdefault("reader", NiftiReader())
         kwargs.setdefault("image_only", True)
         kwargs.setdefault("ensure_channel_first", True)
         kwargs.setdefault("dtype", "float32")
+        own_reader = "reader" not in kwargs
+        if own_reader:
+            kwargs["reader"] = NiftiReader(dtype=kwargs["dtype"])
         super().__init__(keys, allow_missing_keys=allow_missing_keys, **kwargs)
         self.mask_keys = set(mask_keys)
         self._mask_loader = copy.copy(self._loader)
         self._mask_loader.dtype = None
+        if own_reader:  # masks are read in their stored type
+            self._mask_loader.readers = [NiftiReader() if isinstance(r, NiftiReader) else r for r in self._loader.readers]
 
     def __call__(self, data, reader=None):
         d = dict(data)
