@@ -275,7 +275,7 @@ class VolumePredictor:
         result = VolumeResult(
             name,
             heatmap.as_tensor()[0].numpy(),
-            data[PRED].as_tensor()[0].numpy().astype(np.uint8),
+            data[PRED].as_tensor()[0].numpy().astype(np.uint8, copy=False),
             np.asarray(heatmap.affine, dtype=np.float64),
             summary,
         )

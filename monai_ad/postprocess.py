@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -42,7 +43,7 @@ def label_lesions(
     above = heatmap >= threshold
     if roi is not None:
         above &= roi > 0
-    label_map = np.zeros_like(heatmap, dtype=np.uint8)  # the heatmap's memory order: written without a transpose
+    label_map = np.zeros(heatmap.shape, dtype=np.uint8, order="F")  # NIfTI's order: written without a transpose
     box = bounding_box(above)
     if box is None:
         return label_map, []
@@ -144,9 +145,11 @@ class AnomalyOutputsd(MapTransform):
             values = torch.as_tensor(pred).detach().cpu().float().numpy()
             roi = torch.as_tensor(d[self.roi_key]).cpu().numpy()[0] > 0
             heatmap = values[HEATMAP_CHANNEL]
-            label_map, lesions = label_lesions(heatmap, affine, self.pixel_threshold, self.min_lesion_mm3, roi)
             axis = axial_axis(affine)
-            slice_scores = slice_scores_along_axis(values[SLICE_SCORE_CHANNEL], roi, axis)
+            with ThreadPoolExecutor(max_workers=1) as pool:  # two independent reads of the volume, side by side
+                slice_scores = pool.submit(slice_scores_along_axis, values[SLICE_SCORE_CHANNEL], roi, axis)
+                label_map, lesions = label_lesions(heatmap, affine, self.pixel_threshold, self.min_lesion_mm3, roi)
+                slice_scores = slice_scores.result()
             d[self.heatmap_key] = _like(pred, heatmap[None].astype(np.float32, copy=False))
             d[key] = _like(pred, label_map[None])
             d[self.summary_key] = {
