@@ -29,20 +29,26 @@ from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, greedy_c
 from monai_ad.distributed import all_gather_rows
 from monai_ad.errors import InputError
 
-# the query × bank distance block computed at once (elements): 2^26 float32 = 256 MiB
-KNN_BLOCK_ELEMENTS = 1 << 26
+# the query × bank distance block computed at once (elements): on a GPU 2^26 float32 = 256 MiB; on the CPU a
+# 16 MiB block stays in cache between the product and the search (2-core CPU, 23,500-row bank: 32 ms per slice
+# at 2^22 against 39 ms at 2^26 and 43 ms at 2^20)
+KNN_BLOCK_ELEMENTS = {"cpu": 1 << 22}
+KNN_BLOCK_ELEMENTS_DEFAULT = 1 << 26
 
 
 def nearest_neighbors(
-    queries: torch.Tensor, bank: torch.Tensor, k: int, block: int = KNN_BLOCK_ELEMENTS
+    queries: torch.Tensor, bank: torch.Tensor, k: int, block: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared L2 distances ``[Q, k]`` (ascending) and indices ``[Q, k]`` of each query's ``k`` nearest bank
-    rows, computed on the tensors' device in blocks of at most ``block`` query×bank elements.
+    rows, computed on the tensors' device in blocks of at most ``block`` query×bank elements (default: the
+    device's ``KNN_BLOCK_ELEMENTS``).
 
     ``‖q − b‖² = ‖q‖² + (‖b‖² − 2·q·b)``: the bracket is one matrix product per block and the search runs on it;
     ``‖q‖²`` (the same for a whole row) is added to the k winners only, and the clamp at 0 (rounding) after.
     The distance block is thus written once and read once, not passed over again per term.
     """
+    if block is None:
+        block = KNN_BLOCK_ELEMENTS.get(bank.device.type, KNN_BLOCK_ELEMENTS_DEFAULT)
     norms = bank.square().sum(1)
     rows = max(1, block // max(1, bank.shape[0]))
     values, indices = [], []
