@@ -139,7 +139,9 @@ def test_batch_norms_fold_into_the_convolutions_they_follow(caplog):
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), with_statistics(torch.nn.BatchNorm2d(4)),
                                 torch.nn.ReLU()).eval()  # fmt: skip
     expected = plain(x)
+    rng = torch.get_rng_state()
     assert fold_batch_norms(plain, lambda t: [plain(t)]) == 1
+    assert torch.equal(torch.get_rng_state(), rng)  # the traced example does not draw from the caller's RNG
     assert isinstance(plain[1], torch.nn.Identity) and torch.allclose(plain(x), expected, atol=1e-5)
 
     class ReadTwice(torch.nn.Module):  # the convolution's output also feeds a sum the hooks cannot see

@@ -141,7 +141,8 @@ def fold_batch_norms(body: nn.Module, run: Callable[[torch.Tensor], list[torch.T
     leaves = [m for m in body.modules() if not list(m.children()) or isinstance(m, nn.BatchNorm2d)]
     handles = [m.register_forward_hook(trace) for m in leaves]
     param = next(body.parameters(), None)
-    example = torch.rand(1, 3, size, size, device=param.device if param is not None else None)
+    example = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))  # callers' RNG untouched
+    example = example.to(param.device if param is not None else "cpu")
     try:
         expected = run(example)
     finally:
