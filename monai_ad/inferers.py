@@ -41,19 +41,19 @@ class SliceAnomalyInferer(Inferer):
         heatmap = out[:, HEATMAP_CHANNEL]
         if len(scored):
             images = axial_slices(image)[scored].float()  # one gather: the scored slices, contiguous
-            masks = in_roi[scored]
+            masks = in_roi[scored].to(device)  # small (bool): on the device once, for scoring and the fill
             index = scored.to(device)
             floor_in_roi = floor_all = torch.tensor(float("inf"), device=device)
             for start in range(0, len(scored), self.batch_size):
                 batch = slice(start, start + self.batch_size)
                 scores = detector.score(images[batch], masks[batch])
-                pixel, mask = scores.pixel.float(), masks[batch, 0].to(device)
+                pixel, mask = scores.pixel.float(), masks[batch, 0]
                 floor_in_roi = torch.minimum(floor_in_roi, torch.where(mask, pixel, float("inf")).amin())
                 floor_all = torch.minimum(floor_all, pixel.amin())
                 heatmap[index[batch]] = pixel
                 out[index[batch], SLICE_SCORE_CHANNEL] = scores.slice.float()[:, None, None]
             outside = torch.ones(n, *in_roi.shape[2:], dtype=torch.bool, device=device)
-            outside[index] = ~masks[:, 0].to(device)
+            outside[index] = ~masks[:, 0]
             floor = torch.where(floor_in_roi.isfinite(), floor_in_roi, floor_all)  # no host sync
             heatmap.masked_fill_(outside, floor)  # outside the ROI and unscored slices: the lowest score in it
         else:
