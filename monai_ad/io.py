@@ -124,9 +124,7 @@ def c_order(array: np.ndarray, dtype: Any = None) -> np.ndarray:
     """The inverse of ``fortran_order``: a 3-D volume in C order (as MONAI holds it), the same way; in ``dtype``
     (default: the array's), converted during the last copy rather than in a pass of its own."""
     dtype = array.dtype if dtype is None else np.dtype(dtype)
-    if array.flags.c_contiguous or not _transposable(array) or not array.flags.f_contiguous or not _transposable(
-        np.empty((1, 1, 1), dtype)
-    ):
+    if array.flags.c_contiguous or not array.flags.f_contiguous or not _transposable(array) or not _torch_holds(dtype):
         return np.ascontiguousarray(array, dtype=dtype)
     x, y, z = array.shape
     yxz = torch.from_numpy(array.transpose()).reshape(z, y * x).t().contiguous().view(y, x, z)
@@ -136,11 +134,16 @@ def c_order(array: np.ndarray, dtype: Any = None) -> np.ndarray:
 
 
 def _transposable(array: np.ndarray) -> bool:
-    """3-D, in a dtype and byte order torch holds."""
-    if array.ndim != 3 or not array.dtype.isnative or min(array.shape) == 0:
+    """3-D, not empty, in a dtype and byte order torch holds."""
+    return array.ndim == 3 and min(array.shape) > 0 and _torch_holds(array.dtype)
+
+
+def _torch_holds(dtype: np.dtype) -> bool:
+    """Whether a numpy array of ``dtype`` can be viewed as a torch tensor (a native byte order is needed too)."""
+    if not dtype.isnative:
         return False
     try:
-        torch.from_numpy(array[:0, :0, :0])
+        torch.from_numpy(np.empty(0, dtype))
     except TypeError:
         return False
     return True
