@@ -1,4 +1,4 @@
-"""Weakly-supervised hyper-parameter selection (Shvetsova et al., METHODS §6), for any detector.
+"""Weakly-supervised hyper-parameter selection (Shvetsova et al., docs/methods.md#dpa), for any detector.
 
 For every candidate of a grid, ``folds``-fold cross-validation over patients: in each fold a different
 ``validation_fraction`` (20 %) of the training-normal patients is held out as validation normals, the detector is

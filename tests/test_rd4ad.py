@@ -42,7 +42,7 @@ def fitted(data):
 
 def test_widths_follow_the_teacher_and_match_the_paper_for_wide_resnet():
     n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    # METHODS §4: WideResNet-50-2 (256/512/1024) → OCBE ≈ 58.9M (without the unused conv4), decoder ≈ 24.9M
+    # the paper: WideResNet-50-2 (256/512/1024) → OCBE ≈ 58.9M (without the unused conv4), decoder ≈ 24.9M
     assert round(n_params(OneClassBottleneck((256, 512, 1024))) / 1e6, 1) == 58.9
     assert round(n_params(StudentDecoder((256, 512, 1024))) / 1e6, 1) == 24.9
     channels = (24, 40, 112)  # EfficientNet-Lite0 blocks.1/2/4

@@ -2,12 +2,13 @@
 frozen CLIP *text* encoder from learned per-patch prompts and a narrow adaptor; the failure to reconstruct is
 the anomaly score.
 
-What METHODS §7 lists (all **unverified**: no thesis text or code was found) and how it is built here:
+What the method description lists (no thesis text or code was found; docs/methods.md#clip_reconstruction) and how
+it is built here:
 
 - **Frozen CLIP image and text encoders** (``monai_ad.networks.clip.FrozenCLIP``; open_clip architecture name
   + local checkpoint, nothing downloads; never saved with the detector).
 - **Image features from 4 layers.** Patch tokens of ``layers`` (default 4 evenly spaced blocks, 3/6/9/12 for a
-  12-block ViT), each moved into the joint space by ``ln_post`` then ``@ proj`` (METHODS §7).
+  12-block ViT), each moved into the joint space by ``ln_post`` then ``@ proj`` (as AnoVL).
 - **Adaptor.** Linear(D → D/16) – ReLU – Linear(D/16 → text width) on each patch's joint-space token of the
   deepest chosen layer (the 16× bottleneck is what keeps it from simply copying the patch).
 - **Per-patch prompts.** For each of the N grid patches, M = ``prompt_length`` (16) learnable token embeddings

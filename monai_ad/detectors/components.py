@@ -1,6 +1,6 @@
 """Pieces shared by the feature-based detectors (PatchCore, SimpleNet and later ones).
 
-- ``PatchEmbedding``: the locally aware patch features of PatchCore/SimpleNet (METHODS §0).
+- ``PatchEmbedding``: the locally aware patch features of PatchCore/SimpleNet (docs/methods.md#patch-embedding).
 - ``PatchFeatures``: a frozen backbone followed by ``PatchEmbedding`` (bf16 autocast on CUDA opt-in).
 - ``greedy_coreset``: PatchCore's approximate greedy k-center coreset.
 - ``GaussianBlur2d`` / ``gaussian_blur2d``: ``scipy.ndimage.gaussian_filter`` (mode ``reflect``) on the device.
@@ -23,7 +23,7 @@ from monai_ad.networks.backbones import build_backbone
 
 # ----------------------------------------------------------------------------- patch embedding
 class PatchEmbedding(nn.Module):
-    """Locally aware patch features from several backbone layers (PatchCore / SimpleNet, METHODS §0).
+    """Locally aware patch features from several backbone layers (PatchCore / SimpleNet, docs/methods.md).
 
     Per layer ``[B, C, h, w]``: unfold ``patch_size``² neighbourhoods (stride 1, zero padding), flatten each
     patch in ``(C, kh, kw)`` order and ``adaptive_avg_pool1d`` it to ``pre_dim``; deeper grids are bilinearly

@@ -2,7 +2,7 @@
 autoencoders", IEEE Access 2021): an autoencoder trained on normal slices with a relative perceptual L1 loss;
 the anomaly score is that loss.
 
-As the reference implementation (METHODS §6; networks in ``monai_ad.networks.perceptual_autoencoder``):
+As the reference implementation (docs/methods.md#dpa; networks in ``monai_ad.networks.perceptual_autoencoder``):
 
 - Slices in ``[0, 1]`` become ``[-1, 1]``; the final resolution is ``image_size`` (64 in the paper).
 - Loss: relative-perceptual-L1 on one VGG layer per resolution (relu1_2 at 8, relu2_2 at 16, relu3_2 at 32 and

@@ -1,6 +1,6 @@
 """PaDiM (Defard et al., ICPR 2021): a Gaussian of normal patch embeddings at every position, Mahalanobis scoring.
 
-As METHODS §3 (BMAD's anomalib PaDiM; there is no official code): a frozen backbone's ``layer1 + layer2 +
+As BMAD's anomalib PaDiM (there is no official code; docs/methods.md#padim): a frozen backbone's ``layer1 + layer2 +
 layer3`` analogues, the deeper maps nearest-upsampled to the first layer's grid and concatenated; a random
 subset of ``d`` channels, drawn once from ``seed`` and stored with the model; at each grid position the mean and
 the covariance (unbiased, ``N − 1``) of the training embeddings, + ``regularization``·I (0.01), inverted;

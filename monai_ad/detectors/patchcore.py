@@ -1,7 +1,7 @@
 """PatchCore (Roth et al., CVPR 2022): a coreset memory bank of normal patch features, k-NN scoring.
 
-As the official implementation (METHODS §2): a frozen backbone's layer2 + layer3 analogues, 3×3 patch
-aggregation pooled to ``target_dim`` without learned projection (§0); approximate greedy k-center coreset of
+As the official implementation (docs/methods.md#patchcore): a frozen backbone's layer2 + layer3 analogues, 3×3 patch
+aggregation pooled to ``target_dim`` without learned projection; approximate greedy k-center coreset of
 ``coreset_ratio`` (10 %) of the training patches, selected on a random 128-d projection while the bank keeps
 the full features; patch score = mean distance to the ``num_neighbors`` (k = 1) nearest bank items, as
 **squared** L2 like the official faiss ``IndexFlatL2`` (``squared_distance=False`` gives anomalib's plain L2);

@@ -2,7 +2,7 @@
 
 The network (teacher, one-class bottleneck, student decoder, loss, anomaly map) is
 ``monai_ad.networks.reverse_distillation``; this module is the detector around it: training loop, scoring,
-state. As METHODS §4 (hq-deng/RD4AD): the teacher is frozen (eval mode, not in the optimiser); the loss is the
+state. As hq-deng/RD4AD (docs/methods.md): the teacher is frozen (eval mode, not in the optimiser); the loss is the
 sum over the three levels of the batch mean of 1 − cosine of each sample's flattened maps; Adam, lr 0.005,
 betas (0.5, 0.999), batch 16; pixel map = per level 1 − per-pixel cosine, bilinear upsampling
 (``align_corners=True``), combined by ``map_mode`` (``"sum"`` as the official test, ``"multiply"`` as BMAD's

@@ -1,7 +1,7 @@
 """SimpleNet (Liu et al., CVPR 2023): adapted patch features, Gaussian-noise anomalies, a discriminator.
 
-As the official implementation (METHODS §1): a frozen backbone's layer2 + layer3 analogues, 3×3 patch
-aggregation pooled to ``target_dim`` (§0); adaptor = one Linear(D→D) with bias, Xavier-normal weights;
+As the official implementation (docs/methods.md#simplenet): a frozen backbone's layer2 + layer3 analogues, 3×3 patch
+aggregation pooled to ``target_dim``; adaptor = one Linear(D→D) with bias, Xavier-normal weights;
 discriminator = Linear(D→1024) + BatchNorm1d + LeakyReLU(0.2) + Linear(1024→1, no bias), Xavier-normal
 weights; fake features = adapted + N(0, σ²·I) with σ = ``noise_std``; true and fake features pass through the
 discriminator in one concatenated batch; truncated L1 loss with margin 0.5; Adam (2e-4, weight decay 1e-5)

@@ -1,6 +1,6 @@
 """WinCLIP and WinCLIP+ (Jeong et al., CVPR 2023): zero-/few-shot anomaly maps from a frozen CLIP.
 
-Follows METHODS §7 (no official code; the facts come from two reproductions):
+Follows docs/methods.md#winclip (no official code; the paper and two reproductions):
 
 - **Text.** A compositional prompt ensemble: 7 normal states × 21 templates and 4 anomalous states × 21
   templates around an object word (``object_name``, default "liver"); each class's text embeddings are

@@ -1,7 +1,7 @@
 """Frozen open_clip models for the CLIP detectors (WinCLIP, language-enhanced CLIP reconstruction).
 
 Weights never download: an open_clip model is built from its *architecture name* (an open_clip model config
-such as ``ViT-B-16-plus-240``, METHODS §7) with ``pretrained=None`` semantics, and its weights come from a
+such as ``ViT-B-16-plus-240``) with ``pretrained=None`` semantics, and its weights come from a
 local file the user names (``checkpoint=<path>``: ``.safetensors``, or a torch file read with
 ``torch.load(weights_only=True)``; an open_clip state dict, optionally under ``"state_dict"`` and/or with a
 ``module.`` prefix). Without a file, ``allow_random_weights=True`` is the explicit opt-in for a seeded random
@@ -14,7 +14,7 @@ open_clip's ``SimpleTokenizer``, whose BPE vocabulary ships inside the package.
 
 ``FrozenCLIP`` exposes what the detectors need: grey ``[0, 1]`` slices → 3 channels with CLIP's
 normalisation; ViT tokens of chosen layers; tokens moved into the joint image–text space by ``ln_post`` then
-``@ proj`` (METHODS §7, as AnoVL); WinCLIP window embeddings; text embeddings from token ids or from token
+``@ proj`` (as AnoVL, docs/methods.md#winclip); WinCLIP window embeddings; text embeddings from token ids or from token
 *embeddings* (learned prompts), at chosen text layers. It runs the towers block by block and reuses the
 ViT's own embedding and pooling steps (``VisionTransformer._embeds`` / ``_pool`` of the pinned open_clip 3.3.0).
 """

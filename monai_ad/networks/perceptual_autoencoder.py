@@ -1,4 +1,4 @@
-"""The deep perceptual autoencoder's networks (Shvetsova et al., METHODS §6): a progressively growing
+"""The deep perceptual autoencoder's networks (Shvetsova et al., docs/methods.md#dpa): a progressively growing
 pre-activation residual encoder/decoder and the relative-perceptual-L1 loss on frozen VGG features.
 
 Architecture ("residual18" of the reference implementation, no normalisation layers):
@@ -38,7 +38,7 @@ from monai_ad.networks.backbones import FeatureExtractor, build_backbone, vgg_ex
 
 SLOPE = 0.2
 
-# feature layer for each training resolution (METHODS §6; 64 and above: relu3_2 unless the caller picks another)
+# feature layer per training resolution (docs/methods.md#dpa; 64 and above: relu3_2 unless the caller picks another)
 LAYER_BY_RESOLUTION = {8: "relu1_2", 16: "relu2_2", 32: "relu3_2"}
 DEFAULT_FINAL_LAYER = "relu3_2"
 
@@ -278,7 +278,7 @@ def _load_torch_file_any(path: str) -> Mapping:
 
 
 class RelativePerceptualL1(nn.Module):
-    """The relative-perceptual-L1 loss of METHODS §6 on one VGG layer per resolution.
+    """The relative-perceptual-L1 loss (docs/methods.md#dpa) on one VGG layer per resolution.
 
     ``x`` and ``x̂`` in ``[-1, 1]`` are rescaled to ``[0, 1]``, repeated to 3 channels and ImageNet-normalised
     (inside the ``FeatureExtractor``); features ``f`` of the layer for the input's resolution are normalised per

@@ -1,6 +1,6 @@
 """Reverse distillation (RD4AD, Deng & Li, CVPR 2022): the torch model, apart from its training loop.
 
-METHODS §4 (hq-deng/RD4AD), with every width following the teacher's channel counts ``c1, c2, c3`` (levels at
+hq-deng/RD4AD (docs/methods.md#rd4ad), with every width following the teacher's channel counts ``c1, c2, c3`` (levels at
 strides ``s, 2s, 4s``; WideResNet-50-2: 256, 512, 1024):
 
 - **One-class bottleneck, MFF.** Level 1 → conv3×3 stride 2 (c1→c2) + BN + ReLU → conv3×3 stride 2 (c2→c3)
