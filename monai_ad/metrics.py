@@ -3,6 +3,9 @@
 Slice level: AUROC, AUPRC (average precision), F1 / precision / recall at a threshold.
 Pixel level: AUROC over all pixels or within an ROI, AUPRO (anomalib/BMAD variant, see :func:`aupro`), Dice /
 precision / recall at a threshold.
+Lesion level (3-D volumes): which ground-truth lesions a thresholded map finds and how many false regions it
+marks (:func:`detect_lesions`); the FROC curve over thresholds and the sensitivity at a given number of false
+regions per scan (:func:`lesion_froc`).
 
 Inputs are numpy arrays or torch tensors. Pixel-level inputs are stacks of 2-D slices ``[N, H, W]`` (a single
 ``[H, W]`` slice also works), or a list of such stacks when the in-plane size differs between cases; masks,
@@ -36,6 +39,9 @@ __all__ = [
     "precision_recall_f1",
     "segmentation_scores",
     "evaluate_scores",
+    "lesion_components",
+    "detect_lesions",
+    "lesion_froc",
 ]
 
 # 8-connectivity inside each axial slice, no connection between slices: one ndimage.label call labels every
@@ -417,3 +423,204 @@ def evaluate_scores(
     out["aupro_fpr_limit"] = float(fpr_limit)
     out["notes"] = notes
     return out
+
+
+# ----------------------------------------------------------------------------- lesion level (3-D)
+# 26-connectivity: voxels that share a face, an edge or a corner belong to one region
+_FULL_3D = np.ones((3, 3, 3), dtype=bool)
+
+
+def _volume3d(x: Any, what: str, dtype: Any = None) -> np.ndarray:
+    x = _array(x, dtype)
+    if x.ndim != 3:
+        raise ValueError(f"{what} must be a 3-D volume, got shape {x.shape}")
+    return x
+
+
+def _voxel_mm3(spacing: Sequence[float] | None) -> float:
+    if spacing is None:
+        return 1.0
+    spacing = [float(s) for s in spacing]
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive voxel sizes in mm, got {spacing}")
+    return float(np.prod(spacing))
+
+
+def lesion_components(lesion: Any, spacing: Sequence[float] | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+    """The 3-D (26-connected) components of a lesion mask.
+
+    Returns ``(labels int32, number of lesions, equivalent diameters in mm)``: the diameter of the sphere with
+    each component's volume, ``(6 V / pi) ** (1/3)``, with ``V`` from ``spacing`` (mm; voxels when omitted).
+    """
+    mask = _volume3d(lesion, "lesion mask") > 0
+    labels, n = ndimage.label(mask, structure=_FULL_3D)
+    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.float64)
+    diameters = np.cbrt(6.0 * counts * _voxel_mm3(spacing) / np.pi)
+    return labels.astype(np.int32, copy=False), int(n), diameters
+
+
+def _regions_vs_lesions(
+    predicted: np.ndarray,
+    lesion_labels: np.ndarray,
+    n_lesions: int,
+    voxel_mm3: float,
+    min_region_mm3: float,
+    min_region_overlap: float,
+) -> tuple[np.ndarray, int, int]:
+    """``(found [n_lesions] bool, number of predicted regions, number of false regions)`` of a boolean map."""
+    regions, m = ndimage.label(predicted, structure=_FULL_3D)
+    found = np.zeros(n_lesions, dtype=bool)
+    if m == 0:
+        return found, 0, 0
+    size = np.bincount(regions.ravel(), minlength=m + 1)
+    inside = lesion_labels > 0
+    region_ids, lesion_ids = regions[inside], lesion_labels[inside]
+    overlap = np.bincount(region_ids, minlength=m + 1)
+    kept = size * voxel_mm3 >= min_region_mm3  # regions below the size limit are dropped, not counted
+    kept[0] = False
+    true = kept & (overlap > 0) & (overlap >= min_region_overlap * size)
+    hit = true[region_ids]
+    found[np.unique(lesion_ids[hit]) - 1] = True
+    n_regions = int(kept.sum())
+    return found, n_regions, n_regions - int(true.sum())
+
+
+def detect_lesions(
+    heatmap: Any,
+    lesion: Any,
+    threshold: float,
+    roi: Any = None,
+    spacing: Sequence[float] | None = None,
+    min_region_mm3: float = 0.0,
+    min_region_overlap: float = 0.0,
+) -> dict[str, Any]:
+    """Lesion-level reading of one scan at one threshold.
+
+    Predicted regions: the 3-D (26-connected) components of ``heatmap >= threshold`` inside ``roi`` (e.g. the
+    liver), those smaller than ``min_region_mm3`` dropped. Ground-truth lesions: the 3-D components of
+    ``lesion``. A predicted region is *true* when it overlaps a lesion with at least ``min_region_overlap`` of
+    its own volume (0: any overlap); a lesion is *found* when a true region overlaps it; every other region is
+    a *false region*.
+
+    Returns ``found`` (bool per lesion, in :func:`lesion_components` order), ``diameters_mm`` (equivalent
+    diameters), ``n_lesions``, ``n_found``, ``n_regions``, ``n_false_regions``.
+    """
+    heat = _volume3d(heatmap, "heatmap")
+    labels, n, diameters = lesion_components(lesion, spacing)
+    if labels.shape != heat.shape:
+        raise ValueError(f"lesion mask shape {labels.shape} differs from heatmap shape {heat.shape}")
+    predicted = heat >= threshold
+    if roi is not None:
+        region = _volume3d(roi, "roi") > 0
+        if region.shape != heat.shape:
+            raise ValueError(f"roi shape {region.shape} differs from heatmap shape {heat.shape}")
+        predicted &= region
+    _check_no_nan(heat)
+    found, n_regions, n_false = _regions_vs_lesions(
+        predicted, labels, n, _voxel_mm3(spacing), min_region_mm3, min_region_overlap
+    )
+    return {
+        "found": found,
+        "diameters_mm": diameters,
+        "n_lesions": n,
+        "n_found": int(found.sum()),
+        "n_regions": n_regions,
+        "n_false_regions": n_false,
+    }
+
+
+def lesion_froc(
+    heatmaps: Sequence[Any],
+    lesions: Sequence[Any],
+    rois: Sequence[Any] | None = None,
+    spacings: Sequence[Sequence[float] | None] | None = None,
+    max_fp_per_scan: float = 1.0,
+    min_diameter_mm: float = 10.0,
+    min_region_mm3: float = 0.0,
+    min_region_overlap: float = 0.0,
+) -> dict[str, Any]:
+    """FROC over scans: lesion sensitivity against false regions per scan as the threshold sweeps.
+
+    One entry per scan in each list (3-D volumes; scans without lesions count for false regions). Regions,
+    lesions, hits and false regions as in :func:`detect_lesions`. The thresholds swept are every lesion's
+    highest score inside the ROI (where the sensitivity steps up), plus one above every score; at each the
+    sensitivity (found / all lesions), the sensitivity for lesions of equivalent diameter ≥ ``min_diameter_mm``,
+    and the mean number of false regions per scan are computed.
+
+    Returns ``curve`` (a list of ``{"threshold", "fp_per_scan", "sensitivity", "sensitivity_large"}``, highest
+    threshold first), ``sensitivity`` / ``sensitivity_large`` (the best at ``fp_per_scan <= max_fp_per_scan``,
+    each maximised on its own), ``threshold`` / ``threshold_large`` (where), ``n_scans``, ``n_lesions``,
+    ``n_lesions_large``, and the settings. A sensitivity over no lesions is ``None``.
+    """
+    heatmaps, lesions = list(heatmaps), list(lesions)
+    n_scans = len(heatmaps)
+    if n_scans == 0 or len(lesions) != n_scans:
+        raise ValueError(f"need one lesion mask per heatmap, got {len(lesions)} and {n_scans}")
+    rois = [None] * n_scans if rois is None else list(rois)
+    spacings = [None] * n_scans if spacings is None else list(spacings)
+    if len(rois) != n_scans or len(spacings) != n_scans:
+        raise ValueError("rois and spacings need one entry per scan")
+    scans = []
+    peaks, large = [], []
+    for heat, lesion, roi, spacing in zip(heatmaps, lesions, rois, spacings):
+        heat = _volume3d(heat, "heatmap")
+        _check_no_nan(heat)
+        labels, n, diameters = lesion_components(lesion, spacing)
+        if labels.shape != heat.shape:
+            raise ValueError(f"lesion mask shape {labels.shape} differs from heatmap shape {heat.shape}")
+        region = None if roi is None else _volume3d(roi, "roi") > 0
+        if region is not None and region.shape != heat.shape:
+            raise ValueError(f"roi shape {region.shape} differs from heatmap shape {heat.shape}")
+        scored = heat if region is None else np.where(region, heat, -np.inf)
+        peak = ndimage.maximum(scored, labels, index=np.arange(1, n + 1)) if n else np.zeros(0)
+        peaks.append(np.asarray(peak, dtype=np.float64).reshape(-1))
+        large.append(diameters >= min_diameter_mm)
+        scans.append((heat, labels, n, region, _voxel_mm3(spacing)))
+    all_peaks, all_large = np.concatenate(peaks), np.concatenate(large)
+    n_lesions, n_large = int(all_peaks.size), int(all_large.sum())
+    finite = np.isfinite(all_peaks)
+    top = max((float(np.max(h)) for h, *_ in scans), default=0.0)
+    thresholds = np.unique(all_peaks[finite])[::-1]
+    thresholds = np.r_[np.nextafter(top, np.inf), thresholds]
+
+    curve = []
+    for t in thresholds:
+        found_all, n_false = [], 0
+        for heat, labels, n, region, voxel in scans:
+            predicted = heat >= t
+            if region is not None:
+                predicted &= region
+            found, _, false = _regions_vs_lesions(predicted, labels, n, voxel, min_region_mm3, min_region_overlap)
+            found_all.append(found)
+            n_false += false
+        found = np.concatenate(found_all)
+        curve.append({
+            "threshold": float(t),
+            "fp_per_scan": n_false / n_scans,
+            "sensitivity": float(found.mean()) if n_lesions else None,
+            "sensitivity_large": float(found[all_large].mean()) if n_large else None,
+        })  # fmt: skip
+
+    def best(key: str) -> tuple[float | None, float | None]:
+        ok = [p for p in curve if p["fp_per_scan"] <= max_fp_per_scan and p[key] is not None]
+        if not ok:  # no lesion of this kind (the first point, above every score, has no region at all)
+            return None, None
+        point = max(ok, key=lambda p: (p[key], p["threshold"]))
+        return point[key], point["threshold"]
+
+    sensitivity, threshold = best("sensitivity")
+    sensitivity_large, threshold_large = best("sensitivity_large")
+    return {
+        "sensitivity": sensitivity,
+        "threshold": threshold,
+        "sensitivity_large": sensitivity_large,
+        "threshold_large": threshold_large,
+        "curve": curve,
+        "n_scans": n_scans,
+        "n_lesions": n_lesions,
+        "n_lesions_large": n_large,
+        "max_fp_per_scan": float(max_fp_per_scan),
+        "min_diameter_mm": float(min_diameter_mm),
+        "min_region_mm3": float(min_region_mm3),
+        "min_region_overlap": float(min_region_overlap),
+    }

@@ -208,3 +208,76 @@ def test_evaluate_scores_reports_what_cannot_be_computed():
     json.dumps(out, allow_nan=False)
     with pytest.raises(ValueError, match="shape"):
         metrics.evaluate_scores([0, 1], [0.1, 0.2], masks, np.zeros((2, 4, 5)))
+
+
+# ----------------------------------------------------------------------------- lesion level
+def _two_lesion_case():
+    """A 20×20×10 volume: lesion A (3×3×3 voxels at 2 mm: 216 mm³), lesion B (one voxel), a liver ROI."""
+    lesion = np.zeros((20, 20, 10), np.uint8)
+    lesion[2:5, 2:5, 2:5] = 1  # A
+    lesion[15, 15, 7] = 1  # B
+    roi = np.zeros(lesion.shape, bool)
+    roi[:, :, 1:9] = True
+    heat = np.zeros(lesion.shape, np.float32)
+    heat[3, 3, 3] = 0.9  # a peak inside A
+    heat[15, 15, 7] = 0.4  # B's only voxel
+    heat[10:12, 10:12, 4] = 0.7  # a false region of 4 voxels
+    heat[10, 2, 0] = 5.0  # a bright voxel outside the ROI: never a region
+    return heat, lesion, roi
+
+
+def test_lesion_components_are_3d_with_equivalent_diameters():
+    lesion = np.zeros((8, 8, 8), bool)
+    lesion[1:3, 1:3, 1:3] = True
+    lesion[3, 3, 3] = True  # touches the block only at a corner: the same 26-connected lesion
+    lesion[6, 6, 6] = True
+    labels, n, diameters = metrics.lesion_components(lesion, spacing=(1.0, 2.0, 3.0))
+    assert n == 2 and labels.max() == 2
+    np.testing.assert_allclose(diameters, np.cbrt(6 * np.array([9 * 6.0, 6.0]) / np.pi))
+
+
+def test_detect_lesions_counts_found_lesions_and_false_regions():
+    heat, lesion, roi = _two_lesion_case()
+    out = metrics.detect_lesions(heat, lesion, 0.5, roi=roi, spacing=(2.0, 2.0, 2.0))
+    assert out["found"].tolist() == [True, False]
+    assert (out["n_lesions"], out["n_found"], out["n_regions"], out["n_false_regions"]) == (2, 1, 2, 1)
+    out = metrics.detect_lesions(heat, lesion, 0.3, roi=roi)
+    assert out["found"].tolist() == [True, True] and out["n_false_regions"] == 1
+    # without the ROI the bright voxel outside it is one more false region
+    assert metrics.detect_lesions(heat, lesion, 0.3)["n_false_regions"] == 2
+    # a region below the size limit is dropped: the 4-voxel false region (32 mm³ at 2 mm) and B's voxel go
+    out = metrics.detect_lesions(heat, lesion, 0.3, roi=roi, spacing=(2.0, 2.0, 2.0), min_region_mm3=40.0)
+    assert out["n_regions"] == 0 and out["n_found"] == 0
+    # one region over the whole ROI overlaps both lesions: with the plain overlap rule it finds them, with a
+    # minimum overlap fraction it is a false region instead
+    flat = np.ones(lesion.shape, np.float32)
+    out = metrics.detect_lesions(flat, lesion, 0.5, roi=roi)
+    assert out["n_found"] == 2 and out["n_false_regions"] == 0
+    out = metrics.detect_lesions(flat, lesion, 0.5, roi=roi, min_region_overlap=0.05)
+    assert out["n_found"] == 0 and out["n_false_regions"] == 1
+
+
+def test_lesion_froc_hand_computed():
+    heat, lesion, roi = _two_lesion_case()
+    normal = np.zeros(lesion.shape, np.float32)
+    normal[5:7, 5:7, 5] = 0.6  # a normal scan with one false region above 0.5
+    normal_roi = roi.copy()
+    out = metrics.lesion_froc([heat, normal], [lesion, np.zeros_like(lesion)], [roi, normal_roi],
+                              spacings=[(2.0, 2.0, 2.0)] * 2, max_fp_per_scan=0.5, min_diameter_mm=5.0)  # fmt: skip
+    # thresholds: above everything (0 regions), 0.9 (A found, no false region), 0.4 (both found, false regions:
+    # the 0.7 one and the normal scan's 0.6 one → 2 over 2 scans)
+    points = [(p["threshold"], p["fp_per_scan"], p["sensitivity"], p["sensitivity_large"]) for p in out["curve"]]
+    assert points[1:] == [(pytest.approx(0.9), 0.0, 0.5, 1.0), (pytest.approx(0.4), 1.0, 1.0, 1.0)]
+    assert points[0][1:] == (0.0, 0.0, 0.0) and points[0][0] > 5.0
+    assert out["n_lesions"] == 2 and out["n_lesions_large"] == 1  # A: 7.4 mm equivalent diameter, B: 2.5 mm
+    assert out["sensitivity"] == 0.5 and out["threshold"] == pytest.approx(0.9)
+    assert out["sensitivity_large"] == 1.0
+    out = metrics.lesion_froc([heat, normal], [lesion, np.zeros_like(lesion)], [roi, normal_roi], max_fp_per_scan=1.0)
+    assert out["sensitivity"] == 1.0 and out["threshold"] == pytest.approx(0.4)
+    # no lesion ≥ 10 voxels across: that sensitivity is undefined, not 0
+    assert out["sensitivity_large"] is None and out["n_lesions_large"] == 0
+    # a lesion entirely outside the ROI can never be found
+    out = metrics.lesion_froc([heat], [lesion], [np.zeros_like(roi)])
+    assert out["sensitivity"] == 0.0 and len(out["curve"]) == 1
+    with pytest.raises(ValueError, match="one lesion mask per heatmap"):
+        metrics.lesion_froc([heat], [])
