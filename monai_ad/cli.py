@@ -18,6 +18,16 @@ from monai_ad.errors import InputError
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
+class _DetectorHelp(str):
+    """A help text whose ``{detectors}`` becomes the registered detector names, filled in only when help is shown:
+    listing them imports every detector (torch included), which commands such as ``phantom`` need not pay for."""
+
+    def __mod__(self, params: Any) -> str:  # argparse expands help texts with ``help % params``
+        from monai_ad.detectors.base import available_detectors
+
+        return self.replace("{detectors}", ", ".join(available_detectors())) % params
+
+
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -333,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[shared], help="fit a detector on the normal volumes of a datalist")
     p.add_argument("--datalist", required=True)
-    p.add_argument("--detector", help="simplenet (default), patchcore")
+    p.add_argument("--detector", help=_DetectorHelp("{detectors} (default: simplenet)"))
     p.add_argument("--config", help="JSON with detector, hparams and preprocessing (see sample_configs/)")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
     p.add_argument("--backbone", help="efficientnet_lite0 (default), vgg16, wide_resnet50_2, resnet18")
@@ -363,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", parents=[shared], help="train + evaluate over several seeds; BMAD-style mean ± std table")
     p.add_argument("--datalist", required=True)
-    p.add_argument("--detector", help="patchcore (default), simplenet")
+    p.add_argument("--detector", help=_DetectorHelp("{detectors} (default: patchcore)"))
     p.add_argument("--config", help="JSON with detector, hparams and preprocessing")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -373,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[shared], help="phantom data → train → infer → evaluate, end to end")
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--detector", default="patchcore", help="patchcore (default) or simplenet")
+    p.add_argument("--detector", default="patchcore", help=_DetectorHelp("{detectors} (default: patchcore)"))
     p.add_argument("--normal", type=int, default=8)
     p.add_argument("--abnormal", type=int, default=4)
     p.add_argument("--preset", default="small")
@@ -385,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", parents=[shared], help="weakly-supervised hyper-parameter selection: k-fold CV over patients, one-type validation anomalies")
     p.add_argument("--datalist", required=True, help="datalist with the training normals (and, by default, the anomalies)")
     p.add_argument("--out", required=True, help="folder for selection.json, selection.csv and config.json")
-    p.add_argument("--detector", help="dpa (default) or any other detector")
+    p.add_argument("--detector", help=_DetectorHelp("{detectors} (default: dpa)"))
     p.add_argument("--config", help="JSON with detector, base hparams and preprocessing")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="base hyper-parameter (repeatable)")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="candidate values of a hyper-parameter (repeatable)")
