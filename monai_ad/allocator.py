@@ -2,9 +2,9 @@
 
 PyTorch on the CPU allocates and frees tensors of tens of MB in every layer. glibc's ``malloc`` hands such
 freed memory back to the operating system at once, so the next layer's tensor is faulted in (and zeroed) page
-by page again. Keeping a pad of freed heap memory for reuse removes that: on a 2-core CPU the frozen
-backbone's throughput went from 54–63 to 104–107 slices/s (``python benchmarks/bench_inference.py --device cpu``,
-figures in ``benchmarks/RESULTS.md``).
+by page again. Keeping a pad of freed heap memory for reuse removes that and about doubled the frozen
+backbone's throughput on a 2-core CPU (``python benchmarks/bench_inference.py --device cpu``; figures in
+``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations

@@ -94,8 +94,8 @@ class PatchFeatures(nn.Module):
 
     ``pre_dim`` / ``target_dim`` default to ``default_embedding_dim(channels, paper_dim)``. With ``amp`` the
     backbone runs under bf16 autocast on CUDA (never on the CPU); the embedding is computed in float32. It is off
-    by default: with EfficientNet-Lite0 on an H100, bf16 gave no backbone speed-up (12.8k vs 13.0k slices/s at
-    batch 64) and moved PatchCore slice scores by up to 24 % of their range (``benchmarks/RESULTS.md``).
+    by default: with EfficientNet-Lite0 on an H100, bf16 gave no backbone speed-up and moved PatchCore slice
+    scores by a large fraction of their range (``benchmarks/RESULTS.md``).
     Always runs without gradients (the backbone is frozen; the features are inputs of what is trained).
     """
 

@@ -24,8 +24,7 @@ As the reference implementation (docs/methods.md#dpa; networks in ``monai_ad.net
   reconstruction of what lies outside the liver. Pixel map = the per-position loss bilinearly upsampled to the
   slice, as the paper. Two options that are not the paper's: ``slice_score="max"`` (the largest cell in the
   ROI) and ``sigma`` > 0 (the other detectors' Gaussian smoothing of the map, in pixels). On the bundle's
-  phantom data (32 px, 50/50/300 iterations, ``monai-ad evaluate``) neither helped: slice AUROC 0.65 (mean)
-  vs 0.49 (max); in-liver pixel AUROC 0.73 (σ = 0) vs 0.60 (σ = 4 px).
+  phantom data neither helped (``benchmarks/RESULTS.md``).
 
 Where the paper leaves a choice or cannot be followed offline:
 

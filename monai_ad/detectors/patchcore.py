@@ -30,8 +30,8 @@ from monai_ad.distributed import all_gather_rows
 from monai_ad.errors import InputError
 
 # the query × bank distance block computed at once (elements): on a GPU 2^26 float32 = 256 MiB; on the CPU a
-# 16 MiB block stays in cache between the product and the search (2-core CPU, 23,500-row bank: 32 ms per slice
-# at 2^22 against 39 ms at 2^26 and 43 ms at 2^20)
+# 16 MiB block stays in cache between the product and the search, which measured fastest of 2^20, 2^22 and 2^26
+# on a 2-core CPU (benchmarks/RESULTS.md)
 KNN_BLOCK_ELEMENTS = {"cpu": 1 << 22}
 KNN_BLOCK_ELEMENTS_DEFAULT = 1 << 26
 

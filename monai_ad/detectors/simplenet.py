@@ -17,8 +17,8 @@ One measured departure, on by default: ``feature_norm="global"`` centres the pat
 by one scalar, the root-mean-square per-dimension standard deviation of the training features (both stored
 with the model), and ``noise_std`` is in those units (default 0.25). The paper's σ = 0.015 is tuned to raw
 WideResNet-50-2 features; EfficientNet-Lite0's features spread ~2.7 per dimension, so that noise is ~0.5 % of
-the spread: the discriminator does not separate it (the loss stays at 1.0 over 500 steps, in-liver pixel
-AUROC 0.47 on the 128-px CT phantoms and on the tests' synthetic lesions, i.e. random maps). One scalar is only
+the spread: the discriminator does not separate it (its loss does not fall and the maps stay random, see
+``benchmarks/RESULTS.md``). One scalar is only
 a change of units (noise proportional to the features' spread, feature geometry kept); ``"per_dim"``
 z-scores each dimension instead. ``feature_norm="none", noise_std=0.015`` is the paper's setting.
 

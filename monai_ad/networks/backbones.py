@@ -66,8 +66,8 @@ class FeatureExtractor(nn.Module):
     Grey slices are repeated to 3 channels and normalised with the backbone's own mean/std. The module is
     frozen (no gradients) and stays in eval mode even when a parent calls ``.train()`` (BatchNorm statistics
     never change), so its BatchNorms are folded into the convolutions (``fold_batch_norms``). It runs
-    channels-last on every device: on a 2-core CPU that made EfficientNet-Lite0 about 1.45× faster (ResNet-18
-    1.35×, VGG16 1.2×) with the same features; the maps it returns are channels-last too.
+    channels-last on every device, which is faster on the CPU for the same features (``benchmarks/RESULTS.md``);
+    the maps it returns are channels-last too.
     ``channels[i]`` and ``strides[i]`` describe output ``i``.
     """
 
