@@ -219,7 +219,7 @@ class VolumePredictor:
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
         self.slice_threshold = slice_threshold if slice_threshold is not None else thresholds.get("slice")
         if self.pixel_threshold is None or self.slice_threshold is None:
-            raise InputError("the model has no stored thresholds: pass --threshold and --slice-threshold")
+            raise InputError("the model has no stored thresholds: give a pixel and a slice threshold")
         self.pipeline = preprocessing or build_preprocessing(self.config, roi_labels, concat=True)
         self.inferer = inferer or SliceAnomalyInferer(batch_size=batch_size, min_roi_pixels=self.config.min_roi_pixels)
         self.postprocessing = postprocessing or build_postprocessing(

@@ -84,7 +84,7 @@ def one_kind_anomalies(
         if len(kinds) > 1:
             raise InputError(
                 f"the anomaly cases hold lesions of {len(kinds)} kinds ({', '.join(sorted(kinds))}); validation "
-                "anomalies must be of one type: pick one with lesion_kind (--lesion-kind)", source
+                "anomalies must be of one type: choose one lesion kind", source
             )  # fmt: skip
     return items
 

@@ -198,6 +198,6 @@ def require_roi(data: Mapping[str, Any], image_path: Any = None) -> None:
     if data.get(ROI) in (None, ""):
         raise InputError(
             "no liver mask given: pass a liver label file or an organ segmentation with its liver label value "
-            "(e.g. --roi seg.nii.gz --roi-label 5)",
+            "(5 in a TotalSegmentator map)",
             image_path if image_path is not None else data.get(IMAGE),
         )
