@@ -18,14 +18,16 @@ from monai_ad.errors import InputError
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
-class _DetectorHelp(str):
-    """A help text whose ``{detectors}`` becomes the registered detector names, filled in only when help is shown:
-    listing them imports every detector (torch included), which commands such as ``phantom`` need not pay for."""
+class _LazyHelp(str):
+    """A help text whose ``{detectors}`` (the registered detector names) and ``{min_lesion_mm3}`` are filled in only
+    when help is shown: they come from modules that import torch, which commands such as ``phantom`` need not pay for."""
 
     def __mod__(self, params: Any) -> str:  # argparse expands help texts with ``help % params``
         from monai_ad.detectors.base import available_detectors
+        from monai_ad.postprocess import MIN_LESION_MM3
 
-        return self.replace("{detectors}", ", ".join(available_detectors())) % params
+        text = self.replace("{detectors}", ", ".join(available_detectors()))
+        return text.replace("{min_lesion_mm3}", f"{MIN_LESION_MM3:g}") % params
 
 
 def _parse_value(text: str) -> Any:
@@ -147,11 +149,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _predict_options(args: argparse.Namespace) -> dict[str, Any]:
+    from monai_ad.postprocess import MIN_LESION_MM3
+
     return {
         "roi_labels": _roi_labels(args.roi_label),
         "pixel_threshold": args.threshold,
         "slice_threshold": args.slice_threshold,
-        "min_lesion_mm3": args.min_lesion_mm3,
+        "min_lesion_mm3": MIN_LESION_MM3 if args.min_lesion_mm3 is None else args.min_lesion_mm3,
         "device": args.device,
     }
 
@@ -307,7 +311,7 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--roi-label", type=int, action="append", help="label value(s) of the liver in the mask (default: any non-zero; 5 for TotalSegmentator)")
     p.add_argument("--threshold", type=float, help="pixel threshold for the label map (default: the model's calibrated one)")
     p.add_argument("--slice-threshold", type=float, help="slice-score threshold for abnormal slices (default: the model's)")
-    p.add_argument("--min-lesion-mm3", type=float, default=20.0, help="smallest region kept in the label map (mm³)")
+    p.add_argument("--min-lesion-mm3", type=float, help=_LazyHelp("smallest region kept in the label map (mm³; default {min_lesion_mm3})"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[shared], help="fit a detector on the normal volumes of a datalist")
     p.add_argument("--datalist", required=True)
-    p.add_argument("--detector", help=_DetectorHelp("{detectors} (default: simplenet)"))
+    p.add_argument("--detector", help=_LazyHelp("{detectors} (default: simplenet)"))
     p.add_argument("--config", help="JSON with detector, hparams and preprocessing (see sample_configs/)")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
     p.add_argument("--backbone", help="efficientnet_lite0 (default), vgg16, wide_resnet50_2, resnet18")
@@ -373,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", parents=[shared], help="train + evaluate over several seeds; BMAD-style mean ± std table")
     p.add_argument("--datalist", required=True)
-    p.add_argument("--detector", help=_DetectorHelp("{detectors} (default: patchcore)"))
+    p.add_argument("--detector", help=_LazyHelp("{detectors} (default: patchcore)"))
     p.add_argument("--config", help="JSON with detector, hparams and preprocessing")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -383,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[shared], help="phantom data → train → infer → evaluate, end to end")
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--detector", default="patchcore", help=_DetectorHelp("{detectors} (default: patchcore)"))
+    p.add_argument("--detector", default="patchcore", help=_LazyHelp("{detectors} (default: patchcore)"))
     p.add_argument("--normal", type=int, default=8)
     p.add_argument("--abnormal", type=int, default=4)
     p.add_argument("--preset", default="small")
@@ -395,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", parents=[shared], help="weakly-supervised hyper-parameter selection: k-fold CV over patients, one-type validation anomalies")
     p.add_argument("--datalist", required=True, help="datalist with the training normals (and, by default, the anomalies)")
     p.add_argument("--out", required=True, help="folder for selection.json, selection.csv and config.json")
-    p.add_argument("--detector", help=_DetectorHelp("{detectors} (default: dpa)"))
+    p.add_argument("--detector", help=_LazyHelp("{detectors} (default: dpa)"))
     p.add_argument("--config", help="JSON with detector, base hparams and preprocessing")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="base hyper-parameter (repeatable)")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="candidate values of a hyper-parameter (repeatable)")

@@ -22,7 +22,7 @@ from monai_ad.detectors.base import AnomalyDetector, create_detector
 from monai_ad.errors import InputError
 from monai_ad.inferers import SliceAnomalyInferer
 from monai_ad.io import atomic_path, save_nifti, write_json
-from monai_ad.postprocess import axial_axis
+from monai_ad.postprocess import MIN_LESION_MM3, axial_axis
 from monai_ad.transforms.array import HUWindow, SelectROI
 from monai_ad.transforms.pipeline import (
     IMAGE,
@@ -202,7 +202,7 @@ class VolumePredictor:
         roi_labels: Sequence[int] | int | None = None,
         pixel_threshold: float | None = None,
         slice_threshold: float | None = None,
-        min_lesion_mm3: float = 20.0,
+        min_lesion_mm3: float = MIN_LESION_MM3,
         batch_size: int = 32,
         device: str | None = None,
         preprocessing: Compose | None = None,

@@ -23,7 +23,20 @@ from monai_ad.errors import InputError
 from monai_ad.io import atomic_write, save_nifti
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = PROJECT_ROOT / "apps" / "liver_anomaly"
+APP_DIR = PROJECT_ROOT / "apps" / "liver_anomaly"  # in a clone; ``pip install .`` ships only the ``monai_ad`` package
+
+
+def find_app_dir() -> Path:
+    """The MONAI Label app folder: ``$MONAI_AD_APP_DIR``, else ``apps/liver_anomaly`` of the source tree this package
+    runs from. The app (and the bundles it serves) are not part of an installed package."""
+    wanted = os.environ.get("MONAI_AD_APP_DIR")
+    app_dir = Path(wanted) if wanted else APP_DIR
+    if not (app_dir / "main.py").is_file():
+        raise InputError(
+            "the MONAI Label app is not installed with the package: run from a clone of the repository "
+            "(pip install -e .) or set MONAI_AD_APP_DIR to the clone's apps/liver_anomaly", app_dir
+        )
+    return app_dir
 LIVER_TAG = "liver"
 
 
@@ -74,9 +87,11 @@ def server_command(
     port: int,
     conf: Mapping[str, str] | None = None,
     host: str = "127.0.0.1",
-    app_dir: str | os.PathLike = APP_DIR,
+    app_dir: str | os.PathLike | None = None,
 ) -> list[str]:
-    """``monailabel start_server`` for the app, run with this interpreter (``python -m monailabel.main``)."""
+    """``monailabel start_server`` for the app, run with this interpreter (``python -m monailabel.main``), bound to
+    ``host`` (127.0.0.1 unless told otherwise)."""
+    app_dir = app_dir or find_app_dir()
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies),
            "--host", host, "--port", str(port)]  # fmt: skip
     for key, value in (conf or {}).items():

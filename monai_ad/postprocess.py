@@ -13,6 +13,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 ANOMALY_LABEL = 1
+MIN_LESION_MM3 = 20.0  # smallest region kept in a label map by default (the CLI, bundles and app use it too)
 HEATMAP_CHANNEL, SLICE_SCORE_CHANNEL = 0, 1  # the inferer's output channels
 
 
@@ -31,7 +32,7 @@ def label_lesions(
     heatmap: np.ndarray,
     affine: np.ndarray,
     threshold: float,
-    min_volume_mm3: float = 20.0,
+    min_volume_mm3: float = MIN_LESION_MM3,
     roi: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Threshold → 3-D connected components (26-connectivity) → drop those under ``min_volume_mm3``.
@@ -127,7 +128,7 @@ class AnomalyOutputsd(MapTransform):
         roi_key: str = "roi_source",
         pixel_threshold: float = 0.0,
         slice_threshold: float = 0.0,
-        min_lesion_mm3: float = 20.0,
+        min_lesion_mm3: float = MIN_LESION_MM3,
         heatmap_key: str = "heatmap",
         summary_key: str = "anomaly_summary",
         allow_missing_keys: bool = False,

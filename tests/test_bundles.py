@@ -95,6 +95,18 @@ def test_monai_label_bundle_infer_task_returns_a_label_map(trained_bundle):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
+def test_inference_config_keeps_the_library_min_lesion_size(name):
+    """The configs import no monai_ad module, so they state the smallest lesion kept as a number: the library's."""
+    from monai.bundle import ConfigParser
+
+    from monai_ad.postprocess import MIN_LESION_MM3
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES_DIR / name / "configs" / "inference.json"))
+    assert parser.get_parsed_content("postprocessing#min_lesion_mm3") == MIN_LESION_MM3
+
+
+@pytest.mark.parametrize("name", BUNDLES)
 def test_multi_gpu_train_runs_with_torchrun_on_cpu_gloo(name, tmp_path):
     """Two CPU processes (gloo): data split across them, features/gradients combined, rank 0 saves the model."""
     bundle = tmp_path / name

@@ -11,28 +11,39 @@ scoring method re-selects operating thresholds from corrected (``final``) labels
 - ``roi_label``: the liver's value in the ROI masks (default: any non-zero voxel; 5 for TotalSegmentator)
 - ``train_on_start``: ``true`` (or a comma-separated list of bundle names) trains, at start-up, the detectors that
   have no model yet, one after another
+- ``max_upload_mb``: the largest request body (an uploaded study or label) the server takes (default 1024)
+- ``infer_workers``: detector runs at the same time (default 2); ``/info`` and the datastore answer meanwhile
+- ``allow_model_routes``: ``true`` opens ``/model/<name>`` (download, replace, delete model files; default closed)
+- ``allow_remote``: ``true`` lets the server listen beyond 127.0.0.1 without MONAI Label's authentication
 
 A folder datastore may hold NIfTI/NRRD files and DICOM series sub-folders (served as ``<folder>.nii.gz``).
+What clients may send is checked by ``lib.security`` (installed into the server when it starts) and
+``lib.datastore`` (ids, tags, atomic writes).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 from monai_ad.allocator import keep_freed_memory
 
+from lib import security
 from lib import studies as study_rules
 from lib.configs.detector import DetectorConfig, find_bundles
+from lib.datastore import SafeLocalDatastore
 from lib.dicom_folder import convert_dicom_series
 from lib.errors import http_error
 from lib.scoring.feedback_threshold import FeedbackThreshold
+from lib.trainers.normal_studies import bundle_hyper_parameters, check_request
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +55,13 @@ class LiverAnomalyApp(MONAILabelApp):
         keep_freed_memory()
         conf = dict(conf or {})
         self.roi_dir = conf.get("roi_dir") or None
+        try:
+            self.max_upload = int(float(conf.get("max_upload_mb", security.DEFAULT_MAX_UPLOAD_MB)) * 2**20)
+            self.infer_workers = int(conf.get("infer_workers", 2))
+        except ValueError:
+            raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, "max_upload_mb and infer_workers must be numbers") from None
+        self.allow_model_routes = _true(conf.get("allow_model_routes"))
+        self.allow_remote = _true(conf.get("allow_remote"))
         bundles_dir = conf.get("bundles") or os.environ.get("MONAI_AD_BUNDLES") or str(PROJECT_BUNDLES)
         model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
         os.makedirs(model_dir, exist_ok=True)
@@ -76,9 +94,15 @@ class LiverAnomalyApp(MONAILabelApp):
         )
 
     def init_datastore(self):
-        if not self.studies.startswith(("http://", "https://")):
-            convert_dicom_series(self.studies)  # DICOM series sub-folders become NIfTI studies
-        return super().init_datastore()
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        convert_dicom_series(self.studies)  # DICOM series sub-folders become NIfTI studies
+        return SafeLocalDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
 
     def init_infers(self):
         infers = {}
@@ -93,6 +117,10 @@ class LiverAnomalyApp(MONAILabelApp):
         return {"feedback_threshold": FeedbackThreshold(self.detectors, self.roi_dir, self.conf.get("roi_label"))}
 
     def on_init_complete(self):
+        problem = security.exposure_error(security.server_host(sys.argv), settings.MONAI_LABEL_AUTH_ENABLE, self.allow_remote)
+        if problem:
+            raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, problem)
+        security.install(self, self.max_upload, self.allow_model_routes, self.infer_workers)
         super().on_init_complete()
         wanted = [w.strip() for w in str(self.conf.get("train_on_start", "false")).lower().split(",") if w.strip()]
         if wanted and wanted != ["false"]:
@@ -101,10 +129,39 @@ class LiverAnomalyApp(MONAILabelApp):
                     logger.info("[%s] no model yet: training it on the studies marked normal", name)
                     self.async_training(name, enqueue=True)
 
+    def check_train_request(self, model: str, params: dict[str, Any]) -> None:
+        """Refuse a ``/train`` request before a training process starts (called by the request guard)."""
+        if not model:  # POST /train/: options per model, or for all of them
+            for name in self._trainers:
+                self.check_train_request(name, {k: v for k, v in params.items() if k not in self._trainers})
+                if isinstance(params.get(name), dict):
+                    self.check_train_request(name, params[name])
+            return
+        if model not in self.detectors:
+            raise HTTPException(404, f"unknown model {model!r}; trainers: {sorted(self.detectors)}")
+        check_request(params, bundle_hyper_parameters(self.detectors[model].bundle), model)
+
+    def study_shape(self, image_id: str) -> tuple[int, ...] | None:
+        """The shape of a datastore study (None when there is no such study)."""
+        try:
+            uri = self.datastore().get_image_uri(image_id)
+        except Exception:
+            uri = ""
+        return security.image_shape(uri, f"image {image_id!r}", full=False) if uri and os.path.exists(uri) else None
+
     def infer(self, request: dict[str, Any], datastore=None):
         """MONAI Label's infer, with the study's liver ROI attached and every failure answered with a status code
-        and a one-line message (the server keeps serving)."""
+        and a one-line message (the server keeps serving). The image is a datastore id or a file the server received;
+        a request never names a server path."""
         try:
+            image, label = request.get("image"), request.get("label")
+            if not (isinstance(image, str) and (security.is_upload(image) or (image and security.SAFE_NAME.match(image) and ".." not in image))):
+                raise HTTPException(400, f"image {str(image)[:80]!r} is not an image id of the datastore")
+            if label is not None and not security.is_upload(label):
+                raise HTTPException(400, "the liver mask must be uploaded with the request (as the 'label' file)")
+            for key, allowed in security.FIXED_VALUES.items():
+                if key in request and request[key] not in allowed:
+                    raise HTTPException(422, f"infer option {key!r} must be one of {allowed}")
             if request.get("model") not in self._infers:
                 raise HTTPException(404, f"unknown model {request.get('model')!r}; available: {sorted(self._infers)}")
             if not self._infers[request["model"]].is_valid():
@@ -120,7 +177,7 @@ class LiverAnomalyApp(MONAILabelApp):
         if request.get("label"):
             return request["label"]
         image = request.get("image")
-        if isinstance(image, str) and os.path.exists(image):  # an uploaded image: its ROI must come with it
+        if security.is_upload(image):  # an uploaded image: its ROI must come with it
             raise HTTPException(422, "no liver ROI: send the liver mask with the uploaded image (as the 'label' file)")
         try:
             uri = datastore.get_image_uri(image)
@@ -137,3 +194,7 @@ class LiverAnomalyApp(MONAILabelApp):
                 + ", or send it with the request as the 'label' file",
             )
         return roi
+
+
+def _true(value: Any) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")

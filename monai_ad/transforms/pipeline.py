@@ -16,7 +16,7 @@ from monai.transforms import Compose, ConcatItemsd, CopyItemsd, Invertd, LoadIma
 
 from monai_ad.errors import InputError
 from monai_ad.io import NiftiReader
-from monai_ad.postprocess import HEATMAP_CHANNEL, AnomalyOutputsd
+from monai_ad.postprocess import HEATMAP_CHANNEL, MIN_LESION_MM3, AnomalyOutputsd
 from monai_ad.transforms.array import ABDOMEN_WINDOW
 from monai_ad.transforms.dictionary import (
     CheckCTVolumed,
@@ -165,7 +165,7 @@ def build_postprocessing(
     preprocessing: Compose,
     pixel_threshold: float,
     slice_threshold: float,
-    min_lesion_mm3: float = 20.0,
+    min_lesion_mm3: float = MIN_LESION_MM3,
 ) -> Compose:
     """From the inferer's output ``pred`` to heatmap, label map and summary in the scan's own geometry:
     ``Invertd`` through the pre-processing, lowest score outside the liver (the slice-score channel is read

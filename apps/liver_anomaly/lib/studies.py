@@ -90,7 +90,13 @@ def is_marked_normal(datastore: Datastore, image_id: str, final: str | None) -> 
         info = {}
     if str(info.get("normal", "")).lower() in ("true", "1", "yes"):
         return True
-    return final is not None and label_is_empty(final)
+    if final is None:
+        return False
+    try:
+        return label_is_empty(final)
+    except Exception as exc:  # a torn or foreign file: reported, and this study is left out
+        logger.warning("the 'final' label of %s cannot be read (%s): study not counted as normal", image_id, type(exc).__name__)
+        return False
 
 
 def studies(datastore: Datastore, roi_dir: str | None = None) -> list[Study]:

@@ -25,13 +25,14 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from monai_ad.detectors.base import AnomalyDetector
 from monai_ad.errors import InputError
+from monai_ad.postprocess import MIN_LESION_MM3
 
 from lib.studies import ANOMALY_NAMES
 
 logger = logging.getLogger(__name__)
 
 COMPONENTS = "_anomaly_components"  # per-request components, carried in the data dict between stages
-OPTIONS = {"pixel_threshold": "", "slice_threshold": "", "min_lesion_mm3": 20.0, "roi_label": ""}
+OPTIONS = {"pixel_threshold": "", "slice_threshold": "", "min_lesion_mm3": MIN_LESION_MM3, "roi_label": ""}
 
 
 def _number(value: Any, name: str, kind: Callable = float) -> Any:

@@ -92,12 +92,16 @@ def select_threshold(
     )
     heatmaps, truths, rois, affines, used = [], [], [], [], []
     for case in cases:
+        try:  # a label that cannot be read (torn by a crash, edited by hand) is reported and skipped
+            truth = np.asarray(nib.load(case.final).dataobj) > 0
+            roi_values = np.asarray(nib.load(case.roi).dataobj)
+        except Exception as exc:
+            logger.warning("[%s] %s: label cannot be read (%s): skipped", name, case.image_id, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+            continue
         result = predictor(case.image, case.roi)
-        truth = np.asarray(nib.load(case.final).dataobj) > 0
         if truth.shape != result.heatmap.shape:
             logger.warning("[%s] %s: final label shape %s differs from the image %s: skipped", name, case.image_id, truth.shape, result.heatmap.shape)
             continue
-        roi_values = np.asarray(nib.load(case.roi).dataobj)
         roi = roi_values == roi_label if roi_label is not None else roi_values > 0
         roi = roi if roi.shape == truth.shape else np.ones_like(truth)
         heatmaps.append(result.heatmap), truths.append(truth), rois.append(roi), affines.append(result.affine)

@@ -2,8 +2,9 @@
 
 MONAI Label runs ``/train/<model>`` in a child process and streams its output into the server log and the
 ``/train`` status (``details``: the last lines), so progress is logged line by line here. The bundle's
-``configs/train.json`` supplies the detector and its hyper-parameters; the request may override its
-``network_def#...`` and ``preprocessing_config#...`` entries with plain values (e.g. ``{"network_def#image_size": 64}``). The model is written atomically to the path the
+``configs/train.json`` supplies the detector and its hyper-parameters; the request may set the named
+hyper-parameters of ``HYPER_PARAMETERS`` that the bundle has, as typed, range-checked plain values (e.g.
+``{"network_def#image_size": 64}``); the server checks a request before a training process starts. The model is written atomically to the path the
 infer task serves, which reloads it on its next request (no restart).
 
 After fitting, when corrected studies exist (``final`` labels), the operating threshold is chosen on them
@@ -34,23 +35,100 @@ logger = logging.getLogger(__name__)
 MIN_NORMAL_STUDIES = 2  # one to fit on, one held out to calibrate the thresholds
 
 
-OVERRIDABLE = ("network_def#", "preprocessing_config#")  # detector hyper-parameters and pre-processing only
+# The hyper-parameters a request may set: (type, lowest, highest). A key must also be in the bundle's train.json.
+# Nothing else of the config can be reached from a request (no ``_target_``, no other ``#`` path, no expression).
+INT, FLOAT, BOOL = "int", "float", "bool"
+HYPER_PARAMETERS: dict[str, tuple[str, float, float]] = {
+    "network_def#image_size": (INT, 16, 1024),
+    "network_def#coreset_ratio": (FLOAT, 1e-4, 1.0),
+    "network_def#num_neighbors": (INT, 1, 64),
+    "network_def#dim": (INT, 1, 4096),
+    "network_def#epochs": (INT, 1, 10_000),
+    "network_def#batch_size": (INT, 1, 1024),
+    "network_def#lr": (FLOAT, 1e-8, 1.0),
+    "network_def#meta_epochs": (INT, 1, 10_000),
+    "network_def#gan_epochs": (INT, 1, 1000),
+    "network_def#start_resolution": (INT, 4, 1024),
+    "network_def#latent_dim": (INT, 1, 4096),
+    "network_def#latent_resolution": (INT, 1, 64),
+    "network_def#inner_dims": (INT, 1, 4096),
+    "network_def#transition_iters": (INT, 0, 1_000_000),
+    "network_def#stable_iters": (INT, 0, 1_000_000),
+    "network_def#final_iters": (INT, 0, 1_000_000),
+    "network_def#prompt_length": (INT, 1, 256),
+    "network_def#bottleneck": (INT, 1, 4096),
+    "network_def#memory_size": (INT, 1, 10_000_000),
+    "preprocessing_config#margin_mm": (FLOAT, 0.0, 200.0),
+    "preprocessing_config#normalize_liver_hu": (FLOAT, -1000.0, 3000.0),
+    "preprocessing_config#histogram_equalization": (BOOL, 0, 1),
+    "preprocessing_config#mask_outside_roi": (BOOL, 0, 1),
+    "preprocessing_config#window": ("window", -1024.0, 3071.0),
+}
+REQUEST_OPTIONS = ("model", "device", "select_threshold", "quantile")  # besides the hyper-parameters
+DEVICES = ("auto", "cpu", "cuda") + tuple(f"cuda:{i}" for i in range(16))
 
 
-def config_overrides(request: dict[str, Any]) -> dict[str, Any]:
-    """The request's ``train.json`` overrides (keys with ``#``), limited to hyper-parameters and plain values:
-    a remote request must not redirect outputs or run config expressions (``$...``, ``@...``, ``%...``)."""
+def _plain(value, kind: str, low: float, high: float, key: str):
+    def fail(what: str):
+        raise InputError(f"training option {key!r}: {what}, got {str(value)[:60]!r}")
+
+    if kind == BOOL:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if kind == "window":
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            fail("a [low, high] pair of numbers")
+        if not (low <= value[0] < value[1] <= high):
+            fail(f"low < high, within [{low:g}, {high:g}] HU")
+        return [float(v) for v in value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == INT and not float(value).is_integer()):
+        fail("an integer" if kind == INT else "a number")
+    if not (low <= value <= high):
+        fail(f"within [{low:g}, {high:g}]")
+    return int(value) if kind == INT else float(value)
+
+
+def config_overrides(request: dict[str, Any], bundle_keys: set[str] | None = None) -> dict[str, Any]:
+    """The request's ``train.json`` overrides (keys with ``#``): only the named hyper-parameters of
+    ``HYPER_PARAMETERS`` (and of the bundle, when ``bundle_keys`` is given), typed and range-checked plain values."""
     overrides = {}
     for key, value in request.items():
-        if "#" not in key:
+        if "#" not in str(key):
             continue
-        if not key.startswith(OVERRIDABLE):
-            raise InputError(f"training option {key!r} cannot be set from a request (allowed: {', '.join(p + '...' for p in OVERRIDABLE)})")
-        values = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, (int, float, bool)) or (isinstance(v, str) and not v.startswith(("$", "@", "%"))) for v in values):
-            raise InputError(f"training option {key!r}: only numbers, booleans, plain strings or lists of them")
-        overrides[key] = value
+        if key not in HYPER_PARAMETERS:
+            raise InputError(f"training option {str(key)[:80]!r} cannot be set from a request: only named hyper-parameters can (e.g. network_def#image_size)")
+        if bundle_keys is not None and key not in bundle_keys:
+            raise InputError(f"training option {key!r} is not a hyper-parameter of this detector (its own: {', '.join(sorted(bundle_keys)) or 'none'})")
+        overrides[key] = _plain(value, *HYPER_PARAMETERS[key], key)
     return overrides
+
+
+def check_request(request: dict[str, Any], bundle_keys: set[str] | None = None, model: str | None = None) -> dict[str, Any]:
+    """A training request from a client: the hyper-parameter overrides (checked), and only the known options."""
+    for key in request:
+        if "#" not in str(key) and key not in REQUEST_OPTIONS:
+            raise InputError(f"training option {str(key)[:80]!r} is not accepted (options: {', '.join(REQUEST_OPTIONS)} and hyper-parameters)")
+    if model is not None and request.get("model", model) != model:
+        raise InputError("training option 'model' must name the model of the URL")
+    if str(request.get("device", "auto")) not in DEVICES:
+        raise InputError(f"training option 'device' must be auto, cpu, cuda or cuda:N, got {str(request.get('device'))[:40]!r}")
+    if "quantile" in request:
+        _plain(request["quantile"], FLOAT, 0.5, 0.9999, "quantile")
+    if "select_threshold" in request and not isinstance(request["select_threshold"], (bool, str)):
+        raise InputError("training option 'select_threshold' must be true or false")
+    return config_overrides(request, bundle_keys)
+
+
+def bundle_hyper_parameters(bundle: str | os.PathLike) -> set[str]:
+    """The ``HYPER_PARAMETERS`` the bundle's ``train.json`` has."""
+    config = json.loads((Path(bundle) / "configs" / "train.json").read_text())
+    keys = set()
+    for key in HYPER_PARAMETERS:
+        section, name = key.split("#", 1)
+        if isinstance(config.get(section), dict) and name in config[section]:
+            keys.add(key)
+    return keys
 
 
 def stats_path(model_path: str | os.PathLike) -> Path:
@@ -92,13 +170,15 @@ class NormalStudiesTrain(TrainTask):
             parser["datalist"] = str(datalist)
             parser["trainer"]["output"] = str(self.model_path)
             device = str(request.get("device") or "auto")
+            if device not in DEVICES:
+                raise InputError(f"training option 'device' must be auto, cpu, cuda or cuda:N, got {device[:40]!r}")
             parser["device"] = "cuda" if device == "auto" and _cuda() else ("cpu" if device == "auto" else device)
             if self.roi_label is not None:
                 parser["roi_labels"] = [self.roi_label]
-            for key, value in config_overrides(request).items():
+            for key, value in config_overrides(request, bundle_hyper_parameters(self.bundle)).items():
                 parser[key] = value
             if "quantile" in request and "quantile" in parser["trainer"]:
-                parser["trainer"]["quantile"] = float(request["quantile"])
+                parser["trainer"]["quantile"] = _plain(request["quantile"], FLOAT, 0.5, 0.9999, "quantile")
             parser.parse()
             logger.info("[%s] fitting on %d normal studies (device %s)", self.name, len(normals), parser["device"])
             detector = parser.get_parsed_content("trainer").run()
