@@ -15,8 +15,6 @@ from typing import Any, Sequence
 from monai_ad.allocator import keep_freed_memory
 from monai_ad.errors import InputError
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-
 
 class _LazyHelp(str):
     """A help text whose ``{detectors}`` (the registered detector names) and ``{min_lesion_mm3}`` are filled in only
@@ -57,6 +55,8 @@ def _volumes_in(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise InputError("not found", path)
+    from monai_ad.io import VOLUME_SUFFIXES
+
     files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
     if files:
         return files

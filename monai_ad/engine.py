@@ -21,7 +21,7 @@ from monai_ad import distributed
 from monai_ad.detectors.base import AnomalyDetector, create_detector
 from monai_ad.errors import InputError
 from monai_ad.inferers import SliceAnomalyInferer
-from monai_ad.io import atomic_path, save_nifti, write_json
+from monai_ad.io import VOLUME_SUFFIXES, atomic_path, save_nifti, write_json
 from monai_ad.postprocess import MIN_LESION_MM3, axial_axis
 from monai_ad.transforms.array import HUWindow, SelectROI
 from monai_ad.transforms.pipeline import (
@@ -71,7 +71,7 @@ def roi_source(item: Mapping[str, Any]) -> Any:
 
 def case_name(image_path: str | os.PathLike) -> str:
     name = Path(image_path).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
+    for suffix in (*VOLUME_SUFFIXES, ".dcm"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name

@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - platforms without an isal wheel fall b
     import gzip as gzip_codec
 
 NIFTI_COMPRESSLEVEL = 1  # nibabel's own default for .nii.gz: the size barely shrinks at higher levels
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")  # volume files read (besides DICOM series folders)
 
 
 @contextlib.contextmanager

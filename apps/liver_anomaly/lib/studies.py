@@ -30,9 +30,11 @@ from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
+from monai_ad.io import VOLUME_SUFFIXES
+from monai_ad.label_server import LIVER_TAG
+
 logger = logging.getLogger(__name__)
 
-LIVER_TAG = "liver"
 FINAL_TAG = DefaultLabelTag.FINAL.value
 ANOMALY_NAMES = {"anomaly": 1}
 
@@ -72,7 +74,7 @@ def liver_roi(datastore: Datastore | None, image_id: str, roi_dir: str | None = 
         if uri:
             return uri
     if roi_dir and image_id:
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        for suffix in VOLUME_SUFFIXES:
             candidate = Path(roi_dir) / f"{image_id}{suffix}"
             if candidate.is_file():
                 return str(candidate)
