@@ -154,9 +154,23 @@ def test_eight_concurrent_clients_each_with_its_threshold(app):
         label_file, params = client.infer(MODEL, case, low if i % 2 else {})
         return i, _check_result(app, case, label_file, params), params
 
-    with ThreadPoolExecutor(8) as pool:
+    info_seconds = []
+
+    def info_while_running():
+        time.sleep(2.0)  # the detectors are busy by now
+        for _ in range(5):
+            start = time.perf_counter()
+            with urllib.request.urlopen(app["url"] + "/info/", timeout=60) as response:
+                assert response.status == 200
+            info_seconds.append(time.perf_counter() - start)
+            time.sleep(0.5)
+
+    with ThreadPoolExecutor(9) as pool:
+        watcher = pool.submit(info_while_running)
         results = list(pool.map(one, range(8)))
+        watcher.result()
     assert len(results) == 8
+    assert max(info_seconds) < 3.0, info_seconds  # /info answers while the detectors run (it queued behind them before)
     default_voxels = {int(values.sum()) for i, values, _ in results if i % 2 == 0}
     low_voxels = {int(values.sum()) for i, values, _ in results if i % 2}
     assert len(default_voxels) == 1 and len(low_voxels) == 1  # the same answer for the same request
@@ -232,12 +246,22 @@ def test_best_dice_threshold_is_exact():
     assert with_missed < dice
 
 
-def test_training_overrides_are_limited_to_plain_hyper_parameters():
-    from lib.trainers.normal_studies import config_overrides
+def test_training_overrides_are_limited_to_named_hyper_parameters():
+    from lib.trainers.normal_studies import bundle_hyper_parameters, check_request, config_overrides
 
     assert config_overrides({"model": "x", "network_def#image_size": 64, "preprocessing_config#window": [-100, 200]}) == {
-        "network_def#image_size": 64, "preprocessing_config#window": [-100, 200]}  # fmt: skip
-    with pytest.raises(ValueError, match="cannot be set from a request"):
-        config_overrides({"trainer#output": "/elsewhere/model.pt"})
-    with pytest.raises(ValueError, match="only numbers"):
-        config_overrides({"network_def#backbone": "$__import__('os').getcwd()"})
+        "network_def#image_size": 64, "preprocessing_config#window": [-100.0, 200.0]}  # fmt: skip
+    own = bundle_hyper_parameters(label_server.PROJECT_ROOT / "bundles" / MODEL)
+    assert {"network_def#image_size", "network_def#coreset_ratio"} <= own and "network_def#epochs" not in own
+    for key in ("trainer#output", "network_def#_target_", "network_def#config_file", "network_def#backbone"):
+        with pytest.raises(ValueError, match="cannot be set from a request"):
+            config_overrides({key: "monai.bundle.run"})
+    for value in ("$__import__('os').getcwd()", "@x", True, 10**9, 2.5, [64]):
+        with pytest.raises(ValueError, match="network_def#image_size"):
+            config_overrides({"network_def#image_size": value})
+    with pytest.raises(ValueError, match="not a hyper-parameter of this detector"):
+        config_overrides({"network_def#epochs": 3}, own)
+    with pytest.raises(ValueError, match="not accepted"):
+        check_request({"bundle_root": "/elsewhere"}, own)
+    with pytest.raises(ValueError, match="device"):
+        check_request({"device": "$x"}, own)

@@ -108,6 +108,11 @@ def image_shape(path: str | os.PathLike, what: str, full: bool = True) -> tuple[
     return shape
 
 
+def same_grid(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """The same voxel grid, in any axis order (a mask may be stored in another orientation than its image)."""
+    return sorted(a) == sorted(b)
+
+
 async def receive_upload(upload: Any, folder: Path, stem: str, limit: int, what: str) -> Path:
     """Copy an uploaded file into ``folder`` (``<stem><suffix>``), refusing an empty or oversized one."""
     suffix = image_suffix(getattr(upload, "filename", None), what)
@@ -364,7 +369,7 @@ def install(instance: Any, limit: int, allow_model_routes: bool, workers: int) -
                 roi_shape = await run_in_threadpool(image_shape, request["label"], "uploaded liver mask")
                 if shape is None:
                     shape = await run_in_threadpool(instance.study_shape, image)
-                if shape is not None and roi_shape != shape:
+                if shape is not None and not same_grid(roi_shape, shape):
                     raise HTTPException(422, f"uploaded liver mask: shape {roi_shape} differs from the image's {shape}")
             request.update(options)
             loop = asyncio.get_running_loop()
@@ -413,7 +418,7 @@ def install(instance: Any, limit: int, allow_model_routes: bool, workers: int) -
                 raise HTTPException(404, f"image {image!r} is not in the datastore")
             path = await receive_upload(label, folder, image, limit, "uploaded label")
             label_shape = await run_in_threadpool(image_shape, path, "uploaded label")
-            if label_shape != shape:
+            if not same_grid(label_shape, shape):
                 raise HTTPException(422, f"uploaded label: shape {label_shape} differs from the image's {shape}")
             label_id = await run_in_threadpool(instance.datastore().save_label, image, str(path), tag, info)
             result = instance.on_save_label(image, label_id) or {}

@@ -64,7 +64,7 @@ HYPER_PARAMETERS: dict[str, tuple[str, float, float]] = {
     "preprocessing_config#mask_outside_roi": (BOOL, 0, 1),
     "preprocessing_config#window": ("window", -1024.0, 3071.0),
 }
-REQUEST_OPTIONS = ("model", "device", "select_threshold", "quantile")  # besides the hyper-parameters
+REQUEST_OPTIONS = ("model", "device", "select_threshold", "quantile", "client_id")  # besides the hyper-parameters
 DEVICES = ("auto", "cpu", "cuda") + tuple(f"cuda:{i}" for i in range(16))
 
 
