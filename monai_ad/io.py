@@ -6,7 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,19 +29,85 @@ NIFTI_COMPRESSLEVEL = 1  # nibabel's own default for .nii.gz: the size barely sh
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")  # volume files read (besides DICOM series folders)
 
 
+PARTIAL = ".partial"
+_PARTIAL_NAME = re.compile(r"^\..*\.(?P<host>[^.]*)-(?P<pid>\d+)\.[0-9a-f]{8}\.partial(\..*)?$")
+_OLD_PARTIAL_NAME = re.compile(r"^\..*\.partial(\..*)?$")  # also those of earlier versions (no owner in the name)
+STALE_PARTIAL_S = 3600.0  # a partial file whose writer cannot be identified is stale after this long
+_swept_dirs: set[str] = set()
+_sweep_lock = threading.Lock()
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's), or it cannot be told: keep its files
+    return True
+
+
+def remove_stale_partials(directory: str | os.PathLike) -> list[Path]:
+    """Remove the hidden ``.partial`` files a killed writer left in ``directory``: those of a process of this host
+    that no longer runs, and any other older than ``STALE_PARTIAL_S``. Files of running writers are kept."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    host, now = _host(), time.time()
+    for entry in entries:
+        if not entry.name.startswith(".") or PARTIAL not in entry.name:
+            continue
+        match = _PARTIAL_NAME.match(entry.name)
+        try:
+            if match and match["host"] == host:
+                stale = not _process_alive(int(match["pid"]))
+            else:
+                stale = _OLD_PARTIAL_NAME.match(entry.name) is not None and now - entry.stat().st_mtime > STALE_PARTIAL_S
+            if stale and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
+
+
+def _sweep_once(directory: Path) -> None:
+    """``remove_stale_partials`` the first time this process writes into ``directory``."""
+    key = os.path.abspath(directory)
+    with _sweep_lock:
+        if key in _swept_dirs:
+            return
+        _swept_dirs.add(key)
+    remove_stale_partials(directory)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
 
     The temporary name keeps the target's suffixes (``.nii.gz``, ``.png``) so writers that pick a format
-    from the extension behave as they would for the final name.
+    from the extension behave as they would for the final name, and names its host and process, so that one
+    killed before it could clean up is removed the next time a process writes into that folder. The file is
+    created with the permissions the umask gives (as a plain ``open`` would), not private ones.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_once(path.parent)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=".partial" + suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    owner = f"{_host()}-{os.getpid()}"
+    while True:
+        tmp_path = path.parent / f".{path.name.split('.')[0]}.{owner}.{secrets.token_hex(4)}{PARTIAL}{suffix}"
+        try:
+            os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -59,6 +129,72 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
         tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
     return atomic_write(path, _write)
+
+
+# ----------------------------------------------------------------------------- reading: what a file should be
+VOLUME_FORMATS = (
+    (".nii.gz", "gzip-compressed NIfTI"), (".nii", "NIfTI"), (".nrrd", "NRRD"), (".nhdr", "NRRD"),
+    (".mha", "MetaImage"), (".mhd", "MetaImage"), (".dcm", "DICOM"),
+)  # fmt: skip
+
+
+def expected_format(path: str | os.PathLike) -> str:
+    """The format a path's name promises: ``NIfTI`` for ``.nii``, ``a DICOM series`` for a folder, ..."""
+    path = Path(path)
+    if path.is_dir():
+        return "a DICOM series"
+    name = path.name.lower()
+    return next((fmt for suffix, fmt in VOLUME_FORMATS if name.endswith(suffix)), "a medical image")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    return bool(head) and all(32 <= b < 127 or b in (9, 10, 13) for b in head[:64])
+
+
+def _content_problem(path: Path, fmt: str) -> str | None:
+    """What is wrong with a file's first bytes for ``fmt``, when that can be told without a reader."""
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(512)
+    except OSError as exc:
+        return f"cannot be opened: {exc.strerror or exc}"
+    if not head:
+        return "the file is empty (0 bytes)"
+    text = " (it holds text)" if _looks_like_text(head) else ""
+    if "NIfTI" in fmt:
+        if fmt.startswith("gzip"):
+            if head[:2] != b"\x1f\x8b":
+                return f"it is not gzip-compressed{text}"
+            try:
+                with gzip_codec.open(path, "rb") as stream:
+                    head = stream.read(4)
+            except Exception:  # damaged compressed data: the reader's own words follow
+                return None
+        sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+        if not sizes & {348, 540}:
+            return f"it has no NIfTI header{text}"
+    elif fmt == "NRRD" and not head.startswith(b"NRRD"):
+        return f"it has no NRRD header{text}"
+    elif fmt == "MetaImage" and not (b"NDims" in head or b"ObjectType" in head):
+        return f"it has no MetaImage header{text}"
+    elif fmt == "DICOM" and head[128:132] != b"DICM":
+        return f"it has no DICOM preamble{text}"
+    return None
+
+
+def unreadable_message(path: str | os.PathLike, exc: BaseException) -> str:
+    """One line for a volume no reader could read: the format its name promises and what is wrong."""
+    fmt = expected_format(path)
+    reason = _content_problem(Path(path), fmt)
+    if reason is None:
+        text = str(exc).strip()
+        if "cannot find a suitable reader" in text:  # MONAI tried every reader: their messages do not help
+            reason = "no reader recognises its content"
+        else:
+            reason = (text.splitlines()[-1] if text else type(exc).__name__)[:200]
+    return f"cannot be read as {fmt}: {reason}"
 
 
 class NiftiReader(NibabelReader):

@@ -17,8 +17,8 @@ from monai_ad.detectors.components import (
     gaussian_blur2d,
     greedy_coreset,
     max_in_roi,
-    patch_scores_to_map,
     roi_on_grid,
+    upsample_blur_matrix,
 )
 from monai_ad.errors import InputError
 from monai_ad.networks import build_backbone
@@ -320,6 +320,15 @@ def test_gaussian_blur_matches_scipy(shape):
     expected = ndimage.gaussian_filter(x.numpy().astype(np.float64), sigma, mode="reflect", truncate=4.0)
     assert np.abs(gaussian_blur2d(x, 4.0).numpy() - expected).max() < 1e-5  # borders included
     assert np.abs(GaussianBlur2d(4.0)(x).numpy() - expected).max() < 1e-5
+
+
+def patch_scores_to_map(grid_scores: torch.Tensor, size: int | tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
+    """``PatchScoreMap``'s computation for any output size: upsampling + blur as two matrix products."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    h, w = grid_scores.shape[-2:]
+    rows = upsample_blur_matrix(h, size[0], sigma)
+    cols = upsample_blur_matrix(w, size[1], sigma)
+    return rows @ grid_scores.float() @ cols.t()
 
 
 def test_score_maps_and_roi_helpers():

@@ -46,7 +46,53 @@ def create_detector(name: str, **hparams: Any) -> "AnomalyDetector":
     _import_builtin_detectors()
     if name not in DETECTORS:
         raise InputError(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTORS))}")
+    check_hparams(name, hparams)
     return DETECTORS[name](**hparams)
+
+
+# Hyper-parameters that mean the same in every detector: (whole number, lowest, highest, lowest excluded)
+HPARAM_RANGES: dict[str, tuple[bool, float, float | None, bool]] = {
+    "image_size": (True, 8, 1024, False),
+    "batch_size": (True, 1, 65536, False),
+    "epochs": (True, 1, None, False),
+    "meta_epochs": (True, 1, None, False),
+    "num_neighbors": (True, 1, None, False),
+    "patch_size": (True, 1, None, False),
+    "coreset_ratio": (False, 0, 1, True),
+    "sigma": (False, 0, None, False),
+}
+
+
+def check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
+    """Check hyper-parameters before any work: each must be a parameter of the detector's constructor, and the
+    common ones (``HPARAM_RANGES``: image_size, batch_size, epochs, ...) numbers in range. ``InputError`` names
+    the detector, the parameter and the accepted values."""
+    import inspect
+
+    _import_builtin_detectors()
+    if name not in DETECTORS:
+        raise InputError(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTORS))}")
+    params = inspect.signature(DETECTORS[name].__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        known = sorted(k for k, p in params.items() if k != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+        unknown = sorted(set(hparams) - set(known))
+        if unknown:
+            raise InputError(
+                f"{name}: unknown hyper-parameter(s) {', '.join(unknown)}; the {name} detector takes {', '.join(known)}"
+            )
+    for key, value in hparams.items():
+        if key not in HPARAM_RANGES:
+            continue
+        integer, low, high, open_low = HPARAM_RANGES[key]
+        number = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+        within = number and math.isfinite(value) and (value > low if open_low else value >= low)
+        if not (within and (high is None or value <= high)):
+            kind = "a whole number" if integer else "a number"
+            if high is None:
+                bounds = f"of at least {low:g}"
+            else:
+                bounds = f"above {low:g} and at most {high:g}" if open_low else f"from {low:g} to {high:g}"
+            raise InputError(f"{name}: {key} must be {kind} {bounds}, got {value!r}")
 
 
 def available_detectors() -> list[str]:

@@ -286,20 +286,10 @@ def upsample_blur_matrix(
     return up.t().contiguous().to(device=device, dtype=torch.float32)
 
 
-def patch_scores_to_map(grid_scores: torch.Tensor, size: int | tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
-    """Patch scores ``[B, h, w]`` → pixel map ``[B, H, W]``: bilinear upsampling (``align_corners=False``) then
-    a Gaussian blur of ``sigma`` pixels (the PatchCore/SimpleNet anomaly map), as two matrix products."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    h, w = grid_scores.shape[-2:]
-    rows = upsample_blur_matrix(h, size[0], sigma, device=grid_scores.device)
-    same = (h, size[0]) == (w, size[1])
-    cols = rows if same else upsample_blur_matrix(w, size[1], sigma, device=grid_scores.device)
-    return rows @ grid_scores.float() @ cols.t()
-
-
 class PatchScoreMap(nn.Module):
-    """``patch_scores_to_map`` for a fixed square ``image_size``, with the per-axis matrices cached per grid
-    size and device."""
+    """Patch scores ``[B, h, w]`` → pixel map ``[B, image_size, image_size]``: bilinear upsampling
+    (``align_corners=False``) then a Gaussian blur of ``sigma`` pixels (the PatchCore/SimpleNet anomaly map), as two
+    matrix products; the per-axis matrices are cached per grid size and device."""
 
     def __init__(self, image_size: int, sigma: float = 4.0):
         super().__init__()

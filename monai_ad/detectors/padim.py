@@ -196,10 +196,5 @@ class PaDiM(AnomalyDetector):
         return SliceScores(pixel=pixel, slice=max_in_roi_map(pixel, roi))
 
     # ------------------------------------------------------------------ info
-    @property
-    def gaussian_bytes(self) -> int:
-        """Bytes of the fitted Gaussians (means and inverse covariances)."""
-        return sum(t.numel() * t.element_size() for t in (self.mean, self.inv_covariance))
-
     def extra_repr(self) -> str:
         return f"positions={self.mean.shape[0]}, dim={self.dim}"

@@ -350,12 +350,6 @@ def layers_for(resolutions_used: Sequence[int], final_layer: str | None) -> dict
     return out
 
 
-def check_grid(layer_strides: Mapping[int, int]) -> None:
-    for r, stride in layer_strides.items():
-        if r // stride < 1:
-            raise InputError(f"the VGG layer at resolution {r} has stride {stride}: no feature map is left")
-
-
 __all__ = [
     "PreActResBlock",
     "ProgressiveAutoencoder",

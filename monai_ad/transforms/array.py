@@ -315,3 +315,116 @@ def axial_slices(volume: torch.Tensor) -> torch.Tensor:
 def stack_axial_slices(slices: torch.Tensor) -> torch.Tensor:
     """The inverse of ``axial_slices``: ``[Z, C, X, Y]`` → ``[C, X, Y, Z]``."""
     return slices.permute(1, 2, 3, 0)
+
+
+# ----------------------------------------------------------------------------- plausibility of a scan and its liver
+LIVER_ROI_HINT = "pass the liver's label value (roi_label / --roi-label; 5 for TotalSegmentator)"
+
+
+def _grid_sample(tensor: torch.Tensor, voxels: int = 1_000_000) -> torch.Tensor:
+    """A regular grid of about ``voxels`` voxels of a channel-first volume (every voxel of a small one)."""
+    values = _plain(tensor)
+    step = max(1, math.ceil((values[0].numel() / voxels) ** (1 / 3)))
+    return values[(slice(None), *[slice(None, None, step)] * (values.ndim - 1))].contiguous()
+
+
+class CheckVoxelSpacing(Transform):
+    """Reject a volume whose voxel spacing is not that of a CT scan (a header with the wrong units or scale: the
+    same voxels stored at 10 mm or at 0.1 mm would otherwise be scored without a word).
+
+    Accepted: ``min_mm``..``max_inplane_mm`` within the axial plane and ``min_mm``..``max_slice_mm`` between
+    slices (the axial axis is the one nearest the body's long axis).
+    """
+
+    def __init__(self, min_mm: float = 0.2, max_inplane_mm: float = 8.0, max_slice_mm: float = 15.0):
+        self.min_mm, self.max_inplane_mm, self.max_slice_mm = min_mm, max_inplane_mm, max_slice_mm
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if not isinstance(img, MetaTensor):
+            return img
+        from monai_ad.postprocess import axial_axis
+
+        spacing = pixdim(img)[:3]
+        axial = axial_axis(np.asarray(img.affine))
+        inplane = [s for axis, s in enumerate(spacing) if axis != axial]
+        if (
+            not np.all(np.isfinite(spacing))
+            or min(spacing) < self.min_mm
+            or max(inplane) > self.max_inplane_mm
+            or spacing[axial] > self.max_slice_mm
+        ):
+            shown = " × ".join(f"{s:.4g}" for s in spacing)
+            raise InputError(
+                f"voxel spacing {shown} mm is not that of a CT scan (expected {self.min_mm:g}–{self.max_inplane_mm:g} mm "
+                f"in-plane and {self.min_mm:g}–{self.max_slice_mm:g} mm between slices): check the header's spacing and units",
+                source_path(img),
+            )
+        return img
+
+
+class CheckSingleOrgan(Transform):
+    """Reject a label map that holds several organs when no liver label is chosen (``labels`` None): an organ
+    map (TotalSegmentator, BTCV) used as it is would make the whole labelled body the liver ROI.
+
+    Up to ``max_labels`` non-zero values are a liver mask (LiTS style: 1 liver, 2 lesion). Masks with fractional
+    values (resampled soft masks) are not label maps and are left alone. Labels are counted on a regular grid
+    of about a million voxels.
+    """
+
+    def __init__(self, labels: Sequence[int] | int | None = None, max_labels: int = 2):
+        self.labels, self.max_labels = labels, max_labels
+
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        if self.labels is not None:
+            return mask
+        sample = _grid_sample(mask)
+        values = torch.unique(sample[sample != 0])
+        if values.is_floating_point() and not bool((values == values.round()).all()):
+            return mask
+        if values.numel() > self.max_labels:
+            shown = ", ".join(f"{float(v):g}" for v in values[:6]) + (", ..." if values.numel() > 6 else "")
+            raise InputError(
+                f"the mask holds {values.numel()} label values ({shown}): an organ map, not one liver mask; "
+                + LIVER_ROI_HINT,
+                source_path(mask),
+            )
+        return mask
+
+
+class CheckLiverROI(Transform):
+    """Reject a liver ROI (binary, after ``SelectROI``) that cannot be a liver, naming the mask file.
+
+    - its volume must be ``min_ml``..``max_ml`` millilitres (a partial liver of a few slices is accepted; more
+      than the largest livers means a body or organ-group mask, or a wrong voxel spacing);
+    - with the image given (same grid), it must not cover more than ``max_body_fraction`` of the body (voxels
+      above ``body_hu``, counted on a regular grid): a liver is a minority of any section through it.
+    """
+
+    def __init__(self, min_ml: float = 10.0, max_ml: float = 8000.0, max_body_fraction: float = 0.6, body_hu: float = -500.0):
+        self.min_ml, self.max_ml = min_ml, max_ml
+        self.max_body_fraction, self.body_hu = max_body_fraction, body_hu
+
+    def __call__(self, roi: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        path = source_path(roi)
+        voxel_ml = float(np.prod(pixdim(roi)[:3])) / 1000.0
+        volume_ml = int(_plain(roi)[0].count_nonzero()) * voxel_ml  # a binary ROI: non-zero is inside
+        if not self.min_ml <= volume_ml <= self.max_ml:
+            size = "smaller" if volume_ml < self.min_ml else "larger"
+            raise InputError(
+                f"the liver ROI is {volume_ml:.0f} mL, {size} than a liver ({self.min_ml:g}–{self.max_ml:g} mL accepted, "
+                f"voxels {' × '.join(f'{s:.4g}' for s in pixdim(roi)[:3])} mm): check the voxel spacing, or "
+                + LIVER_ROI_HINT,
+                path,
+            )
+        if image is not None and tuple(image.shape[1:]) == tuple(roi.shape[1:]):
+            body = _grid_sample(image)[0] > self.body_hu
+            inside = _grid_sample(roi)[0].to(body.device) > 0
+            n_body = int(body.sum())
+            fraction = float((inside & body).sum()) / n_body if n_body else 1.0
+            if fraction > self.max_body_fraction:
+                raise InputError(
+                    f"the liver ROI covers {fraction:.0%} of the body (voxels above {self.body_hu:g} HU), more than a "
+                    f"liver can ({self.max_body_fraction:.0%}): a body or organ-group mask; " + LIVER_ROI_HINT,
+                    path,
+                )
+        return roi

@@ -11,7 +11,10 @@ from monai.transforms import InvertibleTransform, MapTransform
 from monai_ad.transforms.array import (
     ABDOMEN_WINDOW,
     CheckCTVolume,
+    CheckLiverROI,
     CheckSameGeometry,
+    CheckSingleOrgan,
+    CheckVoxelSpacing,
     CropROI,
     FillOutsideROI,
     HistogramEqualize,
@@ -151,3 +154,29 @@ class PadToSquared(_InvertibleApplyd):
             d[key] = self.transform(d[key], to_pad=widths)
         return d
 
+
+class CheckVoxelSpacingd(_Applyd):
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = CheckVoxelSpacing(**kwargs)
+
+
+class CheckSingleOrgand(_Applyd):
+    def __init__(self, keys: KeysCollection, labels: Sequence[int] | int | None = None, max_labels: int = 2, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = CheckSingleOrgan(labels, max_labels)
+
+
+class CheckLiverROId(_Applyd):
+    """``CheckLiverROI`` on each of ``keys`` (binary liver ROIs), with ``image_key``'s image for the body check."""
+
+    def __init__(self, keys: KeysCollection, image_key: str | None = "image", allow_missing_keys: bool = False, **kwargs):
+        super().__init__(keys, allow_missing_keys)
+        self.transform, self.image_key = CheckLiverROI(**kwargs), image_key
+
+    def __call__(self, data):
+        d = dict(data)
+        image = d.get(self.image_key) if self.image_key is not None else None
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key], image)
+        return d

@@ -118,7 +118,6 @@ class LoadVolumed(LoadImaged):
 def build_preprocessing(
     config: PreprocessConfig | Mapping[str, Any] | None = None,
     roi_labels: Sequence[int] | int | None = None,
-    load: bool = True,
     concat: bool = False,
     mask_keys: Sequence[str] = (),
 ) -> Compose:
@@ -134,9 +133,7 @@ def build_preprocessing(
     cfg = config if isinstance(config, PreprocessConfig) else PreprocessConfig.from_dict(config)
     masks = [ROI, *mask_keys]
     keys = [IMAGE, *masks]
-    steps: list[MapTransform] = []
-    if load:
-        steps.append(LoadVolumed(keys, mask_keys=masks))
+    steps: list[MapTransform] = [LoadVolumed(keys, mask_keys=masks)]
     steps += [
         CheckCTVolumed(IMAGE),
         SelectROId(ROI, labels=roi_labels),
