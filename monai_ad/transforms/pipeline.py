@@ -7,6 +7,7 @@ on the slices back to the scan's own shape, orientation and affine.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -15,12 +16,15 @@ from typing import Any, Mapping, Sequence
 from monai.transforms import Compose, ConcatItemsd, CopyItemsd, Invertd, LoadImaged, MapTransform, Orientationd, Resized
 
 from monai_ad.errors import InputError
-from monai_ad.io import NiftiReader
+from monai_ad.io import NiftiReader, unreadable_message
 from monai_ad.postprocess import HEATMAP_CHANNEL, MIN_LESION_MM3, AnomalyOutputsd
 from monai_ad.transforms.array import ABDOMEN_WINDOW
 from monai_ad.transforms.dictionary import (
     CheckCTVolumed,
+    CheckLiverROId,
     CheckSameGeometryd,
+    CheckSingleOrgand,
+    CheckVoxelSpacingd,
     CropROId,
     FillOutsideROId,
     HistogramEqualized,
@@ -60,13 +64,49 @@ class PreprocessConfig:
         if unknown:
             raise InputError(f"unknown pre-processing option(s): {', '.join(sorted(unknown))}")
         if "window" in values:
-            values["window"] = tuple(float(v) for v in values["window"])
-        return cls(**values)
+            values["window"] = _hu_window(values["window"], "window")
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        _check_number("image_size", self.image_size, *IMAGE_SIZES, integer=True)
+        _check_number("margin_mm", self.margin_mm, 0.0, 200.0)
+        _check_number("min_roi_pixels", self.min_roi_pixels, 0, None, integer=True)
+        if self.normalize_liver_hu is not None:
+            _check_number("normalize_liver_hu", self.normalize_liver_hu, -1000.0, 1000.0)
+        for name in ("histogram_equalization", "mask_outside_roi"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["window"] = list(d["window"])
         return d
+
+
+IMAGE_SIZES = (8, 1024)  # slice sizes (pixels) the pipeline accepts, as a detector does (detectors.base.HPARAM_RANGES)
+
+
+def _hu_window(value: Any, name: str) -> tuple[float, float]:
+    """``[low, high]`` in HU with high > low, or an ``InputError`` naming the option."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be [low, high] in HU (e.g. [-160, 240]), got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise InputError(f"{name} must be [low, high] in HU with high > low, got {value!r}")
+    return low, high
+
+
+def _check_number(name: str, value: Any, low: float | None, high: float | None, integer: bool = False) -> None:
+    """An option that must be a (whole) number within ``[low, high]`` (None: no bound)."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise InputError(f"{name} must be {'a whole number' if integer else 'a number'}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"{low:g}..{high:g}" if low is not None and high is not None else (f">= {low:g}" if low is not None else f"<= {high:g}")
+        raise InputError(f"{name} must be {bounds}, got {value!r}")
 
 
 class LoadVolumed(LoadImaged):
@@ -109,8 +149,7 @@ class LoadVolumed(LoadImaged):
         try:
             loaded = (self._mask_loader if key in self.mask_keys else self._loader)(path, reader)
         except Exception as exc:  # any reader failure: unreadable, truncated, wrong format
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"cannot be read as a medical image ({reason[:200]})", path) from None
+            raise InputError(unreadable_message(path, exc), path) from None
         # the image, its metadata inside; also when a framework switched ``image_only`` off
         return loaded[0] if isinstance(loaded, tuple) else loaded
 
@@ -136,10 +175,13 @@ def build_preprocessing(
     steps: list[MapTransform] = [LoadVolumed(keys, mask_keys=masks)]
     steps += [
         CheckCTVolumed(IMAGE),
+        CheckVoxelSpacingd(IMAGE),
+        CheckSingleOrgand(ROI, labels=roi_labels),  # an organ map needs the liver's label value
         SelectROId(ROI, labels=roi_labels),
         CopyItemsd(ROI, names=ROI_SOURCE),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         CheckSameGeometryd(masks, ref_key=IMAGE),  # after re-orientation: the same grid stored in another axis order is fine
+        CheckLiverROId(ROI, image_key=IMAGE),  # a liver's volume, not the body
         CropROId(keys, source_key=ROI, margin_mm=cfg.margin_mm),
     ]
     if cfg.normalize_liver_hu is not None:
