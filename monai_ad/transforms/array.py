@@ -99,6 +99,7 @@ class SelectROI(Transform):
 
     For a LiTS-style label (1 liver, 2 lesion) the default gives the whole liver; for an organ segmentation
     such as TotalSegmentator's, pass the liver's value (5). An empty ROI is an error naming the file.
+    Not MONAI's ``LabelToMask``: it needs the label values listed (no "any non-zero") and checks nothing.
     """
 
     def __init__(self, labels: Sequence[int] | int | None = None):
@@ -137,7 +138,11 @@ class NormalizeLiverHU(Transform):
 
 
 class HUWindow(Transform):
-    """Clip to a HU window ``(low, high)`` and scale it to ``[0, 1]``. Default: the abdominal window."""
+    """Clip to a HU window ``(low, high)`` and scale it to ``[0, 1]``. Default: the abdominal window.
+
+    MONAI's ``ScaleIntensityRange(low, high, 0, 1, clip=True)`` gives the same values with two more passes over
+    the volume (``× 1``, ``+ 0`` to the output range); this is one scaling and an in-place clamp.
+    """
 
     def __init__(self, window: Sequence[float] = ABDOMEN_WINDOW):
         self.low, self.high = float(window[0]), float(window[1])
@@ -181,7 +186,10 @@ class HistogramEqualize(Transform):
 
 
 class MaskOutsideROI(Transform):
-    """Set voxels outside the ROI to ``value`` (0: black background, as BMAD's masked liver slices)."""
+    """Set voxels outside the ROI to ``value`` (0: black background, as BMAD's masked liver slices).
+
+    Not MONAI's ``MaskIntensity``, which multiplies by the mask: only 0 outside, and NaN or ±inf there stay NaN.
+    """
 
     def __init__(self, value: float = 0.0):
         self.value = value
