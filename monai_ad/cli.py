@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from monai_ad.allocator import keep_freed_memory
 from monai_ad.errors import InputError
@@ -84,6 +86,86 @@ def _match_rois(images: list[Path], roi: Path | None) -> list[Path | None]:
     return [masks[case_name(p)] for p in images]
 
 
+# ----------------------------------------------------------------------------- options, checked before any work
+def _check_writable(path: str | os.PathLike, what: str, is_file: bool = False) -> None:
+    """``path`` (a folder, or with ``is_file`` a file) can be written: not the wrong kind of thing, and its nearest
+    existing folder accepts a new file. Nothing is created."""
+    path = Path(path)
+    if is_file and path.is_dir():
+        raise InputError(f"{what} is a folder; give the file to write", path)
+    if not is_file and path.exists() and not path.is_dir():
+        raise InputError(f"{what} is a file, not a folder", path)
+    existing = path.parent if is_file else path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{what} cannot be created: {existing} is a file, not a folder", path)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise InputError(f"{what} is not writable ({exc.strerror or exc})", path) from None
+
+
+def _check_range(what: str, value: Any, low: float | None = None, high: float | None = None, open_ends: bool = False) -> None:
+    """A numeric option within ``[low, high]`` (``(low, high)`` with ``open_ends``); None (not given) passes."""
+    if value is None:
+        return
+    below = low is not None and (value <= low if open_ends else value < low)
+    above = high is not None and (value >= high if open_ends else value > high)
+    if not math.isfinite(value) or below or above:
+        if low is not None and high is not None:
+            bounds = f"between {low:g} and {high:g}" + (" (exclusive)" if open_ends else "")
+        elif low is not None:
+            bounds = f"{'above' if open_ends else 'at least'} {low:g}"
+        else:
+            bounds = "a finite number"
+        raise InputError(f"{what} must be {bounds}, got {value:g}")
+
+
+OUT_IS_FILE = {"train"}  # --out names a file (the model); for every other command a folder
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """The options every command takes, checked before it starts work (one line each, exit 2)."""
+    if getattr(args, "out", None):
+        _check_writable(args.out, "--out", is_file=args.command in OUT_IS_FILE)
+    if getattr(args, "repaired", None):
+        _check_writable(args.repaired, "--repaired")
+    for label in getattr(args, "roi_label", None) or []:
+        if label <= 0:
+            raise InputError(f"--roi-label must be a positive label value (0 is the background), got {label}")
+    _check_range("--quantile", getattr(args, "quantile", None), 0.0, 1.0, open_ends=True)
+    _check_range("--threshold", getattr(args, "threshold", None))
+    _check_range("--slice-threshold", getattr(args, "slice_threshold", None))
+    _check_range("--min-lesion-mm3", getattr(args, "min_lesion_mm3", None), 0.0)
+    _check_range("--validation-fraction", getattr(args, "validation_fraction", None), 0.0, 1.0, open_ends=True)
+    for name in ("normal", "abnormal", "phantom_anomalies"):
+        _check_range(f"--{name.replace('_', '-')}", getattr(args, name, None), 0)
+    _check_range("--epochs", getattr(args, "epochs", None), 1)
+    _check_range("--folds", getattr(args, "folds", None), 2)
+    if args.command in ("phantom", "demo"):
+        from monai_ad.data.phantom import PRESETS
+
+        if args.preset not in PRESETS:
+            raise InputError(f"--preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
+
+
+def _check_detector_options(
+    detector: str, hparams: Mapping[str, Any], preprocessing: Mapping[str, Any] | None = None, grid: Mapping[str, list] | None = None
+) -> None:
+    """Hyper-parameters (``--set``, a config's ``hparams``, each ``--grid`` value) and pre-processing options, checked
+    against the detector's constructor and the accepted ranges before any data is read or model fitted."""
+    from monai_ad.detectors.base import check_hparams
+    from monai_ad.transforms.pipeline import PreprocessConfig
+
+    check_hparams(detector, hparams)
+    for key, values in (grid or {}).items():
+        for value in values:
+            check_hparams(detector, {**hparams, key: value})
+    PreprocessConfig.from_dict(preprocessing)
+
+
 # ----------------------------------------------------------------------------- subcommands
 def cmd_phantom(args: argparse.Namespace) -> None:
     from monai_ad.data.phantom import write_phantom_dataset
@@ -133,14 +215,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.allow_random_weights:
         hparams["allow_random_weights"] = True
     preprocessing = {**config.get("preprocessing", {}), **_key_values(args.preprocess, "--preprocess")}
+    detector_name = args.detector or config.get("detector", "simplenet")
+    _check_detector_options(detector_name, hparams, preprocessing)
     detector = engine.train(
-        args.detector or config.get("detector", "simplenet"),
+        detector_name,
         args.datalist,
         args.out,
         hparams=hparams,
         preprocessing=preprocessing,
         roi_labels=_roi_labels(args.roi_label),
         quantile=args.quantile,
+        false_regions_per_scan=args.false_regions,
         device=args.device,
         progress=not args.quiet,
     )
@@ -192,8 +277,10 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
     config = _load_config(args.config)
     hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
+    detector = args.detector or config.get("detector", "patchcore")
+    _check_detector_options(detector, hparams, config.get("preprocessing"))
     summary = engine.benchmark(
-        args.detector or config.get("detector", "patchcore"), args.datalist, args.out, seeds=args.seeds, hparams=hparams,
+        detector, args.datalist, args.out, seeds=args.seeds, hparams=hparams,
         preprocessing=config.get("preprocessing"), roi_labels=_roi_labels(args.roi_label), device=args.device,
         progress=not args.quiet,
     )  # fmt: skip
@@ -218,14 +305,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from monai_ad.data.phantom import write_phantom_dataset
 
     out = Path(args.out)
+    hparams = {**DEMO_HPARAMS.get(args.detector, {}), **_key_values(args.set, "--set")}
+    if args.detector == "simplenet":
+        hparams["meta_epochs"] = args.epochs
+    _check_detector_options(args.detector, hparams)
     start = time.perf_counter()
     print(f"[1/4] phantom CT dataset ({args.normal} normal + {args.abnormal} abnormal, preset {args.preset})")
     datalist = write_phantom_dataset(
         out / "data", n_normal=args.normal, n_abnormal=args.abnormal, seed=args.seed, preset=args.preset, progress=not args.quiet
     )
-    hparams = {**DEMO_HPARAMS.get(args.detector, {}), **_key_values(args.set, "--set")}
-    if args.detector == "simplenet":
-        hparams["meta_epochs"] = args.epochs
     print(f"[2/4] training {args.detector} on the normal volumes ({json.dumps(hparams)})")
     model = out / f"{args.detector}.pt"
     engine.train(args.detector, datalist, model, hparams=hparams, device=args.device, progress=not args.quiet)
@@ -282,6 +370,8 @@ def cmd_select(args: argparse.Namespace) -> None:
     config = _load_config(args.config)
     hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
     detector = args.detector or config.get("detector", "dpa")
+    grid = _grid_values(args.grid)
+    _check_detector_options(detector, hparams, config.get("preprocessing"), grid)
     anomalies = None
     if args.phantom_anomalies:
         if not args.lesion_kind:
@@ -294,7 +384,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     elif args.anomaly_datalist:
         anomalies = engine.load_datalist(args.anomaly_datalist, args.anomaly_section or "test")
     report = select_hyperparameters(
-        args.datalist, args.out, detector=detector, grid=_grid_values(args.grid) or None, base_hparams=hparams,
+        args.datalist, args.out, detector=detector, grid=grid or None, base_hparams=hparams,
         preprocessing=config.get("preprocessing"), anomalies=anomalies, anomaly_section=args.anomaly_section,
         lesion_kind=args.lesion_kind, folds=args.folds, validation_fraction=args.validation_fraction,
         roi_labels=_roi_labels(args.roi_label), seed=args.seed, device=args.device, progress=not args.quiet,
@@ -356,7 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="detector hyper-parameter (repeatable)")
     p.add_argument("--preprocess", action="append", metavar="KEY=VALUE", help="pre-processing option (repeatable)")
     p.add_argument("--roi-label", type=int, action="append", help="label value(s) of the liver in the masks")
-    p.add_argument("--quantile", type=float, default=0.99, help="threshold = this quantile of held-out normal scores")
+    p.add_argument("--false-regions", type=float, default=1.0, metavar="N",
+                   help="operating point: about N false regions per normal validation scan (default 1)")
+    p.add_argument("--quantile", type=float, default=None,
+                   help="instead: thresholds = this quantile of held-out normal slice scores")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("infer", parents=[shared], help="heatmap, label map and summary for a volume or a folder of volumes")
@@ -443,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from monai_ad import distributed
 
             distributed.init_from_environment()
+        _check_options(args)
         args.func(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -142,16 +142,27 @@ def train(
     hparams: Mapping[str, Any] | None = None,
     preprocessing: Mapping[str, Any] | None = None,
     roi_labels: Sequence[int] | int | None = None,
-    quantile: float = 0.99,
+    quantile: float | None = None,
     device: str | None = None,
     progress: bool = True,
+    false_regions_per_scan: float = 1.0,
 ) -> AnomalyDetector:
     """Fit a detector on the datalist's ``training`` normals, set thresholds on its ``validation`` normals
-    (or on a held-out fifth of the training volumes when there is none), save it to ``output``."""
+    (or on a held-out fifth of the training volumes when there is none), save it to ``output``.
+
+    The operating thresholds allow about ``false_regions_per_scan`` false alarms per normal validation scan
+    (``AnomalyDetector.calibrate``); ``quantile`` sets them as a plain quantile of normal slices instead."""
+    config = PreprocessConfig.from_dict(preprocessing)
     if isinstance(detector, str):
-        detector = create_detector(detector, **dict(hparams or {}))
+        detector = create_detector(detector, **{"in_channels": config.in_channels, **dict(hparams or {})})
+    if detector.in_channels != config.in_channels:
+        raise InputError(
+            f"the {detector.name} detector takes {detector.in_channels}-channel slices but the pre-processing gives "
+            f"{config.in_channels} (set the detector's in_channels to match)"
+        )
     detector.to(resolve_device(device))
-    config = PreprocessConfig.from_dict({**dict(preprocessing or {}), "image_size": detector.image_size})
+    config.image_size = detector.image_size
+    detector.preprocessing = config.to_dict()  # before fitting: a detector may read it (pixel size, normalisation)
     training = load_datalist(datalist, "training")
     try:
         validation = load_datalist(datalist, "validation")
@@ -162,8 +173,10 @@ def train(
     logger.info("fitting %s on %d normal slices", detector.name, train_slices["image"].shape[0])
     detector.fit(SliceBatches(train_slices, batch_size=int(detector.hparams.get("batch_size", 16))), progress=progress)
     valid_slices = collect_slices(validation, config, roi_labels, progress, desc="validation volumes")
-    detector.calibrate(SliceBatches(valid_slices, batch_size=32), quantile=quantile)
-    detector.preprocessing = config.to_dict()
+    detector.calibrate(
+        SliceBatches(valid_slices, batch_size=32), quantile=quantile,
+        false_regions_per_scan=false_regions_per_scan, n_scans=len(validation),
+    )  # fmt: skip
     if distributed.is_main_process():
         detector.save(output)
     distributed.barrier()

@@ -14,7 +14,7 @@ from monai_ad.transforms.array import axial_slices, stack_axial_slices
 class SliceAnomalyInferer(Inferer):
     """Run a detector over the axial slices of a pre-processed volume, in batches on its device.
 
-    ``inferer(inputs, network)`` takes ``[B, 2, S, S, Z]`` (image and ROI channels, as the pre-processing
+    ``inferer(inputs, network)`` takes ``[B, C + 1, S, S, Z]`` (the image's C channels and the ROI, as the pre-processing
     gives them after ``ConcatItemsd``) and returns ``[B, 2, S, S, Z]``: channel 0 the pixel heatmap, channel 1
     each slice's score repeated over the slice (NaN for slices not scored), so one ``Invertd`` takes both back
     to the scan's geometry, where the slice channel indexes the scan's own axial slices.
@@ -31,7 +31,8 @@ class SliceAnomalyInferer(Inferer):
         self.device = None if device is None else torch.device(device)
 
     def score_volume(self, image: torch.Tensor, roi: torch.Tensor, detector: AnomalyDetector) -> torch.Tensor:
-        """``[1, S, S, Z]`` image and ROI → ``[2, S, S, Z]`` (heatmap, slice scores), with the image's metadata."""
+        """``[C, S, S, Z]`` image and ``[1, S, S, Z]`` ROI → ``[2, S, S, Z]`` (heatmap, slice scores), with the
+        image's metadata."""
         in_roi = axial_slices(roi) > 0
         n = in_roi.shape[0]
         scored = torch.nonzero(in_roi.sum((1, 2, 3)) >= self.min_roi_pixels).flatten()
@@ -64,4 +65,4 @@ class SliceAnomalyInferer(Inferer):
         return volume
 
     def __call__(self, inputs: torch.Tensor, network: AnomalyDetector, *args, **kwargs) -> torch.Tensor:
-        return torch.stack([self.score_volume(item[0:1], item[1:2], network) for item in inputs])
+        return torch.stack([self.score_volume(item[:-1], item[-1:], network) for item in inputs])

@@ -49,7 +49,7 @@ class DetectorTrainer:
         output: str | os.PathLike,
         preprocessing: Mapping[str, Any] | None = None,
         roi_labels: Sequence[int] | int | None = None,
-        quantile: float = 0.99,
+        quantile: float | None = None,
         device: str | torch.device | None = None,
         progress: bool = True,
     ):

@@ -5,8 +5,10 @@ slices, and scores batches of slices without changing state. The whole state (hy
 tensors, operating thresholds and the pre-processing it was trained with) saves to one file that loads with
 ``torch.load(..., weights_only=True)``.
 
-Slices are ``[B, 1, H, W]`` float tensors in ``[0, 1]`` (HU-windowed CT, see ``monai_ad.transforms``); an
-optional ``roi`` of the same shape marks the liver. ``H == W == detector.image_size``.
+Slices are ``[B, C, H, W]`` float tensors in ``[0, 1]`` (HU-windowed CT, see ``monai_ad.transforms``); an
+optional ``roi`` ``[B, 1, H, W]`` marks the liver. ``H == W == detector.image_size`` and ``C ==
+detector.in_channels``: 1 for a grey slice, 3 when the pipeline gives each slice with its neighbours (2.5-D) or
+in three HU windows; channel ``C // 2`` is always the slice itself.
 """
 
 from __future__ import annotations
@@ -143,11 +145,18 @@ class AnomalyDetector(nn.Module, ABC):
 
     name: ClassVar[str] = "detector"
     unsaved_prefixes: ClassVar[tuple[str, ...]] = ()
+    supported_channels: ClassVar[tuple[int, ...]] = (1, 3)  # a frozen RGB backbone takes 1 (repeated) or 3
 
-    def __init__(self, image_size: int = 224, **hparams: Any):
+    def __init__(self, image_size: int = 224, in_channels: int = 1, **hparams: Any):
         super().__init__()
-        self.hparams: dict[str, Any] = {"image_size": int(image_size), **hparams}
+        if int(in_channels) not in self.supported_channels:
+            raise InputError(
+                f"the {self.name} detector takes {' or '.join(map(str, self.supported_channels))} input channel(s), "
+                f"not {in_channels}"
+            )
+        self.hparams: dict[str, Any] = {"image_size": int(image_size), "in_channels": int(in_channels), **hparams}
         self.image_size = int(image_size)
+        self.in_channels = int(in_channels)
         self.thresholds: dict[str, Any] = {}
         self.preprocessing: dict[str, Any] = {}
         self.register_buffer("_fitted", torch.zeros((), dtype=torch.bool))
@@ -212,22 +221,34 @@ class AnomalyDetector(nn.Module, ABC):
         raise NotImplementedError(f"the {self.name} detector has no frozen backbone")
 
     def check_slices(self, image: torch.Tensor) -> None:
-        """Raise ``InputError`` unless ``image`` is ``[B, 1, image_size, image_size]``."""
-        size = self.image_size
-        if image.ndim != 4 or image.shape[1] != 1 or tuple(image.shape[-2:]) != (size, size):
-            raise InputError(f"the {self.name} detector takes slices [B, 1, {size}, {size}], got {tuple(image.shape)}")
+        """Raise ``InputError`` unless ``image`` is ``[B, in_channels, image_size, image_size]``."""
+        size, channels = self.image_size, self.in_channels
+        if image.ndim != 4 or image.shape[1] != channels or tuple(image.shape[-2:]) != (size, size):
+            raise InputError(
+                f"the {self.name} detector takes slices [B, {channels}, {size}, {size}], got {tuple(image.shape)}"
+            )
 
     @abstractmethod
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
         """Score a batch already on the detector's device (called under ``torch.no_grad`` in eval mode)."""
 
     @torch.no_grad()
-    def calibrate(self, data: Any, quantile: float = 0.99, batch_size: int = 16) -> dict[str, Any]:
-        """Set the operating thresholds from held-out *normal* slices.
+    def calibrate(
+        self,
+        data: Any,
+        quantile: float | None = None,
+        batch_size: int = 16,
+        false_regions_per_scan: float = 1.0,
+        n_scans: int | None = None,
+    ) -> dict[str, Any]:
+        """Set the operating thresholds from held-out *normal* slices of ``n_scans`` scans.
 
-        ``slice``: the ``quantile`` of normal slice scores. ``pixel``: the ``quantile`` of the per-slice
-        maximum of the pixel map inside the ROI, so that about ``1 - quantile`` of normal slices hold any
-        voxel above it. Both are stored with the model and can be overridden at inference.
+        ``slice``: a quantile of normal slice scores. ``pixel``: the same quantile of the per-slice maximum of
+        the pixel map inside the ROI. With ``n_scans`` given, the quantile is chosen so that about
+        ``false_regions_per_scan`` normal slices per scan exceed it: a false region spans at least one slice, so
+        a normal scan then holds at most about that many false regions (and flagged slices). Otherwise
+        ``quantile`` (default 0.99) is used as it is. Both are stored with the model and can be overridden at
+        inference.
         """
         slice_scores, pixel_max = [], []
         for batch in iter_slice_batches(data, batch_size):
@@ -246,13 +267,24 @@ class AnomalyDetector(nn.Module, ABC):
             raise InputError("no normal slices with a liver ROI to calibrate the threshold on")
         slice_all = torch.cat(slice_scores).numpy()
         pixel_all = torch.cat(pixel_max).numpy()
+        method = "quantile of held-out normal slices"
+        if quantile is None and n_scans:
+            if not false_regions_per_scan > 0:
+                raise InputError(f"false_regions_per_scan must be positive, got {false_regions_per_scan}")
+            quantile = min(max(1.0 - false_regions_per_scan * n_scans / slice_all.size, 0.5), 1.0)
+            method = f"at most {false_regions_per_scan:g} false region(s) per held-out normal scan"
+        quantile = 0.99 if quantile is None else float(quantile)
+        if not 0 < quantile <= 1:
+            raise InputError(f"quantile must be in (0, 1], got {quantile}")
         self.thresholds = {
             "slice": float(np.quantile(slice_all, quantile)),
             "pixel": float(np.quantile(pixel_all, quantile)),
-            "method": "quantile of held-out normal slices",
-            "quantile": float(quantile),
+            "method": method,
+            "quantile": quantile,
             "n_slices": int(slice_all.size),
         }
+        if n_scans:
+            self.thresholds.update(n_scans=int(n_scans), false_regions_per_scan=float(false_regions_per_scan))
         return self.thresholds
 
     # ------------------------------------------------------------------ persistence

@@ -92,11 +92,14 @@ def laplacian_low_frequency_enhance(x: torch.Tensor, levels: int = 3, detail_gai
 class CLIPReconstruction(AnomalyDetector):
     """Language-enhanced CLIP reconstruction on ``[B, 1, image_size, image_size]`` slices (module docstring)."""
 
+    supported_channels = (1,)  # grey slices only
+
     unsaved_prefixes = ("clip.",)
 
     def __init__(
         self,
         image_size: int = 240,
+        in_channels: int = 1,
         clip_model: str = "ViT-B-16-plus-240",
         clip_checkpoint: str | os.PathLike | None = None,
         allow_random_weights: bool = False,
@@ -120,7 +123,7 @@ class CLIPReconstruction(AnomalyDetector):
         if prompt_length < 1 or bottleneck < 1 or epochs < 1 or batch_size < 1:
             raise InputError("clip_reconstruction: prompt_length, bottleneck, epochs and batch_size must be at least 1")
         super().__init__(
-            image_size=image_size, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
+            image_size=image_size, in_channels=in_channels, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
             allow_random_weights=allow_random_weights, object_name=object_name, prompt_length=int(prompt_length),
             bottleneck=int(bottleneck), layers=None if layers is None else [int(i) for i in layers],
             text_layers=None if text_layers is None else [int(i) for i in text_layers],

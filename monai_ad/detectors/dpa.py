@@ -105,11 +105,14 @@ def downsample(x: torch.Tensor, resolution: int) -> torch.Tensor:
 class DeepPerceptualAutoencoder(AnomalyDetector):
     """Deep Perceptual Autoencoder on ``[B, 1, image_size, image_size]`` slices (see the module docstring)."""
 
+    supported_channels = (1,)  # grey slices only
+
     unsaved_prefixes = ("loss.vgg.",)
 
     def __init__(
         self,
         image_size: int = 64,
+        in_channels: int = 1,
         start_resolution: int | None = 8,
         latent_dim: int = 16,
         latent_resolution: int = 1,
@@ -146,7 +149,7 @@ class DeepPerceptualAutoencoder(AnomalyDetector):
         if not isinstance(inner_dims, int):
             inner_dims = [int(w) for w in inner_dims]
         super().__init__(
-            image_size=image_size, start_resolution=start_resolution, latent_dim=latent_dim,
+            image_size=image_size, in_channels=in_channels, start_resolution=start_resolution, latent_dim=latent_dim,
             latent_resolution=latent_resolution, inner_dims=inner_dims, perceptual=perceptual, weights=weights,
             allow_random_weights=allow_random_weights, feature_layer=feature_layer, feature_stats=feature_stats,
             transition_iters=transition_iters, stable_iters=stable_iters, final_iters=final_iters,

@@ -63,6 +63,7 @@ class PaDiM(AnomalyDetector):
     def __init__(
         self,
         image_size: int = 224,
+        in_channels: int = 1,
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str | int] | None = None,
         weights: str | None = None,
@@ -83,7 +84,7 @@ class PaDiM(AnomalyDetector):
         if layers is None and backbone in LAYER1_TO_3:
             layers = LAYER1_TO_3[backbone]
         super().__init__(
-            image_size=image_size, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
+            image_size=image_size, in_channels=in_channels, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
             allow_random_weights=allow_random_weights, dim=dim, regularization=regularization, sigma=sigma,
             batch_size=batch_size, amp=amp, seed=seed,
         )  # fmt: skip

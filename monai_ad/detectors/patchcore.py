@@ -74,6 +74,7 @@ class PatchCore(AnomalyDetector):
     def __init__(
         self,
         image_size: int = 224,
+        in_channels: int = 1,
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str | int] | None = None,
         weights: str | None = None,
@@ -94,7 +95,7 @@ class PatchCore(AnomalyDetector):
         seed: int = 0,
     ):
         super().__init__(
-            image_size=image_size, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
+            image_size=image_size, in_channels=in_channels, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
             allow_random_weights=allow_random_weights, pre_dim=pre_dim, target_dim=target_dim, patch_size=patch_size,
             coreset_ratio=coreset_ratio, coreset_projection=coreset_projection, coreset_starts=coreset_starts,
             num_neighbors=num_neighbors, squared_distance=squared_distance, reweight=reweight,

@@ -63,6 +63,7 @@ class RD4AD(AnomalyDetector):
     def __init__(
         self,
         image_size: int = 256,
+        in_channels: int = 1,
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str | int] | None = None,
         weights: str | None = None,
@@ -94,7 +95,7 @@ class RD4AD(AnomalyDetector):
         if layers is None and backbone in LAYER1_TO_3:
             layers = LAYER1_TO_3[backbone]
         super().__init__(
-            image_size=image_size, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
+            image_size=image_size, in_channels=in_channels, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
             allow_random_weights=allow_random_weights, oce_blocks=oce_blocks, decoder_blocks=decoder_blocks,
             width_factor=width_factor, epochs=epochs, batch_size=batch_size, lr=lr, betas=betas, map_mode=map_mode,
             sigma=sigma, cache_features=cache_features, amp=amp, seed=seed,

@@ -84,6 +84,7 @@ class SimpleNet(AnomalyDetector):
     def __init__(
         self,
         image_size: int = 288,
+        in_channels: int = 1,
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str | int] | None = None,
         weights: str | None = None,
@@ -113,7 +114,7 @@ class SimpleNet(AnomalyDetector):
         if meta_epochs < 1 or gan_epochs < 1 or batch_size < 1:
             raise InputError("simplenet: meta_epochs, gan_epochs and batch_size must be at least 1")
         super().__init__(
-            image_size=image_size, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
+            image_size=image_size, in_channels=in_channels, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
             allow_random_weights=allow_random_weights, pre_dim=pre_dim, target_dim=target_dim, patch_size=patch_size,
             noise_std=noise_std, feature_norm=feature_norm, margin=margin, hidden_dim=hidden_dim,
             meta_epochs=meta_epochs, gan_epochs=gan_epochs, batch_size=batch_size, dsc_lr=dsc_lr,

@@ -105,11 +105,14 @@ def covering_matrix(windows: torch.Tensor, num_patches: int) -> torch.Tensor:
 class WinCLIP(AnomalyDetector):
     """WinCLIP (zero-shot) / WinCLIP+ (few-shot, after ``fit`` on normal slices); see the module docstring."""
 
+    supported_channels = (1,)  # grey slices only
+
     unsaved_prefixes = ("clip.",)
 
     def __init__(
         self,
         image_size: int = 240,
+        in_channels: int = 1,
         clip_model: str = "ViT-B-16-plus-240",
         clip_checkpoint: str | os.PathLike | None = None,
         allow_random_weights: bool = False,
@@ -142,7 +145,7 @@ class WinCLIP(AnomalyDetector):
             if any(v.count("{}") != 1 for v in values):
                 raise InputError(f"winclip: every entry of {key} needs exactly one '{{}}' placeholder")
         super().__init__(
-            image_size=image_size, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
+            image_size=image_size, in_channels=in_channels, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
             allow_random_weights=allow_random_weights, object_name=object_name,
             normal_states=None if normal_states is None else states["normal_states"],
             anomalous_states=None if anomalous_states is None else states["anomalous_states"],

@@ -63,7 +63,7 @@ RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 class FeatureExtractor(nn.Module):
     """``forward(x [B, 1, H, W] in [0, 1]) -> [feature maps]`` in the order of ``layers``.
 
-    Grey slices are repeated to 3 channels and normalised with the backbone's own mean/std. The module is
+    Grey slices are repeated to 3 channels (3-channel slices, 2.5-D or several HU windows, are taken as they are) and normalised with the backbone's own mean/std. The module is
     frozen (no gradients) and stays in eval mode even when a parent calls ``.train()`` (BatchNorm statistics
     never change), so its BatchNorms are folded into the convolutions (``fold_batch_norms``). It runs
     channels-last on every device, which is faster on the CPU for the same features (``benchmarks/RESULTS.md``);
@@ -100,8 +100,8 @@ class FeatureExtractor(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"expected grey slices [B, 1, H, W], got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected slices [B, 1 or 3, H, W], got {tuple(x.shape)}")
         x = ((x.expand(-1, 3, -1, -1) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         return self._run(self.body, x)
 

@@ -325,6 +325,57 @@ def stack_axial_slices(slices: torch.Tensor) -> torch.Tensor:
     return slices.permute(1, 2, 3, 0)
 
 
+class FillOutsideROIWithLiver(Transform):
+    """Give every voxel outside the ROI the ROI's median value (on windowed intensities: the liver's typical
+    density), so no artificial edge appears where the liver mask ends; a slice-wise detector then sees the liver's
+    own border, not a black-to-grey step that dominates feature scores."""
+
+    def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        inside = torch.as_tensor(roi).expand_as(img) > 0
+        values = _plain(img)[inside]
+        typical = float(values.float().median()) if values.numel() else 0.0
+        return _fill_outside(img, roi, typical)
+
+
+class HUWindows(Transform):
+    """Several HU windows of one volume as channels: ``[1, X, Y, Z]`` HU → ``[len(windows), X, Y, Z]`` in
+    ``[0, 1]`` (e.g. a wide abdominal window, a narrow liver window and a bone/contrast window)."""
+
+    def __init__(self, windows: Sequence[Sequence[float]]):
+        self.windows = [HUWindow(w) for w in windows]
+        if not self.windows:
+            raise ValueError("give at least one HU window")
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        channels = [w(img[:1]) for w in self.windows]
+        out = torch.cat(channels, 0)
+        if isinstance(img, MetaTensor) and not isinstance(out, MetaTensor):
+            out = MetaTensor(out, meta=dict(img.meta), applied_operations=list(img.applied_operations))
+        return out
+
+
+class AxialContext(Transform):
+    """2.5-D input: each axial slice with its neighbours ``offset_mm`` above and below as three channels,
+    ``[1, X, Y, Z]`` → ``[3, X, Y, Z]`` (channel 0: z − d, 1: z, 2: z + d, with d = ``offset_mm`` in slices, at
+    least one). At the volume's first and last slices the missing neighbour repeats the edge slice."""
+
+    def __init__(self, offset_mm: float = 3.0):
+        if not offset_mm > 0:
+            raise ValueError(f"offset_mm must be positive, got {offset_mm}")
+        self.offset_mm = float(offset_mm)
+
+    def offset_slices(self, img: torch.Tensor) -> int:
+        return max(1, int(round(self.offset_mm / float(pixdim(img)[2]))))
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if img.shape[0] != 1:
+            raise ValueError(f"axial context needs a one-channel volume, got {img.shape[0]} channels")
+        d, n = self.offset_slices(img), img.shape[-1]
+        index = torch.arange(n, device=img.device)
+        below, above = (index - d).clamp(0, n - 1), (index + d).clamp(0, n - 1)
+        return torch.cat([img[..., below], img, img[..., above]], 0)
+
+
 # ----------------------------------------------------------------------------- plausibility of a scan and its liver
 LIVER_ROI_HINT = "pass the liver's label value (roi_label / --roi-label; 5 for TotalSegmentator)"
 

@@ -10,6 +10,9 @@ from monai.transforms import InvertibleTransform, MapTransform
 
 from monai_ad.transforms.array import (
     ABDOMEN_WINDOW,
+    AxialContext,
+    FillOutsideROIWithLiver,
+    HUWindows,
     CheckCTVolume,
     CheckLiverROI,
     CheckSameGeometry,
@@ -153,6 +156,25 @@ class PadToSquared(_InvertibleApplyd):
             widths = widths or self.transform.pad_width(d[key].shape[1:])
             d[key] = self.transform(d[key], to_pad=widths)
         return d
+
+
+
+class FillOutsideROIWithLiverd(_Applyd):
+    def __init__(self, keys: KeysCollection, roi_key: str = "roi", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform, self.roi_key = FillOutsideROIWithLiver(), roi_key
+
+
+class HUWindowsd(_Applyd):
+    def __init__(self, keys: KeysCollection, windows: Sequence[Sequence[float]], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = HUWindows(windows)
+
+
+class AxialContextd(_Applyd):
+    def __init__(self, keys: KeysCollection, offset_mm: float = 3.0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = AxialContext(offset_mm)
 
 
 class CheckVoxelSpacingd(_Applyd):

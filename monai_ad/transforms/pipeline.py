@@ -13,13 +13,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Sequence
 
-from monai.transforms import Compose, ConcatItemsd, CopyItemsd, Invertd, LoadImaged, MapTransform, Orientationd, Resized
+from monai.transforms import (
+    Compose,
+    ConcatItemsd,
+    CopyItemsd,
+    Invertd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Resized,
+    ResizeWithPadOrCropd,
+    Spacingd,
+)
 
 from monai_ad.errors import InputError
 from monai_ad.io import NiftiReader, unreadable_message
 from monai_ad.postprocess import HEATMAP_CHANNEL, MIN_LESION_MM3, AnomalyOutputsd
 from monai_ad.transforms.array import ABDOMEN_WINDOW
 from monai_ad.transforms.dictionary import (
+    AxialContextd,
+    FillOutsideROIWithLiverd,
+    HUWindowsd,
     CheckCTVolumed,
     CheckLiverROId,
     CheckSameGeometryd,
@@ -46,6 +60,16 @@ class PreprocessConfig:
     ``normalize_liver_hu``: shift each volume so its median liver HU is this value (None: off).
     ``min_roi_pixels``: an axial slice is scored when its ROI covers at least this many pixels at
     ``image_size``; other slices get the lowest score.
+
+    CT-aware inputs (off by default, so models saved before they existed read volumes as they were trained):
+
+    - ``context_mm``: 2.5-D input; each slice with its neighbours this many mm above and below as three channels.
+    - ``windows``: several HU windows as channels (a list of ``[low, high]``), instead of the one ``window``.
+    - ``pixel_mm``: a fixed in-plane resolution (mm per pixel) instead of resizing each liver's box to
+      ``image_size``: a patch then covers the same tissue in every scan. The liver's box is centred in an
+      ``image_size`` square (``image_size * pixel_mm`` mm across); liver beyond it is not scored.
+    - ``outside_fill``: ``"zero"`` (black outside the liver, as BMAD) or ``"liver"`` (the liver's own median
+      value, so the mask's border is no artificial edge).
     """
 
     image_size: int = 224
@@ -55,6 +79,17 @@ class PreprocessConfig:
     histogram_equalization: bool = False
     mask_outside_roi: bool = True
     min_roi_pixels: int = 16
+    context_mm: float = 0.0
+    windows: list[list[float]] | None = None
+    pixel_mm: float | None = None
+    outside_fill: str = "zero"
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of each slice the detector gets."""
+        if self.context_mm > 0:
+            return 3
+        return len(self.windows) if self.windows else 1
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "PreprocessConfig":
@@ -65,6 +100,10 @@ class PreprocessConfig:
             raise InputError(f"unknown pre-processing option(s): {', '.join(sorted(unknown))}")
         if "window" in values:
             values["window"] = _hu_window(values["window"], "window")
+        if values.get("windows") is not None:
+            if not isinstance(values["windows"], (list, tuple)):
+                raise InputError(f"windows must be a list of [low, high] HU windows, got {values['windows']!r}")
+            values["windows"] = [list(_hu_window(w, "windows")) for w in values["windows"]]
         config = cls(**values)
         config.check()
         return config
@@ -78,6 +117,21 @@ class PreprocessConfig:
         for name in ("histogram_equalization", "mask_outside_roi"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_number("context_mm", self.context_mm, None, None)
+        if self.pixel_mm is not None:
+            _check_number("pixel_mm", self.pixel_mm, None, None)
+        if self.outside_fill not in ("zero", "liver"):
+            raise InputError(f"outside_fill must be 'zero' or 'liver', got {self.outside_fill!r}")
+        if self.context_mm and self.windows:
+            raise InputError("choose either context_mm (2.5-D) or windows (several HU windows) as channels, not both")
+        if self.windows and len(self.windows) not in (1, 3):
+            raise InputError(f"windows: give 1 or 3 HU windows, got {len(self.windows)}")
+        if self.windows and self.histogram_equalization:
+            raise InputError("histogram_equalization works on one HU window, not on several")
+        if self.pixel_mm is not None and not 0 < self.pixel_mm <= 10:
+            raise InputError(f"pixel_mm must be in (0, 10] mm, got {self.pixel_mm}")
+        if self.context_mm < 0:
+            raise InputError(f"context_mm must be 0 (off) or positive, got {self.context_mm}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -186,15 +240,25 @@ def build_preprocessing(
     ]
     if cfg.normalize_liver_hu is not None:
         steps.append(NormalizeLiverHUd(IMAGE, roi_key=ROI, reference_hu=cfg.normalize_liver_hu))
-    steps.append(HUWindowd(IMAGE, window=cfg.window))
+    steps.append(HUWindowsd(IMAGE, windows=cfg.windows) if cfg.windows else HUWindowd(IMAGE, window=cfg.window))
     if cfg.histogram_equalization:
         steps.append(HistogramEqualized(IMAGE, roi_key=ROI))
-    if cfg.mask_outside_roi:
+    fill_liver = cfg.mask_outside_roi and cfg.outside_fill == "liver"
+    if cfg.mask_outside_roi and not fill_liver:
         steps.append(MaskOutsideROId(IMAGE, roi_key=ROI))
-    steps += [
-        PadToSquared(keys),
-        Resized(keys, spatial_size=(cfg.image_size, cfg.image_size, -1), mode=["bilinear"] + ["nearest"] * len(masks)),
-    ]
+    modes = ["bilinear"] + ["nearest"] * len(masks)
+    square = (cfg.image_size, cfg.image_size, -1)
+    if cfg.pixel_mm is not None:
+        steps += [
+            Spacingd(keys, pixdim=(cfg.pixel_mm, cfg.pixel_mm, -1.0), mode=modes),
+            ResizeWithPadOrCropd(keys, spatial_size=square),
+        ]
+    else:
+        steps += [PadToSquared(keys), Resized(keys, spatial_size=square, mode=modes)]
+    if fill_liver:  # after resampling, so padding and interpolation leave no edge either
+        steps.append(FillOutsideROIWithLiverd(IMAGE, roi_key=ROI))
+    if cfg.context_mm > 0:
+        steps.append(AxialContextd(IMAGE, offset_mm=cfg.context_mm))
     if concat:
         steps.append(ConcatItemsd([IMAGE, ROI], name=IMAGE))
     return Compose(steps)

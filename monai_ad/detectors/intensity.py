@@ -1,0 +1,183 @@
+"""Intensity baseline: how far each voxel's smoothed density lies from the scan's own typical liver density.
+
+Most liver lesions change density (metastases 20–60 HU below the parenchyma, cysts near water, hyper-enhancing
+HCC above it), and a frozen ImageNet feature barely moves when a homogeneous region shifts by tens of HU. This
+detector scores that shift directly; it needs no GPU and no weights, and it is the floor every other detector is
+compared with.
+
+- Self-referenced: the pipeline's ``normalize_liver_hu`` shifts every scan so its median liver HU is the same value,
+  so the centre learned on normal scans is each scan's own median liver density. Without that normalisation the
+  centre is each slice's own median inside the liver.
+- Smoothed in mm: a Gaussian of ``sigma_mm`` in-plane, computed inside the liver only (normalised convolution, so
+  the fill outside the mask never leaks in); with 2.5-D input the slice and its two neighbours are averaged with
+  weights 1/4, 1/2, 1/4, which smooths along the body axis too.
+- Robust, asymmetric spread: darker and brighter deviations are divided by the normal liver's own spread on that
+  side (the distance from the median to the ``tail_quantile`` and ``1 - tail_quantile`` quantiles of smoothed normal
+  liver), so vessels, which make the bright tail of a normal liver heavy, count for less than an equally large
+  dark change.
+- The liver's border has its own reference: partial volume with the fat around it darkens the outermost
+  millimetres of every normal liver, so the centre and spreads are learned per band of depth from the mask's
+  border (``depth_bands_mm``), and a border pixel is compared with normal border pixels.
+- Pixel map = that one-sided robust deviation (0 at the median); slice score = its maximum inside the liver.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
+from monai_ad.errors import InputError
+
+CONTEXT_WEIGHTS = (0.25, 0.5, 0.25)
+FIT_SAMPLE = 2_000_000  # liver values kept for the quantiles (a random subsample beyond this)
+
+
+def gaussian_kernel(sigma_px: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3.0 * sigma_px)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma_px) ** 2)
+    return kernel / kernel.sum()
+
+
+def smooth_inside(image: torch.Tensor, roi: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Gaussian smoothing of ``[B, 1, H, W]`` that uses only pixels inside ``roi`` (normalised convolution)."""
+    weight = roi.to(image.dtype)
+    k = kernel.to(image.device, image.dtype)
+    pad = len(k) // 2
+    stacked = torch.cat([image * weight, weight], 1).reshape(-1, 1, *image.shape[-2:])  # [2B, 1, H, W]
+    stacked = F.conv2d(F.pad(stacked, (0, 0, pad, pad), mode="constant"), k.view(1, 1, -1, 1))
+    stacked = F.conv2d(F.pad(stacked, (pad, pad, 0, 0), mode="constant"), k.view(1, 1, 1, -1))
+    stacked = stacked.reshape(image.shape[0], 2, *image.shape[-2:])
+    return stacked[:, :1] / stacked[:, 1:].clamp_min(1e-6)
+
+
+@register_detector("intensity")
+class IntensityDeviation(AnomalyDetector):
+    """Robust deviation from the typical liver density (see the module docstring)."""
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        in_channels: int = 1,
+        sigma_mm: float = 2.0,
+        pixel_mm: float | None = None,
+        tail_quantile: float = 0.02,
+        depth_bands_mm: Sequence[float] = (2.0, 4.0, 7.0, 12.0),
+        batch_size: int = 32,
+        seed: int = 0,
+    ):
+        super().__init__(
+            image_size=image_size, in_channels=in_channels, sigma_mm=sigma_mm, pixel_mm=pixel_mm,
+            tail_quantile=tail_quantile, depth_bands_mm=[float(b) for b in depth_bands_mm], batch_size=batch_size,
+            seed=seed,
+        )  # fmt: skip
+        if list(depth_bands_mm) != sorted(depth_bands_mm) or any(b <= 0 for b in depth_bands_mm):
+            raise InputError(f"intensity: depth_bands_mm must be increasing positive depths, got {list(depth_bands_mm)}")
+        if not sigma_mm > 0:
+            raise InputError(f"intensity: sigma_mm must be positive, got {sigma_mm}")
+        if pixel_mm is not None and not pixel_mm > 0:
+            raise InputError(f"intensity: pixel_mm must be positive, got {pixel_mm}")
+        if not 0 < tail_quantile < 0.5:
+            raise InputError(f"intensity: tail_quantile must be in (0, 0.5), got {tail_quantile}")
+        bands = len(depth_bands_mm) + 1  # the last band: deeper than every listed depth
+        self.register_buffer("centre", torch.zeros(bands))
+        self.register_buffer("spread_low", torch.ones(bands))
+        self.register_buffer("spread_high", torch.ones(bands))
+
+    # ------------------------------------------------------------------ what the slices hold
+    def _pixel_mm(self) -> float:
+        """mm per pixel: the hyper-parameter, else the pipeline's fixed resolution, else a typical liver box
+        (about 200 mm across after the crop) over ``image_size`` pixels."""
+        if self.hparams["pixel_mm"] is not None:
+            return float(self.hparams["pixel_mm"])
+        if self.preprocessing.get("pixel_mm"):
+            return float(self.preprocessing["pixel_mm"])
+        return 200.0 / self.image_size
+
+    def _density(self, image: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` → ``[B, 1, H, W]``: the slice (with its neighbours, for 2.5-D input)."""
+        if image.shape[1] == 1:
+            return image
+        if self.preprocessing.get("context_mm"):
+            w = torch.tensor(CONTEXT_WEIGHTS, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+            return (image * w).sum(1, keepdim=True)
+        return image[:, image.shape[1] // 2 :][:, :1]  # several windows: the middle one
+
+    def _smoothed(self, image: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        kernel = gaussian_kernel(self.hparams["sigma_mm"] / self._pixel_mm())
+        return smooth_inside(self._density(image.float()), roi, kernel)
+
+    def _bands(self, roi: torch.Tensor) -> torch.Tensor:
+        """Each ROI pixel's band of in-plane depth from the mask's border, ``[B, 1, H, W]`` (long)."""
+        limits_px = [b / self._pixel_mm() for b in self.hparams["depth_bands_mm"]]
+        steps = int(math.ceil(limits_px[-1]))
+        depth = torch.zeros(roi.shape, dtype=torch.float32, device=roi.device)
+        inside = roi.float()
+        for _ in range(steps):  # one erosion per pixel of depth: depth = how many erosions a pixel survives
+            depth += inside
+            inside = -F.max_pool2d(-inside, 3, stride=1, padding=1)
+        edges = torch.tensor(limits_px, device=roi.device)
+        return torch.bucketize(depth, edges, right=False)
+
+    def _self_referenced(self) -> bool:
+        return self.preprocessing.get("normalize_liver_hu", 110.0) is not None
+
+    # ------------------------------------------------------------------ fitting
+    def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
+        generator = torch.Generator().manual_seed(int(self.hparams["seed"]))
+        values, bands = [], []
+        for batch in batches:
+            image = batch["image"].to(self.device, torch.float32)
+            self.check_slices(image)
+            roi = _roi(batch, image)
+            smoothed = self._smoothed(image, roi)
+            if not self._self_referenced():
+                smoothed = smoothed - _slice_medians(smoothed, roi)
+            values.append(smoothed[roi].cpu())
+            bands.append(self._bands(roi)[roi].cpu())
+        if not values or sum(v.numel() for v in values) == 0:
+            raise InputError("intensity: no liver pixels in the training slices")
+        values, bands = torch.cat(values), torch.cat(bands)
+        if values.numel() > FIT_SAMPLE:
+            keep = torch.randperm(values.numel(), generator=generator)[:FIT_SAMPLE]
+            values, bands = values[keep], bands[keep]
+        q = float(self.hparams["tail_quantile"])
+        levels = torch.tensor([q, 0.5, 1 - q], dtype=torch.float64)
+        overall = torch.quantile(values.double(), levels).float()
+        for band in range(len(self.centre)):
+            chosen = values[bands == band]
+            # a band with too few pixels (tiny livers, coarse pixels) takes the whole liver's reference
+            low, centre, high = torch.quantile(chosen.double(), levels).float() if chosen.numel() >= 100 else overall
+            self.centre[band] = centre
+            self.spread_low[band] = max(float(centre - low), 1e-4)
+            self.spread_high[band] = max(float(high - centre), 1e-4)
+
+    # ------------------------------------------------------------------ scoring
+    def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
+        roi = torch.ones_like(image[:, :1], dtype=torch.bool) if roi is None else roi
+        smoothed = self._smoothed(image, roi)
+        band = self._bands(roi)
+        centre = self.centre[band]
+        if not self._self_referenced():
+            centre = centre + _slice_medians(smoothed, roi)
+        deviation = smoothed - centre
+        pixel = torch.where(deviation < 0, -deviation / self.spread_low[band], deviation / self.spread_high[band])
+        pixel = torch.where(roi, pixel, torch.zeros_like(pixel))[:, 0]
+        return SliceScores(pixel=pixel, slice=pixel.flatten(1).amax(1))
+
+
+def _roi(batch: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+    roi = batch.get("roi")
+    if roi is None:
+        return torch.ones_like(image[:, :1], dtype=torch.bool)
+    return roi.to(image.device) > 0
+
+
+def _slice_medians(values: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+    """Each slice's median inside its ROI, ``[B, 1, 1, 1]`` (0 for a slice without ROI)."""
+    medians = [v[m].median() if bool(m.any()) else v.new_zeros(()) for v, m in zip(values, roi)]
+    return torch.stack(medians).view(-1, 1, 1, 1)

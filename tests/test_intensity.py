@@ -1,0 +1,120 @@
+"""The intensity baseline, the CT-aware pipeline inputs and the false-alarm operating point."""
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from sklearn.metrics import roc_auc_score
+
+from monai_ad.detectors import AnomalyDetector, create_detector
+from monai_ad.errors import InputError
+from monai_ad.transforms.array import AxialContext, FillOutsideROIWithLiver, HUWindows
+from monai_ad.transforms.pipeline import PreprocessConfig, build_preprocessing, run_pipeline
+
+from test_detectors import synthetic_slices
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    image, roi, _ = synthetic_slices(24, seed=0)
+    detector = create_detector("intensity", image_size=SIZE, pixel_mm=1.5)
+    return detector.fit({"image": image[i : i + 8], "roi": roi[i : i + 8]} for i in range(0, 24, 8))
+
+
+def test_intensity_ranks_a_darker_lesion_above_normal_liver(fitted):
+    image, roi, lesion = synthetic_slices(6, seed=2, lesion=True)
+    scores = fitted.score(image, roi)
+    inside = roi[:, 0].numpy()
+    pixel = scores.pixel.numpy()
+    assert roc_auc_score(lesion[inside].astype(int), pixel[inside]) > 0.95
+    normal_image, normal_roi, _ = synthetic_slices(6, seed=1)
+    normal = fitted.score(normal_image, normal_roi).slice
+    assert scores.slice.min() > normal.max()  # every slice with a lesion outranks every normal slice
+
+
+def test_intensity_is_self_referenced_through_the_pipeline(fitted):
+    """A uniform shift of the whole liver (another contrast phase) is removed by the pipeline's liver
+    normalisation; a detector without that normalisation is centred on each slice's own median instead."""
+    image, roi, _ = synthetic_slices(4, seed=3)
+    shifted = torch.where(roi, image + 0.1, image)
+    fitted.preprocessing = {"normalize_liver_hu": None}
+    try:
+        assert torch.allclose(fitted.score(shifted, roi).pixel, fitted.score(image, roi).pixel, atol=1e-4)
+    finally:
+        fitted.preprocessing = {}
+
+
+def test_intensity_saves_and_loads_whole(fitted, tmp_path):
+    image, roi, _ = synthetic_slices(3, seed=4, lesion=True)
+    fitted.save(tmp_path / "intensity.pt")
+    loaded = AnomalyDetector.load(tmp_path / "intensity.pt")
+    assert torch.equal(loaded.score(image, roi).pixel, fitted.score(image, roi).pixel)
+
+
+def test_intensity_rejects_bad_hyper_parameters():
+    for bad in ({"sigma_mm": 0}, {"tail_quantile": 0.7}, {"depth_bands_mm": [4, 2]}, {"in_channels": 2}):
+        with pytest.raises(InputError):
+            create_detector("intensity", **bad)
+
+
+def test_operating_point_gives_the_stated_false_alarm_rate_on_held_out_normals(fitted):
+    """Thresholds for one false region per scan, picked on normal scans, flag about one slice per held-out
+    normal scan (a false region spans at least one slice, so flagged slices bound false regions)."""
+    scans = [synthetic_slices(30, seed=10 + i) for i in range(4)]
+    calibration = [{"image": img, "roi": roi} for img, roi, _ in scans]
+    fitted.calibrate(calibration, false_regions_per_scan=1.0, n_scans=4)
+    assert fitted.thresholds["quantile"] == pytest.approx(1 - 4 / 120)
+    held_out = [synthetic_slices(30, seed=20 + i) for i in range(6)]
+    flagged = [int((fitted.score(img, roi).slice > fitted.thresholds["slice"]).sum()) for img, roi, _ in held_out]
+    assert np.mean(flagged) <= 2.0
+    pixel_flagged = [
+        int((fitted.score(img, roi).pixel.flatten(1).amax(1) > fitted.thresholds["pixel"]).sum()) for img, roi, _ in held_out
+    ]
+    assert np.mean(pixel_flagged) <= 2.0
+
+
+def _volume(depth=6, spacing_z=2.0):
+    values = torch.arange(depth, dtype=torch.float32).view(1, 1, 1, depth).expand(1, 4, 4, depth).clone()
+    affine = torch.diag(torch.tensor([1.0, 1.0, spacing_z, 1.0]))
+    return MetaTensor(values, affine=affine)
+
+
+def test_axial_context_stacks_the_right_neighbours_at_the_edges():
+    out = AxialContext(offset_mm=4.0)(_volume(spacing_z=2.0))  # 4 mm = 2 slices
+    assert out.shape == (3, 4, 4, 6)
+    assert out[0, 0, 0].tolist() == [0, 0, 0, 1, 2, 3]  # z - 2, the first slice repeated below the volume
+    assert out[1, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert out[2, 0, 0].tolist() == [2, 3, 4, 5, 5, 5]  # z + 2, the last slice repeated above it
+    assert AxialContext(offset_mm=0.5)(_volume(spacing_z=5.0))[2, 0, 0].tolist()[:2] == [1, 2]  # at least one slice
+
+
+def test_several_windows_and_liver_fill():
+    hu = torch.tensor([-200.0, 0.0, 100.0, 300.0]).view(1, 4, 1, 1)
+    out = HUWindows([[-160, 240], [0, 200], [100, 300]])(hu)
+    assert out.shape == (3, 4, 1, 1)
+    assert out[1, :, 0, 0].tolist() == [0.0, 0.0, 0.5, 1.0]
+    roi = torch.tensor([0, 1, 1, 1]).view(1, 4, 1, 1)
+    filled = FillOutsideROIWithLiver()(hu, roi)
+    assert filled[0, 0, 0, 0] == 100.0 and filled[0, 1:, 0, 0].tolist() == [0.0, 100.0, 300.0]
+
+
+def test_ct_aware_pipeline_gives_three_channels_and_inverts(oblique_case):
+    config = PreprocessConfig.from_dict({"image_size": 32, "context_mm": 3.0, "pixel_mm": 1.0, "outside_fill": "liver"})
+    assert config.in_channels == 3
+    pipeline = build_preprocessing(config, concat=True)
+    data = run_pipeline(pipeline, {"image": str(oblique_case["image"]), "roi": str(oblique_case["label"])})
+    assert data["image"].shape[0] == 4 and tuple(data["image"].shape[1:3]) == (32, 32)
+    from monai.transforms import Invertd
+
+    data["pred"] = data["image"][:1].clone()
+    back = Invertd(keys="pred", transform=pipeline, orig_keys="image", nearest_interp=False)(data)["pred"]
+    assert tuple(back.shape[1:]) == tuple(oblique_case["shape"])
+    assert np.allclose(back.affine.numpy(), oblique_case["affine"], atol=1e-4)
+
+
+def test_pipeline_options_are_checked():
+    for bad in ({"outside_fill": "grey"}, {"context_mm": 2.0, "windows": [[0, 1], [1, 2], [2, 3]]}, {"pixel_mm": -1}):
+        with pytest.raises(InputError):
+            PreprocessConfig.from_dict(bad)
