@@ -1,0 +1,145 @@
+"""The accuracy benchmark's own parts: the evaluation-only lesion generator and the lesion-level counting."""
+
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import lesion_insertion as li  # noqa: E402
+
+from monai_ad import metrics  # noqa: E402
+
+SPACING = (1.5, 1.5, 3.0)
+
+
+def _scan():
+    """A 'liver' ellipsoid of 60 HU with noise in fat, at 1.5 × 1.5 × 3 mm, with a non-zero origin."""
+    shape = (120, 100, 40)
+    affine = np.diag([*SPACING, 1.0])
+    affine[:3, 3] = (-90.0, -75.0, -60.0)
+    rng = np.random.default_rng(1)
+    x, y, z = np.meshgrid(*[(np.arange(n) - n / 2) * s for n, s in zip(shape, SPACING)], indexing="ij")
+    liver = (x / 80) ** 2 + (y / 65) ** 2 + (z / 55) ** 2 <= 1
+    image = np.where(liver, 60.0, -100.0) + rng.normal(0, 8, shape)
+    return image.astype(np.float32), liver, affine
+
+
+def _lesion(center_voxel, diameter, contrast, margin="sharp", rim_hu=0.0):
+    return li.Lesion(
+        center_voxel=tuple(float(c) for c in center_voxel), center_mm=(0.0, 0.0, 0.0), diameter_mm=diameter,
+        axes=(1.0, 1.0, 1.0), rotation=tuple(np.eye(3).ravel()), contrast_hu=contrast, margin=margin,
+        margin_mm=5.0 if margin == "soft" else 1.5, rim_hu=rim_hu, rim_mm=3.0 if rim_hu else 0.0,
+    )  # fmt: skip
+
+
+def test_inserted_lesions_have_the_requested_contrast_and_size_inside_the_liver():
+    image, liver, affine = _scan()
+    lesions = [_lesion((45, 50, 20), 30.0, -60.0), _lesion((80, 50, 20), 20.0, 40.0, "soft"),
+               _lesion((60, 30, 12), 12.0, -30.0), _lesion((60, 70, 26), 25.0, -50.0, rim_hu=50.0)]  # fmt: skip
+    out, label = li.insert_lesions(image, liver, affine, lesions, np.random.default_rng(0))
+    assert set(np.unique(label)) == {0, 1, 2}
+    assert not (label[~liver]).any() and ((label == 1) | (label == 2))[liver].all()
+    np.testing.assert_array_equal(out[~liver], image[~liver])  # nothing changes outside the liver
+    labels, n, diameters = metrics.lesion_components(label == 2, SPACING)
+    assert n == 4
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in image.shape], indexing="ij"), -1) * np.asarray(SPACING)
+    for lesion in lesions:
+        centre = np.asarray(lesion.center_voxel) * np.asarray(SPACING)
+        distance = np.linalg.norm(grid - centre, axis=-1)
+        core = distance <= lesion.diameter_mm / 2 - (6.0 if lesion.rim_hu else 3.0)
+        # the core's mean HU is the liver's plus the requested contrast (the scan's noise is kept)
+        assert out[core].mean() - 60.0 == pytest.approx(lesion.contrast_hu, abs=6.0)
+        assert out[core].std() < 15.0
+        # the labelled lesion is the requested size (equivalent diameter, mm)
+        component = labels[tuple(np.round(lesion.center_voxel).astype(int))]
+        assert component > 0
+        assert diameters[component - 1] == pytest.approx(lesion.diameter_mm, rel=0.12)
+        assert lesion.measured_diameter_mm == pytest.approx(diameters[component - 1], rel=1e-6)
+    # the rim lesion's ring is brighter than the liver, its centre darker
+    rim = lesions[3]
+    centre = np.asarray(rim.center_voxel) * np.asarray(SPACING)
+    distance = np.linalg.norm(grid - centre, axis=-1)
+    ring = (distance > rim.diameter_mm / 2 - 2.5) & (distance < rim.diameter_mm / 2 - 0.5) & liver
+    assert out[ring].mean() > 60.0 + 15.0
+    # a soft margin is a gradual transition: intermediate values just outside the nominal surface
+    soft = lesions[1]
+    distance = np.linalg.norm(grid - np.asarray(soft.center_voxel) * np.asarray(SPACING), axis=-1)
+    shell = (distance > soft.diameter_mm / 2 + 0.5) & (distance < soft.diameter_mm / 2 + 2.0)
+    assert 60.0 + 3.0 < out[shell].mean() < 60.0 + 30.0
+
+
+def test_sampled_lesions_stay_in_the_liver_within_the_ranges_and_apart():
+    image, liver, affine = _scan()
+    rng = np.random.default_rng(3)
+    lesions = li.sample_lesions(liver, affine, rng, 6)
+    assert 3 <= len(lesions) <= 6
+    for a in lesions:
+        assert liver[tuple(np.round(a.center_voxel).astype(int))]
+        assert 5.0 * 0.8 <= a.diameter_mm <= 80.0
+        assert -80.0 <= a.contrast_hu <= 60.0 and abs(a.contrast_hu) >= 15.0
+        assert a.margin in ("sharp", "soft") and (a.rim_hu == 0 or a.contrast_hu < 0)
+        assert a.center_mm == pytest.approx(tuple((affine @ np.r_[a.center_voxel, 1.0])[:3]))
+        for b in lesions:
+            if a is not b:
+                gap = np.linalg.norm((np.asarray(a.center_voxel) - b.center_voxel) * np.asarray(SPACING))
+                assert gap >= (a.diameter_mm + b.diameter_mm) / 2
+    out, label = li.insert_lesions(image, liver, affine, lesions, rng)
+    assert not (label[~liver]).any() and (label == 2).any()
+    # the same seed gives the same lesions
+    again = li.sample_lesions(liver, affine, np.random.default_rng(3), 6)
+    assert [x.diameter_mm for x in again] == [x.diameter_mm for x in lesions]
+
+
+def test_organ_map_on_another_grid_is_refused(tmp_path):
+    image, liver, affine = _scan()
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "ct.nii.gz"))
+    organs = liver.astype(np.uint8) * 5
+    nib.save(nib.Nifti1Image(organs, affine), str(tmp_path / "organs.nii.gz"))
+    shifted = affine.copy()
+    shifted[0, 3] += 10.0
+    nib.save(nib.Nifti1Image(organs, shifted), str(tmp_path / "shifted.nii.gz"))
+    img, mask, aff = li.load_scan(tmp_path / "ct.nii.gz", tmp_path / "organs.nii.gz", 5)
+    np.testing.assert_array_equal(mask, liver)
+    np.testing.assert_allclose(aff, affine, atol=1e-6)
+    with pytest.raises(ValueError, match="is not the image's"):
+        li.load_scan(tmp_path / "ct.nii.gz", tmp_path / "shifted.nii.gz", 5)
+
+
+def test_froc_counts_found_lesions_and_false_regions_on_inserted_lesions():
+    image, liver, affine = _scan()
+    lesions = [_lesion((45, 50, 20), 30.0, -60.0), _lesion((80, 50, 20), 8.0, 40.0)]
+    _, label = li.insert_lesions(image, liver, affine, lesions, np.random.default_rng(0))
+    lesion = label == 2
+    heat = np.zeros(lesion.shape, np.float32)
+    heat[lesion] = 0.5
+    labels, _, diameters = metrics.lesion_components(lesion, SPACING)
+    large = labels == 1 + int(np.argmax(diameters))
+    heat[large] = 0.9  # the 30 mm lesion scores higher than the 8 mm one
+    heat[60:64, 80:84, 30:32] = 0.7  # a false region inside the liver
+    heat[2:6, 2:6, 2:4] = 1.0  # outside the liver: never counted
+    normal = np.zeros(lesion.shape, np.float32)
+    normal[60:63, 40:43, 10:12] = 0.6  # the normal scan's false region
+    out = metrics.lesion_froc([heat, normal], [lesion, np.zeros_like(lesion)], [liver, liver], [SPACING] * 2)
+    points = [(p["fp_per_scan"], p["sensitivity"], p["sensitivity_large"]) for p in out["curve"]]
+    # at 0.9 the large lesion alone; at 0.5 both, with the 0.7 and 0.6 false regions: 2 over 2 scans
+    assert points == [(0.0, 0.0, 0.0), (0.0, 0.5, 1.0), (1.0, 1.0, 1.0)]
+    assert (out["n_lesions"], out["n_lesions_large"]) == (2, 1)
+    assert out["sensitivity"] == 1.0 and out["sensitivity_large"] == 1.0
+    strict = metrics.lesion_froc([heat, normal], [lesion, np.zeros_like(lesion)], [liver, liver], [SPACING] * 2,
+                                 max_fp_per_scan=0.5)  # fmt: skip
+    assert strict["sensitivity"] == 0.5 and strict["threshold"] == pytest.approx(0.9)
+    at = metrics.detect_lesions(heat, lesion, 0.65, roi=liver, spacing=SPACING)
+    assert (at["n_found"], at["n_false_regions"], at["n_regions"]) == (1, 1, 2)
+
+
+def test_calibration_quantile_allows_the_stated_false_alarms_per_scan():
+    import accuracy
+
+    assert accuracy.calibration_quantile(1.0, 40) == pytest.approx(1 - 1 / 40)
+    assert accuracy.calibration_quantile(1.0, 1) == 0.5  # never below the median
+    scores = np.random.default_rng(0).random(40 * 5)  # 5 normal scans of 40 slices
+    q = accuracy.calibration_quantile(1.0, 40)
+    assert np.count_nonzero(scores > np.quantile(scores, q)) / 5 == pytest.approx(1.0, abs=0.2)
