@@ -16,6 +16,7 @@ from monai_ad.detectors.simplenet import SimpleNet
 from monai_ad.detectors.winclip import WinCLIP  # noqa: F401  (registers it)
 from monai_ad.detectors.clip_reconstruction import CLIPReconstruction  # noqa: F401  (registers it)
 from monai_ad.detectors.dpa import DeepPerceptualAutoencoder  # noqa: F401  (registers "dpa")
+from monai_ad.detectors.synthetic_anomaly import SyntheticAnomaly  # noqa: F401  (registers "synthetic_anomaly")
 from monai_ad.detectors.intensity import IntensityDeviation
 
 __all__ = [

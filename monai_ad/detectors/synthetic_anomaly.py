@@ -1,0 +1,273 @@
+"""Self-supervised synthetic-anomaly detector: a segmentation network trained on normal slices with anomalies
+made on the fly inside the liver, predicting where they are (the FPI / PII / DRAEM family).
+
+The synthesis is ``monai_ad.synthesis`` (CT-aware density and texture changes of random blobs 3–80 mm across,
+foreign-patch interpolation and Poisson image interpolation between two normal slices of the batch); the network
+is ``monai_ad.networks.anomaly_segmenter`` (a MONAI 2-D U-Net on the slice's ``in_channels`` channels plus the
+ROI); this module is the detector around them: training loop, scoring, state.
+
+- **Training.** Each step draws ``batch_size`` training slices, crops a ``patch_size`` square around a random
+  liver pixel of each (the network is fully convolutional; whole slices when ``patch_size`` is 0), changes half
+  of them (``p_anomaly``) and fits the per-pixel anomaly strength with binary cross-entropy plus Dice
+  (``monai.losses.DiceLoss``, over the batch), both on the liver only. AdamW, ``lr`` with a linear warm-up over
+  the first 5 % of ``steps`` and cosine decay to 0. bf16 autocast on CUDA with ``amp`` (never on the CPU).
+- **Geometry.** The synthesis needs mm per pixel and HU per intensity unit. Both come from the pre-processing
+  stored with the model when it fixes them (``pixel_mm``, ``window``/``windows``); otherwise a slice is assumed
+  to span ``field_mm`` (200 mm: a liver's in-plane box plus the crop margins) and the window to be 400 HU wide.
+- **Scores.** Pixel map = the sigmoid output, smoothed by a Gaussian of ``sigma`` pixels (1 by default: the
+  network's map is already smooth; this only damps single-pixel noise), 0 outside the ROI. Slice score = the
+  largest value of that map inside the ROI: the network answers "is there an anomaly here" per pixel, and a slice
+  is as abnormal as its most abnormal spot (DRAEM takes the maximum after a mean filter for the same reason).
+- **Processes.** Under torch.distributed each process trains on its share of the slices with its own random
+  synthesis stream (seeded by ``seed`` and the rank); gradients are averaged after every step
+  (``monai_ad.distributed.optimizer_step``, as DistributedDataParallel) and the BatchNorm running statistics at
+  the end, so every process holds the same model.
+- **Schedules.** The defaults are a CPU schedule (128 px, base width 16, 600 steps of 16 crops of 64 px; about
+  two minutes on two CPU cores). The GPU schedule is in ``sample_configs/synthetic_anomaly_gpu.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from tqdm.auto import tqdm
+
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
+from monai_ad.detectors.components import GaussianBlur2d, cuda_autocast, max_in_roi_map
+from monai_ad.distributed import all_reduce_sum_, optimizer_step, rank, world_size
+from monai_ad.errors import InputError
+from monai_ad.networks.anomaly_segmenter import AnomalySegmenter
+from monai_ad.synthesis import DEFAULT_HU_WIDTH, KINDS, SynthesisConfig, hu_scale_for, roi_centers, synthesize
+
+logger = logging.getLogger(__name__)
+
+WARMUP = 0.05  # share of the steps with a linearly rising learning rate
+
+
+@register_detector("synthetic_anomaly")
+class SyntheticAnomaly(AnomalyDetector):
+    """Segmentation of synthetic anomalies on ``[B, in_channels, image_size, image_size]`` slices (see the module
+    docstring). ``kinds`` weighs the synthesis kinds (``density``, ``texture``, ``fpi``, ``pii``)."""
+
+    supported_channels = tuple(range(1, 9))
+
+    def __init__(
+        self,
+        image_size: int = 128,
+        in_channels: int = 1,
+        width: int = 16,
+        levels: int = 4,
+        res_units: int = 0,
+        steps: int = 600,
+        batch_size: int = 16,
+        patch_size: int = 64,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        dice_weight: float = 1.0,
+        p_anomaly: float = 0.5,
+        kinds: Mapping[str, float] | None = None,
+        diameter_mm: Sequence[float] = (3.0, 80.0),
+        delta_hu: Sequence[float] = (-80.0, 60.0),
+        field_mm: float = 200.0,
+        pii_iterations: int = 60,
+        sigma: float = 1.0,
+        amp: bool = False,
+        seed: int = 0,
+    ):
+        for name, value, least in (
+            ("image_size", image_size, 8), ("width", width, 1), ("levels", levels, 2), ("res_units", res_units, 0),
+            ("steps", steps, 1), ("batch_size", batch_size, 1), ("patch_size", patch_size, 0),
+            ("pii_iterations", pii_iterations, 0), ("seed", seed, 0),
+        ):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"synthetic_anomaly: {name} must be an integer of at least {least}, got {value!r}")
+        multiple = 2 ** (levels - 1)
+        for name, value in (("image_size", image_size), ("patch_size", patch_size)):
+            if value % multiple:
+                raise InputError(f"synthetic_anomaly: {name} must be a multiple of {multiple} ({levels} levels), got {value}")
+        if patch_size > image_size:
+            raise InputError(f"synthetic_anomaly: patch_size {patch_size} is larger than image_size {image_size}")
+        for name, value in (("lr", lr), ("field_mm", field_mm)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InputError(f"synthetic_anomaly: {name} must be positive, got {value!r}")
+        for name, value in (("weight_decay", weight_decay), ("dice_weight", dice_weight), ("sigma", sigma)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise InputError(f"synthetic_anomaly: {name} must be 0 or positive, got {value!r}")
+        if not 0 < p_anomaly <= 1:
+            raise InputError(f"synthetic_anomaly: p_anomaly must be in (0, 1], got {p_anomaly}")
+        diameter_mm, delta_hu = [float(v) for v in diameter_mm], [float(v) for v in delta_hu]
+        if len(diameter_mm) != 2 or not 0 < diameter_mm[0] <= diameter_mm[1]:
+            raise InputError(f"synthetic_anomaly: diameter_mm must be [low, high] with 0 < low <= high, got {diameter_mm}")
+        if len(delta_hu) != 2 or not delta_hu[0] < delta_hu[1]:
+            raise InputError(f"synthetic_anomaly: delta_hu must be [low, high] with low < high, got {delta_hu}")
+        if kinds is not None:
+            kinds = {str(k): float(v) for k, v in dict(kinds).items()}
+            if set(kinds) - set(KINDS) or any(v < 0 for v in kinds.values()) or not any(v > 0 for v in kinds.values()):
+                raise InputError(f"synthetic_anomaly: kinds must weigh some of {', '.join(KINDS)} with weights >= 0, got {kinds}")
+        super().__init__(
+            image_size=image_size, in_channels=in_channels, width=width, levels=levels, res_units=res_units,
+            steps=steps, batch_size=batch_size, patch_size=patch_size, lr=float(lr), weight_decay=float(weight_decay),
+            dice_weight=float(dice_weight), p_anomaly=float(p_anomaly), kinds=kinds, diameter_mm=diameter_mm,
+            delta_hu=delta_hu, field_mm=float(field_mm), pii_iterations=pii_iterations, sigma=float(sigma),
+            amp=bool(amp), seed=seed,
+        )  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.network = AnomalySegmenter(in_channels, width, levels, res_units)
+        self.blur = GaussianBlur2d(float(sigma))
+        self.dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.train_losses: list[float] = []
+
+    # ------------------------------------------------------------------ synthesis settings
+    def synthesis_config(self) -> SynthesisConfig:
+        p = self.hparams
+        return SynthesisConfig(
+            p_anomaly=p["p_anomaly"], kinds=p["kinds"], diameter_mm=tuple(p["diameter_mm"]),
+            delta_hu=tuple(p["delta_hu"]), pii_iterations=p["pii_iterations"],
+        )  # fmt: skip
+
+    def pixel_mm(self) -> float:
+        """mm per pixel the synthesis assumes: the pre-processing's fixed ``pixel_mm`` when it has one, else
+        ``field_mm / image_size``."""
+        fixed = self.preprocessing.get("pixel_mm")
+        return float(fixed) if fixed else self.hparams["field_mm"] / self.image_size
+
+    def hu_scale(self) -> torch.Tensor:
+        """``[C]`` intensity change per HU in each channel, from the pre-processing's window(s)."""
+        pre = self.preprocessing
+        windows = pre.get("windows")
+        if windows and len(windows) == self.in_channels:
+            return hu_scale_for(self.in_channels, windows=windows)
+        return hu_scale_for(self.in_channels, window=pre.get("window") or (0.0, DEFAULT_HU_WIDTH))
+
+    # ------------------------------------------------------------------ training
+    def _training_slices(self, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, rois = [], []
+        for batch in batches:
+            image = batch["image"]
+            self.check_slices(image)
+            roi = batch.get("roi")
+            roi = torch.ones_like(image[:, :1], dtype=torch.bool) if roi is None else roi > 0
+            images.append(image.to(self.device, torch.float16))
+            rois.append(roi.to(self.device))
+        if not images:
+            raise InputError("synthetic_anomaly: no training slices")
+        return torch.cat(images), torch.cat(rois)
+
+    def _index_stream(self, n: int, generator: torch.Generator):
+        """Endless batches of slice indices: shuffled passes, a batch may run into the next pass."""
+        size = int(self.hparams["batch_size"])
+        pending = torch.empty(0, dtype=torch.long)
+        while True:
+            while pending.numel() < size:
+                pending = torch.cat([pending, torch.randperm(n, generator=generator)])
+            yield pending[:size]
+            pending = pending[size:]
+
+    def crop(
+        self, image: torch.Tensor, roi: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ``patch_size`` square of each slice around a random ROI pixel (kept inside the slice)."""
+        size = int(self.hparams["patch_size"])
+        if size in (0, self.image_size):
+            return image, roi
+        center = roi_centers(roi, generator).round().long()
+        top = (center - size // 2).clamp(0, self.image_size - size)
+        offsets = torch.arange(size, device=image.device)
+        rows = (top[:, 0, None] + offsets)[:, None, :, None]
+        cols = (top[:, 1, None] + offsets)[:, None, None, :]
+        batch = torch.arange(image.shape[0], device=image.device)[:, None, None, None]
+        channels = torch.arange(image.shape[1], device=image.device)[None, :, None, None]
+        return image[batch, channels, rows, cols], roi[batch, torch.zeros_like(channels[:, :1]), rows, cols]
+
+    def loss(self, logits: torch.Tensor, label: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        """BCE over the ROI's pixels + ``dice_weight`` × Dice of the batch (outside the ROI counts as predicted 0)."""
+        weight = roi.float()
+        bce = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+        bce = (bce * weight).sum() / weight.sum().clamp_min(1.0)
+        dice_weight = self.hparams["dice_weight"]
+        if dice_weight == 0:
+            return bce
+        return bce + dice_weight * self.dice(logits.masked_fill(~roi, -30.0), label)
+
+    def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
+        p = self.hparams
+        images, rois = self._training_slices(batches)
+        device = self.device
+        generator = torch.Generator().manual_seed(int(p["seed"]) * 1009 + rank())
+        indices = self._index_stream(images.shape[0], generator)
+        config, pixel_mm, hu_scale = self.synthesis_config(), self.pixel_mm(), self.hu_scale().to(device)
+        parameters = [q for q in self.network.parameters() if q.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=p["lr"], weight_decay=p["weight_decay"])
+        steps = int(p["steps"])
+        warmup = max(1, int(WARMUP * steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        )
+        logger.info(
+            "synthetic_anomaly: %d slices, %d steps, %.2f mm per pixel, %s HU window width",
+            images.shape[0], steps, pixel_mm, (1 / hu_scale).tolist(),
+        )  # fmt: skip
+        self.network.train()
+        self.train_losses = []
+        losses = []
+        bar = tqdm(total=steps, desc="synthetic_anomaly training", disable=not progress, unit="step", leave=False)
+        try:
+            for step in range(steps):
+                index = next(indices).to(device)
+                image, roi = self.crop(images[index].float(), rois[index], generator)
+                with torch.no_grad():
+                    image, label = synthesize(image, roi, pixel_mm, generator, config, hu_scale)
+                with cuda_autocast(device, p["amp"]):
+                    logits = self.network(image, roi)
+                loss = self.loss(logits.float(), label, roi)
+                optimizer_step(loss, [optimizer], parameters)
+                schedule.step()
+                losses.append(loss.detach())
+                if (step + 1) % 50 == 0 or step + 1 == steps:
+                    mean = float(torch.stack(losses).mean())  # one host sync per 50 steps
+                    if not math.isfinite(mean):
+                        raise RuntimeError("synthetic_anomaly: the training loss diverged; lower lr")
+                    self.train_losses.append(mean)
+                    losses = []
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                bar.update()
+            self._average_batchnorm_statistics()
+        finally:
+            bar.close()
+            self.eval()
+
+    @torch.no_grad()
+    def _average_batchnorm_statistics(self) -> None:
+        """Average BatchNorm running means/variances over processes (no-op in one process)."""
+        n = world_size()
+        if n == 1:
+            return
+        for module in self.network.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                all_reduce_sum_(module.running_mean).div_(n)
+                all_reduce_sum_(module.running_var).div_(n)
+
+    # ------------------------------------------------------------------ scoring
+    def anomaly_map(self, image: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
+        """The smoothed per-pixel anomaly probability ``[B, H, W]``, 0 outside the ROI (eval mode, on the device)."""
+        roi = torch.ones_like(image[:, :1], dtype=torch.bool) if roi is None else roi
+        with cuda_autocast(image.device, self.hparams["amp"]):
+            logits = self.network(image, roi)
+        pixel = self.blur(torch.sigmoid(logits.float())[:, 0])
+        return pixel * roi[:, 0]
+
+    def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
+        pixel = self.anomaly_map(image, roi)
+        return SliceScores(pixel=pixel, slice=max_in_roi_map(pixel, roi))
+
+    def extra_repr(self) -> str:
+        return f"parameters={sum(q.numel() for q in self.network.parameters())}"
+
+
+__all__ = ["SyntheticAnomaly"]
