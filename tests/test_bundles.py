@@ -21,6 +21,7 @@ FAST = {"patchcore_liver_ct": ["--network_def#image_size", "64"],
         "clip_reconstruction_liver_ct": ["--clip_model", "tiny-random", "--allow_random_weights", "True", "--network_def#image_size", "96",
                                          "--network_def#epochs", "1", "--network_def#prompt_length", "4"],
         "dpa_liver_ct": [],
+        "intensity_liver_ct": [],
         "simplenet_liver_ct": ["--network_def#image_size", "64", "--network_def#meta_epochs", "2", "--network_def#gan_epochs", "1"]}  # fmt: skip
 
 
