@@ -18,7 +18,7 @@ from monai.transforms import Compose
 from tqdm.auto import tqdm
 
 from monai_ad import distributed
-from monai_ad.detectors.base import AnomalyDetector, create_detector
+from monai_ad.detectors.base import AnomalyDetector, create_detector, detector_class
 from monai_ad.errors import InputError
 from monai_ad.inferers import SliceAnomalyInferer
 from monai_ad.io import VOLUME_SUFFIXES, atomic_path, save_nifti, write_json
@@ -152,7 +152,8 @@ def train(
 
     The operating thresholds allow about ``false_regions_per_scan`` false alarms per normal validation scan
     (``AnomalyDetector.calibrate``); ``quantile`` sets them as a plain quantile of normal slices instead."""
-    config = PreprocessConfig.from_dict(preprocessing)
+    kind = type(detector) if isinstance(detector, AnomalyDetector) else detector_class(detector)
+    config = PreprocessConfig.from_dict({**kind.default_preprocessing, **dict(preprocessing or {})})
     if isinstance(detector, str):
         detector = create_detector(detector, **{"in_channels": config.in_channels, **dict(hparams or {})})
     if detector.in_channels != config.in_channels:

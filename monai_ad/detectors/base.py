@@ -44,12 +44,17 @@ def register_detector(name: str):
     return _register
 
 
-def create_detector(name: str, **hparams: Any) -> "AnomalyDetector":
+def detector_class(name: str) -> type["AnomalyDetector"]:
     _import_builtin_detectors()
     if name not in DETECTORS:
         raise InputError(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTORS))}")
+    return DETECTORS[name]
+
+
+def create_detector(name: str, **hparams: Any) -> "AnomalyDetector":
+    kind = detector_class(name)
     check_hparams(name, hparams)
-    return DETECTORS[name](**hparams)
+    return kind(**hparams)
 
 
 # Hyper-parameters that mean the same in every detector: (whole number, lowest, highest, lowest excluded)
@@ -146,6 +151,8 @@ class AnomalyDetector(nn.Module, ABC):
     name: ClassVar[str] = "detector"
     unsaved_prefixes: ClassVar[tuple[str, ...]] = ()
     supported_channels: ClassVar[tuple[int, ...]] = (1, 3)  # a frozen RGB backbone takes 1 (repeated) or 3
+    # the pre-processing options this detector is trained with unless the caller sets them (chosen by measurement)
+    default_preprocessing: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, image_size: int = 224, in_channels: int = 1, **hparams: Any):
         super().__init__()
