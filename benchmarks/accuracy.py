@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -59,7 +60,7 @@ CLIP_DETECTORS = ("winclip", "clip_reconstruction")
 # Hyper-parameter overrides per detector for a 2-core CPU (the rest are the library defaults).
 SCHEDULES: dict[str, dict[str, Any]] = {
     "intensity": {},
-    "synthetic_anomaly": {},
+    "synthetic_anomaly": {"steps": 200},
     "patchcore": {"coreset_ratio": 0.1},
     "padim": {},
     "simplenet": {"image_size": 224, "meta_epochs": 4, "gan_epochs": 2},
@@ -298,6 +299,11 @@ def main() -> None:
     left_out = [n for n in CLIP_DETECTORS if n in registered and n not in detectors]
     if left_out:
         notes.append(f"left out: {', '.join(left_out)} (need CLIP weights that are not installed with the project)")
+    optional = [n for n in ("rd4ad", "dpa") if n in registered and n not in detectors]
+    if optional:
+        notes.append(f"not in this run: {', '.join(optional)} (longer CPU training; `--detectors {' '.join(optional)}` "
+                     "runs them with the schedules in SCHEDULES)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     datasets: dict[str, list[dict]] = {}
     if "phantoms" in args.data:
         datasets["phantoms"] = phantom_datasets(work, args.quick, args.seed)
@@ -363,6 +369,8 @@ def main() -> None:
         "soft margins, rim enhancement on some hypodense ones, 2–6 per scan",
         "train s: engine.train (pre-processing, fit, calibration); score s/volume: VolumePredictor end to end "
         "(load to label map, nothing written); slices/s: scored slices over the inference stage",
+        *([f"load average at the start: {load:.1f} on {os.cpu_count()} cores (times are slower when the CPU is "
+             "shared)"] if load is not None else []),
         *notes,
     ]
     record("Accuracy: phantoms and real CT with inserted lesions", device, tables, notes,
