@@ -1,4 +1,5 @@
 import gzip
+import os
 
 import nibabel as nib
 import numpy as np
@@ -115,3 +116,46 @@ def test_keep_freed_memory_applies_in_a_fresh_process_and_yields_to_the_environm
     assert fresh.stdout.strip() == "True"  # glibc accepts M_TOP_PAD
     monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
     assert keep_freed_memory() is False  # the user's own setting is left alone
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    from monai_ad.io import write_json
+
+    previous = os.umask(0o027)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640  # not mkstemp's private 0600
+
+
+def test_a_killed_writers_partial_files_are_removed_on_the_next_write(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from monai_ad.io import _host, write_json
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    stale = tmp_path / f".case_heatmap.{_host()}-{dead}.0123abcd.partial.nii.gz"
+    running = tmp_path / f".case_anomaly.{_host()}-{os.getpid()}.0123abcd.partial.nii.gz"  # a live writer's: kept
+    old = tmp_path / ".case_summary.abc123.partial.json"  # no owner in the name: removed once an hour old
+    recent = tmp_path / ".other_summary.def456.partial.json"
+    for path in (stale, running, old, recent):
+        path.write_bytes(b"")
+    os.utime(old, (time.time() - 7200,) * 2)
+    write_json(tmp_path / "case_summary.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, recent.name, "case_summary.json"])
+
+
+def test_unreadable_files_name_the_format_their_name_promises(tmp_path):
+    from monai_ad.io import unreadable_message
+
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    (tmp_path / "notes.nii.gz").write_text("not an image")
+    (tmp_path / "notes.nrrd").write_text("not an image")
+    error = RuntimeError("File is missing DICOM File Meta Information header")
+    assert unreadable_message(tmp_path / "empty.nii.gz", error) == "cannot be read as gzip-compressed NIfTI: the file is empty (0 bytes)"
+    assert unreadable_message(tmp_path / "notes.nii.gz", error).endswith("it is not gzip-compressed (it holds text)")
+    assert unreadable_message(tmp_path / "notes.nrrd", error) == "cannot be read as NRRD: it has no NRRD header (it holds text)"
+    assert "DICOM" not in unreadable_message(tmp_path / "notes.nii.gz", error)
