@@ -289,9 +289,11 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
 
 def _print_metrics(values: dict[str, Any]) -> None:
-    for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auroc_roi", "aupro", "dice", "dice_volume", "slice_f1"):
+    keys = ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auroc_roi", "aupro", "aupro_roi", "dice", "dice_volume",
+            "slice_f1", "lesion_sensitivity", "lesion_sensitivity_10mm", "false_regions_per_scan")  # fmt: skip
+    for key in keys:
         value = values.get(key)
-        print(f"  {key:16s} {'n/a' if value is None else f'{value:.4f}'}")
+        print(f"  {key:24s} {'n/a' if value is None else f'{value:.4f}'}")
     for kind, path in values.get("files", {}).items():
         print(f"  {kind}: {path}")
 

@@ -368,6 +368,7 @@ def infer(
 
 
 # ----------------------------------------------------------------------------- evaluation
+LARGE_LESION_MM = 10.0  # lesions of at least this equivalent diameter are also counted on their own
 def evaluate(
     model: str | os.PathLike | AnomalyDetector,
     datalist: str | os.PathLike,
@@ -390,6 +391,7 @@ def evaluate(
     gt_slices, map_slices, roi_slices = [], [], []
     montage_pool, curves = [], []
     tp = fp = fn = 0
+    lesions_found, lesions_large, false_regions = [], [], 0
     for item in tqdm(items, desc="evaluation", disable=not progress, unit="volume"):
         if not item.get("label"):
             raise InputError(f"test case {item.get(IMAGE)} has no 'label' to evaluate against", datalist)
@@ -416,6 +418,12 @@ def evaluate(
         gt_slices.append(gt), map_slices.append(heat), roi_slices.append(roi)
         slice_labels.append(labels), slice_scores.append(scores)
         slice_ids += [(result.case, z) for z in scored]
+        reading = metrics.detect_lesions(
+            result.label_map, lesion, threshold=1, roi=liver, spacing=np.linalg.norm(result.affine[:3, :3], axis=0)
+        )  # the label map's regions: thresholded and cleaned as the user gets them
+        lesions_found.append(reading["found"])
+        lesions_large.append(reading["diameters_mm"] >= LARGE_LESION_MM)
+        false_regions += reading["n_false_regions"]
         tp += int((pred & gt).sum())
         fp += int((pred & ~gt).sum())
         fn += int((~pred & gt).sum())
@@ -439,6 +447,10 @@ def evaluate(
         slice_threshold=predictor.slice_threshold,
     )
     values["dice_volume"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else None
+    found, large = np.concatenate(lesions_found), np.concatenate(lesions_large)
+    values["lesion_sensitivity"] = float(found.mean()) if found.size else None
+    values[f"lesion_sensitivity_{LARGE_LESION_MM:g}mm"] = float(found[large].mean()) if large.any() else None
+    values["false_regions_per_scan"] = false_regions / len(items)
     values.update(
         {
             "detector": predictor.detector.name,

@@ -54,7 +54,7 @@ def test_intensity_saves_and_loads_whole(fitted, tmp_path):
 
 
 def test_intensity_rejects_bad_hyper_parameters():
-    for bad in ({"sigma_mm": 0}, {"tail_quantile": 0.7}, {"depth_bands_mm": [4, 2]}, {"in_channels": 2}):
+    for bad in ({"sigma_mm": 0}, {"min_tail": 0.7}, {"depth_bands_mm": [4, 2]}, {"in_channels": 2}):
         with pytest.raises(InputError):
             create_detector("intensity", **bad)
 

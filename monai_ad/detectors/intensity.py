@@ -11,14 +11,16 @@ compared with.
 - Smoothed in mm: a Gaussian of ``sigma_mm`` in-plane, computed inside the liver only (normalised convolution, so
   the fill outside the mask never leaks in); with 2.5-D input the slice and its two neighbours are averaged with
   weights 1/4, 1/2, 1/4, which smooths along the body axis too.
-- Robust, asymmetric spread: darker and brighter deviations are divided by the normal liver's own spread on that
-  side (the distance from the median to the ``tail_quantile`` and ``1 - tail_quantile`` quantiles of smoothed normal
-  liver), so vessels, which make the bright tail of a normal liver heavy, count for less than an equally large
-  dark change.
+- Rarity, not distance: a pixel's score is how rare its smoothed density is among normal liver pixels at the same
+  depth, ``-log10`` of the two-sided tail probability (0 at the median, 2 for a density that 1 % of normal liver
+  pixels reach on that side). The tails are tabulated on normal scans down to a probability of ``min_tail``
+  and extended beyond it along the table's last slope (an exponential tail). Vessels make the bright tail of a
+  normal liver heavy, so a bright vessel scores lower than an equally large dark change, which no normal liver
+  holds.
 - The liver's border has its own reference: partial volume with the fat around it darkens the outermost
-  millimetres of every normal liver, so the centre and spreads are learned per band of depth from the mask's
-  border (``depth_bands_mm``), and a border pixel is compared with normal border pixels.
-- Pixel map = that one-sided robust deviation (0 at the median); slice score = its maximum inside the liver.
+  millimetres of every normal liver, so the tables are learned per band of depth from the mask's border
+  (``depth_bands_mm``), and a border pixel is compared with normal border pixels.
+- Slice score = the map's maximum inside the liver.
 """
 
 from __future__ import annotations
@@ -33,7 +35,21 @@ from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detec
 from monai_ad.errors import InputError
 
 CONTEXT_WEIGHTS = (0.25, 0.5, 0.25)
-FIT_SAMPLE = 2_000_000  # liver values kept for the quantiles (a random subsample beyond this)
+FIT_SAMPLE = 4_000_000  # liver values kept for the tail tables (a random subsample beyond this)
+MIN_BAND_PIXELS = 1000  # a depth band with fewer normal pixels takes the whole liver's tables
+
+
+def tail_probabilities(min_tail: float) -> torch.Tensor:
+    """One-sided tail probabilities from 0.5 down to ``min_tail``, four per decade."""
+    decades = math.log10(0.5 / min_tail)
+    return 0.5 * torch.logspace(0.0, -decades, int(math.ceil(4 * decades)) + 1, dtype=torch.float64)
+
+
+def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear ``fp(xp)`` at ``x`` (``xp`` increasing), extended linearly beyond both ends."""
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
 
 
 def gaussian_kernel(sigma_px: float) -> torch.Tensor:
@@ -68,15 +84,14 @@ class IntensityDeviation(AnomalyDetector):
         in_channels: int = 1,
         sigma_mm: float = 2.0,
         pixel_mm: float | None = None,
-        tail_quantile: float = 0.02,
+        min_tail: float = 1e-4,
         depth_bands_mm: Sequence[float] = (2.0, 4.0, 7.0, 12.0),
         batch_size: int = 32,
         seed: int = 0,
     ):
         super().__init__(
-            image_size=image_size, in_channels=in_channels, sigma_mm=sigma_mm, pixel_mm=pixel_mm,
-            tail_quantile=tail_quantile, depth_bands_mm=[float(b) for b in depth_bands_mm], batch_size=batch_size,
-            seed=seed,
+            image_size=image_size, in_channels=in_channels, sigma_mm=sigma_mm, pixel_mm=pixel_mm, min_tail=min_tail,
+            depth_bands_mm=[float(b) for b in depth_bands_mm], batch_size=batch_size, seed=seed,
         )  # fmt: skip
         if list(depth_bands_mm) != sorted(depth_bands_mm) or any(b <= 0 for b in depth_bands_mm):
             raise InputError(f"intensity: depth_bands_mm must be increasing positive depths, got {list(depth_bands_mm)}")
@@ -84,12 +99,14 @@ class IntensityDeviation(AnomalyDetector):
             raise InputError(f"intensity: sigma_mm must be positive, got {sigma_mm}")
         if pixel_mm is not None and not pixel_mm > 0:
             raise InputError(f"intensity: pixel_mm must be positive, got {pixel_mm}")
-        if not 0 < tail_quantile < 0.5:
-            raise InputError(f"intensity: tail_quantile must be in (0, 0.5), got {tail_quantile}")
+        if not 1e-7 <= min_tail <= 0.05:
+            raise InputError(f"intensity: min_tail must be in [1e-7, 0.05], got {min_tail}")
         bands = len(depth_bands_mm) + 1  # the last band: deeper than every listed depth
+        levels = tail_probabilities(min_tail)
+        self.register_buffer("rarity", -torch.log10(2 * levels).float())  # [K], 0 at the median
+        # per band: distance from the median to the tail quantiles, darker side [.., 0, :] and brighter [.., 1, :]
         self.register_buffer("centre", torch.zeros(bands))
-        self.register_buffer("spread_low", torch.ones(bands))
-        self.register_buffer("spread_high", torch.ones(bands))
+        self.register_buffer("tail_distance", torch.linspace(0, 1, len(levels)).repeat(bands, 2, 1))
 
     # ------------------------------------------------------------------ what the slices hold
     def _pixel_mm(self) -> float:
@@ -148,16 +165,23 @@ class IntensityDeviation(AnomalyDetector):
         if values.numel() > FIT_SAMPLE:
             keep = torch.randperm(values.numel(), generator=generator)[:FIT_SAMPLE]
             values, bands = values[keep], bands[keep]
-        q = float(self.hparams["tail_quantile"])
-        levels = torch.tensor([q, 0.5, 1 - q], dtype=torch.float64)
-        overall = torch.quantile(values.double(), levels).float()
+        levels = tail_probabilities(float(self.hparams["min_tail"]))
+        quantiles = torch.cat([levels.flip(0), 1 - levels[1:]])  # low tail .. median .. high tail
+        k = len(levels)
+
+        def tables(chosen: torch.Tensor) -> tuple[float, torch.Tensor]:
+            q = torch.quantile(chosen.double(), quantiles).float()
+            centre = q[k - 1]
+            low, high = centre - q[: k].flip(0), q[k - 1 :] - centre
+            # strictly increasing distances (ties where a tail is flat) keep the interpolation defined
+            return float(centre), torch.stack([_increasing(low), _increasing(high)])
+
+        overall = tables(values)
         for band in range(len(self.centre)):
             chosen = values[bands == band]
-            # a band with too few pixels (tiny livers, coarse pixels) takes the whole liver's reference
-            low, centre, high = torch.quantile(chosen.double(), levels).float() if chosen.numel() >= 100 else overall
+            centre, distance = tables(chosen) if chosen.numel() >= MIN_BAND_PIXELS else overall
             self.centre[band] = centre
-            self.spread_low[band] = max(float(centre - low), 1e-4)
-            self.spread_high[band] = max(float(high - centre), 1e-4)
+            self.tail_distance[band] = distance
 
     # ------------------------------------------------------------------ scoring
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
@@ -168,9 +192,18 @@ class IntensityDeviation(AnomalyDetector):
         if not self._self_referenced():
             centre = centre + _slice_medians(smoothed, roi)
         deviation = smoothed - centre
-        pixel = torch.where(deviation < 0, -deviation / self.spread_low[band], deviation / self.spread_high[band])
+        pixel = torch.zeros_like(deviation)
+        for b in range(len(self.centre)):
+            for side, chosen in enumerate(((band == b) & (deviation < 0), (band == b) & (deviation >= 0))):
+                pixel[chosen] = interpolate(deviation[chosen].abs(), self.tail_distance[b, side], self.rarity)
         pixel = torch.where(roi, pixel, torch.zeros_like(pixel))[:, 0]
         return SliceScores(pixel=pixel, slice=pixel.flatten(1).amax(1))
+
+
+def _increasing(distance: torch.Tensor) -> torch.Tensor:
+    steps = torch.full_like(distance, 1e-6)
+    steps[0] = 0.0
+    return torch.maximum(distance, torch.zeros_like(distance)).cummax(0).values + steps.cumsum(0)
 
 
 def _roi(batch: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
