@@ -236,8 +236,10 @@ class VolumePredictor:
             raise InputError("the model has no stored thresholds: give a pixel and a slice threshold")
         self.pipeline = preprocessing or build_preprocessing(self.config, roi_labels, concat=True)
         self.inferer = inferer or SliceAnomalyInferer(batch_size=batch_size, min_roi_pixels=self.config.min_roi_pixels)
+        # a pixel threshold set by hand outlines regions at itself; the model's own, at its calibrated extent
+        self.extent_threshold = thresholds.get("extent") if pixel_threshold is None else None
         self.postprocessing = postprocessing or build_postprocessing(
-            self.pipeline, self.pixel_threshold, self.slice_threshold, min_lesion_mm3
+            self.pipeline, self.pixel_threshold, self.slice_threshold, min_lesion_mm3, self.extent_threshold
         )
 
     def __call__(

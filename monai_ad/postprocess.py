@@ -34,14 +34,20 @@ def label_lesions(
     threshold: float,
     min_volume_mm3: float = MIN_LESION_MM3,
     roi: np.ndarray | None = None,
+    extent_threshold: float | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Threshold → 3-D connected components (26-connectivity) → drop those under ``min_volume_mm3``.
+
+    With ``extent_threshold`` (below ``threshold``) the threshold is a double one (hysteresis): a region is the
+    connected set of voxels at or above ``extent_threshold`` around voxels at or above ``threshold``, so a lesion
+    found by its core is outlined where its scores fall back to normal, and regions with no core are dropped.
 
     Returns the label map (uint8, ``ANOMALY_LABEL`` = 1 for anomaly) and the lesions, largest first, each with
     its centroid in world coordinates (mm, the affine's space), voxel centroid, volume in mm³, peak score and
     the range of voxel indices along the axial axis.
     """
-    above = heatmap >= threshold
+    extent = threshold if extent_threshold is None else min(float(extent_threshold), threshold)
+    above = heatmap >= extent
     if roi is not None:
         above &= roi > 0
     label_map = np.zeros(heatmap.shape, dtype=np.uint8, order="F")  # NIfTI's order: written without a transpose
@@ -67,7 +73,7 @@ def label_lesions(
     lesions = []
     for i, count, peak, centroid, local in zip(index, counts, peaks, centroids, ndimage.find_objects(components)):
         volume = float(count) * voxel_mm3
-        if volume < min_volume_mm3:
+        if volume < min_volume_mm3 or peak < threshold:
             continue
         local_map[local][components[local] == i] = ANOMALY_LABEL
         first, last = local[axis].start + box[axis].start, local[axis].stop - 1 + box[axis].start
@@ -132,11 +138,13 @@ class AnomalyOutputsd(MapTransform):
         heatmap_key: str = "heatmap",
         summary_key: str = "anomaly_summary",
         allow_missing_keys: bool = False,
+        extent_threshold: float | None = None,
     ):
         super().__init__(keys, allow_missing_keys)
         self.roi_key, self.heatmap_key, self.summary_key = roi_key, heatmap_key, summary_key
         self.pixel_threshold, self.slice_threshold = float(pixel_threshold), float(slice_threshold)
         self.min_lesion_mm3 = float(min_lesion_mm3)
+        self.extent_threshold = None if extent_threshold is None else min(float(extent_threshold), self.pixel_threshold)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -149,7 +157,9 @@ class AnomalyOutputsd(MapTransform):
             axis = axial_axis(affine)
             with ThreadPoolExecutor(max_workers=1) as pool:  # two independent reads of the volume, side by side
                 slice_scores = pool.submit(slice_scores_along_axis, values[SLICE_SCORE_CHANNEL], roi, axis)
-                label_map, lesions = label_lesions(heatmap, affine, self.pixel_threshold, self.min_lesion_mm3, roi)
+                label_map, lesions = label_lesions(
+                    heatmap, affine, self.pixel_threshold, self.min_lesion_mm3, roi, self.extent_threshold
+                )
                 slice_scores = slice_scores.result()
             d[self.heatmap_key] = _like(pred, heatmap[None].astype(np.float32, copy=False))
             d[key] = _like(pred, label_map[None])
@@ -157,7 +167,7 @@ class AnomalyOutputsd(MapTransform):
                 "shape": list(heatmap.shape),
                 "spacing_mm": [round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
                 "axial_axis": axis,
-                "thresholds": {"pixel": self.pixel_threshold, "slice": self.slice_threshold},
+                "thresholds": {"pixel": self.pixel_threshold, "slice": self.slice_threshold, "extent": self.extent_threshold},
                 "slice_scores": slice_scores,
                 "abnormal_slices": abnormal_slices(slice_scores, self.slice_threshold),
                 "lesions": lesions,

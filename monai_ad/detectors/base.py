@@ -29,6 +29,7 @@ from monai_ad.errors import InputError
 from monai_ad.io import atomic_write
 
 FILE_FORMAT = "monai_ad.detector/1"
+EXTENT_QUANTILE = 0.99  # a found region extends over the voxels that score above 99 % of normal liver voxels
 
 DETECTORS: dict[str, type["AnomalyDetector"]] = {}
 
@@ -251,13 +252,16 @@ class AnomalyDetector(nn.Module, ABC):
         """Set the operating thresholds from held-out *normal* slices of ``n_scans`` scans.
 
         ``slice``: a quantile of normal slice scores. ``pixel``: the same quantile of the per-slice maximum of
-        the pixel map inside the ROI. With ``n_scans`` given, the quantile is chosen so that about
+        the pixel map inside the ROI. ``extent``: the ``EXTENT_QUANTILE`` of all normal in-ROI pixel scores, where
+        a region found at ``pixel`` is outlined (hysteresis; see ``monai_ad.postprocess.label_lesions``). With
+        ``n_scans`` given, the quantile is chosen so that about
         ``false_regions_per_scan`` normal slices per scan exceed it: a false region spans at least one slice, so
         a normal scan then holds at most about that many false regions (and flagged slices). Otherwise
         ``quantile`` (default 0.99) is used as it is. Both are stored with the model and can be overridden at
         inference.
         """
-        slice_scores, pixel_max = [], []
+        slice_scores, pixel_max, pixel_sample = [], [], []
+        generator = torch.Generator().manual_seed(0)
         for batch in iter_slice_batches(data, batch_size):
             roi = batch.get("roi")
             scores = self.score(batch["image"], roi)
@@ -270,6 +274,8 @@ class AnomalyDetector(nn.Module, ABC):
             else:
                 slice_scores.append(scores.slice.float().cpu())
             pixel_max.append(pixel.flatten(1).amax(1).float().cpu())
+            inside = pixel[torch.isfinite(pixel)].float().cpu()
+            pixel_sample.append(inside[torch.randint(len(inside), (min(len(inside), 20_000),), generator=generator)])
         if not slice_scores or sum(len(s) for s in slice_scores) == 0:
             raise InputError("no normal slices with a liver ROI to calibrate the threshold on")
         slice_all = torch.cat(slice_scores).numpy()
@@ -286,6 +292,7 @@ class AnomalyDetector(nn.Module, ABC):
         self.thresholds = {
             "slice": float(np.quantile(slice_all, quantile)),
             "pixel": float(np.quantile(pixel_all, quantile)),
+            "extent": float(np.quantile(torch.cat(pixel_sample).numpy(), EXTENT_QUANTILE)),
             "method": method,
             "quantile": quantile,
             "n_slices": int(slice_all.size),

@@ -269,15 +269,19 @@ def build_postprocessing(
     pixel_threshold: float,
     slice_threshold: float,
     min_lesion_mm3: float = MIN_LESION_MM3,
+    extent_threshold: float | None = None,
 ) -> Compose:
     """From the inferer's output ``pred`` to heatmap, label map and summary in the scan's own geometry:
     ``Invertd`` through the pre-processing, lowest score outside the liver (the slice-score channel is read
-    only inside the liver, so it is left as it is), then ``AnomalyOutputsd``."""
+    only inside the liver, so it is left as it is), then ``AnomalyOutputsd`` (regions found at
+    ``pixel_threshold``, outlined at ``extent_threshold`` when given)."""
     return Compose(
         [
             Invertd(keys=PRED, transform=preprocessing, orig_keys=IMAGE, nearest_interp=False),
             FillOutsideROId(PRED, roi_key=ROI_SOURCE, channels=[HEATMAP_CHANNEL], inplace=True),  # Invertd's own output
-            AnomalyOutputsd(PRED, ROI_SOURCE, pixel_threshold, slice_threshold, min_lesion_mm3),
+            AnomalyOutputsd(
+                PRED, ROI_SOURCE, pixel_threshold, slice_threshold, min_lesion_mm3, extent_threshold=extent_threshold
+            ),
         ]
     )
 

@@ -60,6 +60,8 @@ def bundle_components(bundle: str | os.PathLike, network: AnomalyDetector, optio
         value = _number(options.get(key), key)
         if value is not None and key in post:
             post[key] = value
+            if key == "pixel_threshold" and "extent_threshold" in post:
+                post["extent_threshold"] = None  # a threshold set by hand outlines regions at itself, as in the CLI
     parser.parse()
     return {
         "network": network,
