@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -14,10 +16,30 @@ from monai.transforms import Compose
 from monai_ad import distributed, engine
 from monai_ad.allocator import keep_freed_memory
 from monai_ad.detectors.base import AnomalyDetector
+from monai_ad.errors import InputError
 from monai_ad.inferers import SliceAnomalyInferer
 from monai_ad.transforms.pipeline import IMAGE
 
 logger = logging.getLogger(__name__)
+
+
+def _run_by_bundle_command() -> bool:
+    """True inside ``python -m monai.bundle ...`` (also under torchrun), where this module's components are the
+    whole program."""
+    return Path(sys.argv[0]).parts[-2:] == ("bundle", "__main__.py")
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Bad input ends a ``monai.bundle`` command with one line on stderr and exit code 2, as the ``monai-ad``
+    command does; anywhere else (a program, the MONAI Label app) the ``InputError`` goes to the caller."""
+    try:
+        yield
+    except InputError as exc:
+        if not _run_by_bundle_command():
+            raise
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def phantom_datalist(
@@ -36,7 +58,8 @@ def phantom_datalist(
 
 def load_detector(path: str | os.PathLike, device: str | torch.device | None = None) -> AnomalyDetector:
     """A trained detector from its file, on ``device`` (the bundle's ``network_def``)."""
-    return AnomalyDetector.load(path, device=device)
+    with one_line_errors():
+        return AnomalyDetector.load(path, device=device)
 
 
 class DetectorTrainer:
@@ -58,6 +81,10 @@ class DetectorTrainer:
         self.device, self.progress = None if device is None else str(device), progress
 
     def run(self) -> AnomalyDetector:
+        with one_line_errors():
+            return self._run()
+
+    def _run(self) -> AnomalyDetector:
         keep_freed_memory()
         Path(self.output).parent.mkdir(parents=True, exist_ok=True)
         detector = engine.train(
@@ -94,6 +121,10 @@ class BatchInference:
         self.components = {"preprocessing": preprocessing, "inferer": inferer, "postprocessing": postprocessing}
 
     def run(self) -> list[dict[str, Any]]:
+        with one_line_errors():
+            return self._run()
+
+    def _run(self) -> list[dict[str, Any]]:
         keep_freed_memory()
         results = engine.infer(self.network, self.images, self.rois, self.output_dir, progress=self.progress, **self.components)
         return [r.summary for r in results]
@@ -118,6 +149,10 @@ class DetectorEvaluator:
         self.options = {"preprocessing": preprocessing, "inferer": inferer, "postprocessing": postprocessing, "roi_labels": roi_labels}
 
     def run(self) -> dict[str, Any]:
+        with one_line_errors():
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         keep_freed_memory()
         values = engine.evaluate(self.network, self.datalist, self.output_dir, key=self.key, progress=self.progress, **self.options)
         logger.info("metrics: %s", {k: v for k, v in values.items() if isinstance(v, float)})

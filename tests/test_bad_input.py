@@ -147,8 +147,10 @@ def test_bundle_command_line_names_the_problem(corpus, model, tmp_path):
            "--config_file", "configs/inference.json", "--datalist", _datalist(tmp_path / "bad.json", image, roi),
            "--output_dir", str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert any(line.startswith("monai_ad.errors.InputError: ") and "organ map" in line for line in proc.stderr.splitlines()), proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "organ map" in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
