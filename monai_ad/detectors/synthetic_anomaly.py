@@ -6,8 +6,8 @@ foreign-patch interpolation and Poisson image interpolation between two normal s
 is ``monai_ad.networks.anomaly_segmenter`` (a MONAI 2-D U-Net on the slice's ``in_channels`` channels plus the
 ROI); this module is the detector around them: training loop, scoring, state.
 
-- **Training.** Each step draws ``batch_size`` training slices, crops a ``patch_size`` square around a random
-  liver pixel of each (the network is fully convolutional; whole slices when ``patch_size`` is 0), changes half
+- **Training.** Each step draws ``batch_size`` training slices, crops a ``crop_size`` square around a random
+  liver pixel of each (the network is fully convolutional; whole slices when ``crop_size`` is 0), changes half
   of them (``p_anomaly``) and fits the per-pixel anomaly strength with binary cross-entropy plus Dice
   (``monai.losses.DiceLoss``, over the batch), both on the liver only. AdamW, ``lr`` with a linear warm-up over
   the first 5 % of ``steps`` and cosine decay to 0. bf16 autocast on CUDA with ``amp`` (never on the CPU).
@@ -22,7 +22,7 @@ ROI); this module is the detector around them: training loop, scoring, state.
   synthesis stream (seeded by ``seed`` and the rank); gradients are averaged after every step
   (``monai_ad.distributed.optimizer_step``, as DistributedDataParallel) and the BatchNorm running statistics at
   the end, so every process holds the same model.
-- **Schedules.** The defaults are a CPU schedule (128 px, base width 16, 600 steps of 16 crops of 64 px; about
+- **Schedules.** The defaults are a CPU schedule (128 px, base width 16, 400 steps of 16 crops of 64 px; about
   two minutes on two CPU cores). The GPU schedule is in ``sample_configs/synthetic_anomaly_gpu.json``.
 """
 
@@ -63,9 +63,9 @@ class SyntheticAnomaly(AnomalyDetector):
         width: int = 16,
         levels: int = 4,
         res_units: int = 0,
-        steps: int = 600,
+        steps: int = 400,
         batch_size: int = 16,
-        patch_size: int = 64,
+        crop_size: int = 64,
         lr: float = 2e-3,
         weight_decay: float = 1e-4,
         dice_weight: float = 1.0,
@@ -81,17 +81,17 @@ class SyntheticAnomaly(AnomalyDetector):
     ):
         for name, value, least in (
             ("image_size", image_size, 8), ("width", width, 1), ("levels", levels, 2), ("res_units", res_units, 0),
-            ("steps", steps, 1), ("batch_size", batch_size, 1), ("patch_size", patch_size, 0),
+            ("steps", steps, 1), ("batch_size", batch_size, 1), ("crop_size", crop_size, 0),
             ("pii_iterations", pii_iterations, 0), ("seed", seed, 0),
         ):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"synthetic_anomaly: {name} must be an integer of at least {least}, got {value!r}")
         multiple = 2 ** (levels - 1)
-        for name, value in (("image_size", image_size), ("patch_size", patch_size)):
+        for name, value in (("image_size", image_size), ("crop_size", crop_size)):
             if value % multiple:
                 raise InputError(f"synthetic_anomaly: {name} must be a multiple of {multiple} ({levels} levels), got {value}")
-        if patch_size > image_size:
-            raise InputError(f"synthetic_anomaly: patch_size {patch_size} is larger than image_size {image_size}")
+        if crop_size > image_size:
+            raise InputError(f"synthetic_anomaly: crop_size {crop_size} is larger than image_size {image_size}")
         for name, value in (("lr", lr), ("field_mm", field_mm)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise InputError(f"synthetic_anomaly: {name} must be positive, got {value!r}")
@@ -111,7 +111,7 @@ class SyntheticAnomaly(AnomalyDetector):
                 raise InputError(f"synthetic_anomaly: kinds must weigh some of {', '.join(KINDS)} with weights >= 0, got {kinds}")
         super().__init__(
             image_size=image_size, in_channels=in_channels, width=width, levels=levels, res_units=res_units,
-            steps=steps, batch_size=batch_size, patch_size=patch_size, lr=float(lr), weight_decay=float(weight_decay),
+            steps=steps, batch_size=batch_size, crop_size=crop_size, lr=float(lr), weight_decay=float(weight_decay),
             dice_weight=float(dice_weight), p_anomaly=float(p_anomaly), kinds=kinds, diameter_mm=diameter_mm,
             delta_hu=delta_hu, field_mm=float(field_mm), pii_iterations=pii_iterations, sigma=float(sigma),
             amp=bool(amp), seed=seed,
@@ -172,8 +172,8 @@ class SyntheticAnomaly(AnomalyDetector):
     def crop(
         self, image: torch.Tensor, roi: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A ``patch_size`` square of each slice around a random ROI pixel (kept inside the slice)."""
-        size = int(self.hparams["patch_size"])
+        """A ``crop_size`` square of each slice around a random ROI pixel (kept inside the slice)."""
+        size = int(self.hparams["crop_size"])
         if size in (0, self.image_size):
             return image, roi
         center = roi_centers(roi, generator).round().long()
