@@ -22,7 +22,8 @@ FAST = {"patchcore_liver_ct": ["--network_def#image_size", "64"],
                                          "--network_def#epochs", "1", "--network_def#prompt_length", "4"],
         "dpa_liver_ct": [],
         "intensity_liver_ct": [],
-        "simplenet_liver_ct": ["--network_def#image_size", "64", "--network_def#meta_epochs", "2", "--network_def#gan_epochs", "1"]}  # fmt: skip
+        "simplenet_liver_ct": ["--network_def#image_size", "64", "--network_def#meta_epochs", "2", "--network_def#gan_epochs", "1"],
+        "synthetic_anomaly_liver_ct": ["--network_def#image_size", "64", "--network_def#steps", "5", "--network_def#crop_size", "32"]}  # fmt: skip
 
 
 def bundle_run(bundle: Path, run_id: str, configs: list[str], *extra: str) -> subprocess.CompletedProcess:
