@@ -47,11 +47,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REAL_CT, RESULTS, format_table, record, resolve  # noqa: E402
 from lesion_insertion import build_leave_one_out  # noqa: E402
 
-from monai_ad import engine, metrics  # noqa: E402
+import monai_ad.postprocess as postprocess  # noqa: E402
+from monai_ad import metrics  # noqa: E402
 from monai_ad.data.phantom import write_phantom_dataset  # noqa: E402
 from monai_ad.detectors import available_detectors  # noqa: E402
-from monai_ad.engine import LESION_LABEL, VolumePredictor, load_datalist, roi_source, train  # noqa: E402
 from monai_ad.postprocess import axial_axis  # noqa: E402
+
+try:  # the library's layout after the engine was split into data, training and prediction modules
+    from monai_ad.data.datalists import LESION_LABEL, load_datalist, roi_source
+    from monai_ad.prediction import Predictor as VolumePredictor
+    from monai_ad.training import train
+except ImportError:
+    from monai_ad.engine import LESION_LABEL, VolumePredictor, load_datalist, roi_source, train
 from monai_ad.transforms.pipeline import LoadVolumed  # noqa: E402
 
 FLOOR = "intensity"
@@ -79,7 +86,7 @@ FPR_LIMIT = 0.3
 # A predicted region counts as a hit only when at least this fraction of it lies in lesions: a region that
 # covers half the liver and touches a lesion is a false region, not a detection.
 MIN_REGION_OVERLAP = 0.05
-MIN_LESION_MM3 = float(getattr(engine, "MIN_LESION_MM3", 20.0))  # the label map's smallest region, as infer uses
+MIN_LESION_MM3 = float(getattr(postprocess, "MIN_LESION_MM3", 20.0))  # the label map's smallest region, as infer uses
 TS_LIVER = 5  # the liver's label in the real scans' organ maps
 
 

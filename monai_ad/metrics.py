@@ -474,13 +474,17 @@ def _regions_vs_lesions(
         return found, 0, 0
     size = np.bincount(regions.ravel(), minlength=m + 1)
     inside = lesion_labels > 0
-    region_ids, lesion_ids = regions[inside], lesion_labels[inside]
-    overlap = np.bincount(region_ids, minlength=m + 1)
     kept = size * voxel_mm3 >= min_region_mm3  # regions below the size limit are dropped, not counted
     kept[0] = False
-    true = kept & (overlap > 0) & (overlap >= min_region_overlap * size)
-    hit = true[region_ids]
-    found[np.unique(lesion_ids[hit]) - 1] = True
+    if n_lesions:
+        # voxels shared by each (region, lesion) pair; each region is matched to the lesion it overlaps most
+        pairs = regions[inside].astype(np.int64) * (n_lesions + 1) + lesion_labels[inside]
+        shared = np.bincount(pairs, minlength=(m + 1) * (n_lesions + 1)).reshape(m + 1, n_lesions + 1)[:, 1:]
+        match, overlap = shared.argmax(1), shared.max(1)
+        true = kept & (overlap > 0) & (overlap >= min_region_overlap * size)
+        found[match[true]] = True
+    else:
+        true = np.zeros(m + 1, dtype=bool)
     n_regions = int(kept.sum())
     return found, n_regions, n_regions - int(true.sum())
 
@@ -498,9 +502,10 @@ def detect_lesions(
 
     Predicted regions: the 3-D (26-connected) components of ``heatmap >= threshold`` inside ``roi`` (e.g. the
     liver), those smaller than ``min_region_mm3`` dropped. Ground-truth lesions: the 3-D components of
-    ``lesion``. A predicted region is *true* when it overlaps a lesion with at least ``min_region_overlap`` of
-    its own volume (0: any overlap); a lesion is *found* when a true region overlaps it; every other region is
-    a *false region*.
+    ``lesion``. Each predicted region is matched to the lesion it overlaps most (one region finds at most one
+    lesion, as one mark on a film points at one lesion); it is *true* when that overlap is at least
+    ``min_region_overlap`` of its own volume (0: any overlap), and then that lesion is *found*; every other
+    region is a *false region*.
 
     Returns ``found`` (bool per lesion, in :func:`lesion_components` order), ``diameters_mm`` (equivalent
     diameters), ``n_lesions``, ``n_found``, ``n_regions``, ``n_false_regions``.
