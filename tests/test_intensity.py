@@ -118,3 +118,23 @@ def test_pipeline_options_are_checked():
     for bad in ({"outside_fill": "grey"}, {"context_mm": 2.0, "windows": [[0, 1], [1, 2], [2, 3]]}, {"pixel_mm": -1}):
         with pytest.raises(InputError):
             PreprocessConfig.from_dict(bad)
+
+
+def test_fused_adds_the_density_rarity_to_a_feature_detector(tmp_path):
+    image, roi, _ = synthetic_slices(16, seed=0)
+    fused = create_detector("fused", image_size=SIZE, detector="patchcore", detector_hparams={"coreset_ratio": 0.1},
+                            intensity_hparams={"pixel_mm": 1.5})  # fmt: skip
+    fused.fit({"image": image[i : i + 8], "roi": roi[i : i + 8]} for i in range(0, 16, 8))
+    held_out, held_roi, _ = synthetic_slices(8, seed=5)
+    fused.calibrate([{"image": held_out, "roi": held_roi}], n_scans=1)
+    assert torch.all(fused.feature_tail[1:] > fused.feature_tail[:-1])  # a strictly increasing tail table
+    lesion_image, lesion_roi, lesion = synthetic_slices(6, seed=2, lesion=True)
+    scores = fused.score(lesion_image, lesion_roi)
+    inside = lesion_roi[:, 0].numpy()
+    density = fused.density.score(lesion_image, lesion_roi).pixel.numpy()
+    assert np.all(scores.pixel.numpy()[inside] >= density[inside] - 1e-5)  # the feature rarity only adds
+    assert roc_auc_score(lesion[inside].astype(int), scores.pixel.numpy()[inside]) > 0.9
+    fused.save(tmp_path / "fused.pt")
+    loaded = AnomalyDetector.load(tmp_path / "fused.pt")
+    assert "feature.features.backbone" not in str(list(torch.load(tmp_path / "fused.pt", weights_only=True)["state"]))
+    assert torch.allclose(loaded.score(lesion_image, lesion_roi).pixel, scores.pixel, atol=1e-5)

@@ -18,10 +18,12 @@ from monai_ad.detectors.clip_reconstruction import CLIPReconstruction  # noqa: F
 from monai_ad.detectors.dpa import DeepPerceptualAutoencoder  # noqa: F401  (registers "dpa")
 from monai_ad.detectors.synthetic_anomaly import SyntheticAnomaly  # noqa: F401  (registers "synthetic_anomaly")
 from monai_ad.detectors.intensity import IntensityDeviation
+from monai_ad.detectors.fused import DensityFused
 
 __all__ = [
     "DETECTORS",
     "AnomalyDetector",
+    "DensityFused",
     "IntensityDeviation",
     "PaDiM",
     "PatchCore",

@@ -1,0 +1,105 @@
+"""Density kept where features lose it: a feature detector's map fused with the intensity baseline.
+
+A frozen ImageNet feature of a homogeneous region barely changes when its density shifts by 30–60 HU, which is
+what most liver lesions do; the intensity baseline sees exactly that and nothing else. Both maps are put on one
+scale before they are added: each becomes the ``-log10`` of its tail probability among normal liver pixels (the
+intensity detector's map already is; the feature map's upper tail is tabulated on the held-out normal slices
+given to ``calibrate``, where the feature detector has not seen the data, so its scores are not the optimistic
+ones of its own training slices). Their sum is the joint rarity of the two readings, as if they were
+independent; the slice score is the sum map's maximum in the liver.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, _Reiterable, create_detector, register_detector
+from monai_ad.detectors.intensity import IntensityDeviation, interpolate, tail_probabilities
+from monai_ad.errors import InputError
+
+TABLE_SAMPLE = 2_000_000
+
+
+@register_detector("fused")
+class DensityFused(AnomalyDetector):
+    """``detector``'s map (by registry name, with ``detector_hparams``) plus the intensity baseline's, both as
+    rarities among normal liver (see the module docstring)."""
+
+    default_preprocessing = IntensityDeviation.default_preprocessing
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        in_channels: int = 1,
+        detector: str = "patchcore",
+        detector_hparams: Mapping[str, Any] | None = None,
+        intensity_hparams: Mapping[str, Any] | None = None,
+        min_tail: float = 1e-4,
+        batch_size: int = 16,
+    ):
+        super().__init__(
+            image_size=image_size, in_channels=in_channels, detector=detector,
+            detector_hparams=dict(detector_hparams or {}), intensity_hparams=dict(intensity_hparams or {}),
+            min_tail=min_tail, batch_size=batch_size,
+        )  # fmt: skip
+        if detector in ("fused", "intensity"):
+            raise InputError(f"fused: the feature detector cannot be {detector!r}")
+        common = {"image_size": image_size, "in_channels": in_channels}
+        self.feature = create_detector(detector, **{**dict(detector_hparams or {}), **common})
+        self.density = IntensityDeviation(**{**dict(intensity_hparams or {}), **common})
+        levels = tail_probabilities(min_tail)
+        self.register_buffer("rarity", -torch.log10(levels).float())  # one-sided: a feature score is high or not
+        self.register_buffer("feature_tail", torch.linspace(0, 1, len(levels)))  # score at each tail probability
+
+    @property
+    def unsaved_prefixes(self) -> tuple[str, ...]:  # the feature detector's frozen backbone is rebuilt, not saved
+        return tuple("feature." + p for p in type(self.feature).unsaved_prefixes)
+
+    def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
+        for part in (self.feature, self.density):
+            part.preprocessing = self.preprocessing
+            part._fit(batches, progress)
+            part._fitted.fill_(True)
+        self._tabulate(batches)  # until calibration brings held-out slices
+
+    @torch.no_grad()
+    def calibrate(self, data: Any, quantile: float | None = None, batch_size: int = 16, **kwargs: Any) -> dict[str, Any]:
+        data = _Reiterable(data, batch_size)  # read twice: the table, then the thresholds
+        self._tabulate(data)
+        return super().calibrate(data, quantile, batch_size, **kwargs)
+
+    @torch.no_grad()
+    def _tabulate(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        """The feature map's upper tail among the liver pixels of ``batches``."""
+        generator = torch.Generator().manual_seed(0)
+        values = []
+        for batch in batches:
+            image = batch["image"].to(self.device, torch.float32)
+            roi = batch.get("roi")
+            roi = torch.ones_like(image[:, :1], dtype=torch.bool) if roi is None else roi.to(self.device) > 0
+            values.append(self.feature.score(image, roi).pixel[roi[:, 0]].float().cpu())
+        values = torch.cat(values) if values else torch.zeros(0)
+        if values.numel() < 100:
+            raise InputError("fused: too few normal liver pixels to tabulate the feature scores")
+        if values.numel() > TABLE_SAMPLE:
+            values = values[torch.randperm(values.numel(), generator=generator)[:TABLE_SAMPLE]]
+        levels = tail_probabilities(float(self.hparams["min_tail"]))
+        table = torch.quantile(values.double(), 1 - levels).float()
+        steps = torch.full_like(table, 1e-6 * max(float(table[-1] - table[0]), 1e-6))
+        steps[0] = 0.0
+        self.feature_tail.copy_(table.cummax(0).values + steps.cumsum(0))  # strictly increasing
+
+    def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
+        self.feature.preprocessing = self.density.preprocessing = self.preprocessing  # restored on the whole only
+        feature = self.feature._score(image, roi).pixel.float()
+        rarity = interpolate(feature.flatten(), self.feature_tail, self.rarity).view_as(feature).clamp_min(0.0)
+        density = self.density._score(image, roi).pixel.float()
+        pixel = rarity + density
+        if roi is not None:
+            pixel = torch.where(roi[:, 0], pixel, torch.zeros_like(pixel))
+        return SliceScores(pixel=pixel, slice=pixel.flatten(1).amax(1))
+
+    def backbone_forward(self, image: torch.Tensor) -> Any:
+        return self.feature.backbone_forward(image)
