@@ -19,7 +19,7 @@ all lesions and for lesions of ≥ 10 mm equivalent diameter; false regions per 
 label map at the calibrated threshold; training seconds and scoring seconds per volume. Each row says whether it
 beats the intensity floor on in-liver pixel AUROC. The calibrated operating point: the thresholds are the
 quantile of held-out normal slices' scores that about ``--false-regions-per-scan`` slices of a normal scan
-exceed (``monai_ad.engine.train``).
+exceed (``monai_ad.training.train``).
 
 Trained detectors use short CPU schedules (``SCHEDULES``, printed with the table). The CLIP detectors (winclip,
 clip_reconstruction) need CLIP weights that are not installed with the project: they are left out by default
@@ -53,12 +53,9 @@ from monai_ad.data.phantom import write_phantom_dataset  # noqa: E402
 from monai_ad.detectors import available_detectors  # noqa: E402
 from monai_ad.postprocess import axial_axis  # noqa: E402
 
-try:  # the library's layout after the engine was split into data, training and prediction modules
-    from monai_ad.data.datalists import LESION_LABEL, load_datalist, roi_source
-    from monai_ad.prediction import Predictor as VolumePredictor
-    from monai_ad.training import train
-except ImportError:
-    from monai_ad.engine import LESION_LABEL, VolumePredictor, load_datalist, roi_source, train
+from monai_ad.data.datalists import LESION_LABEL, load_datalist, roi_source  # noqa: E402
+from monai_ad.prediction import Predictor  # noqa: E402
+from monai_ad.training import train  # noqa: E402
 from monai_ad.transforms.pipeline import LoadVolumed  # noqa: E402
 
 FLOOR = "intensity"
@@ -79,7 +76,7 @@ QUICK_SCHEDULES: dict[str, dict[str, Any]] = {
     "simplenet": {"image_size": 224, "meta_epochs": 1, "gan_epochs": 1},
     "rd4ad": {"epochs": 2},
 }
-# Pre-processing options per detector (``preprocessing=`` of ``engine.train``); empty: the library defaults.
+# Pre-processing options per detector (``preprocessing=`` of ``training.train``); empty: the library defaults.
 PREPROCESSING: dict[str, dict[str, Any]] = {}
 MIN_DIAMETER_MM = 10.0
 FPR_LIMIT = 0.3
@@ -140,7 +137,7 @@ def run_fold(name: str, hparams: dict, preprocessing: dict, fold: dict, work: Pa
     detector = train(name, fold["datalist"], work / f"{name}.pt", hparams=hparams, preprocessing=preprocessing,
                      quantile=quantile, device=str(device), progress=False)  # fmt: skip
     train_s = time.perf_counter() - start
-    predictor = VolumePredictor(detector, device=str(device), min_lesion_mm3=MIN_LESION_MM3)
+    predictor = Predictor(detector, device=str(device), min_lesion_mm3=MIN_LESION_MM3)
     loader = LoadVolumed(["label"], mask_keys=["label"])
     cases, seconds, inference_s, scored = [], [], 0.0, 0
     for item in load_datalist(fold["datalist"], "test"):
@@ -357,7 +354,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     notes = [
-        "metrics on the test scans in their own geometry (engine.VolumePredictor); in-liver metrics use the liver "
+        "metrics on the test scans in their own geometry (prediction.Predictor); in-liver metrics use the liver "
         "mask (phantoms: label > 0; real: the organ map's liver); slice AUROC over the scored slices; real set: "
         "each figure is the mean over the held-out scans",
         f"calibrated point: thresholds = the quantile of held-out normal slices' scores (slice score; in-liver "
@@ -374,7 +371,7 @@ def main() -> None:
         "lesions inserted by benchmarks/lesion_insertion.py (evaluation only): density −80…+60 HU relative to the "
         "surrounding liver (|Δ| ≥ 15 HU), equivalent diameter 5–80 mm (log-uniform, capped by the liver), sharp or "
         "soft margins, rim enhancement on some hypodense ones, 2–6 per scan",
-        "train s: engine.train (pre-processing, fit, calibration); score s/volume: VolumePredictor end to end "
+        "train s: training.train (pre-processing, fit, calibration); score s/volume: Predictor end to end "
         "(load to label map, nothing written); slices/s: scored slices over the inference stage",
         *([f"load average at the start: {load:.1f} on {os.cpu_count()} cores (times are slower when the CPU is "
              "shared)"] if load is not None else []),

@@ -24,7 +24,8 @@ import torch
 
 from common import format_table, record
 
-from monai_ad import engine, label_server
+from monai_ad import label_server
+from monai_ad.training import train
 
 MODEL = "patchcore_liver_ct"
 
@@ -66,7 +67,7 @@ def main() -> None:
         studies = label_server.prepare_sample_studies(root, n_normal=3, n_abnormal=2, preset=args.preset, progress=False)
         datalist = root / "phantom" / "datalist.json"
         models = root / "models"
-        engine.train("patchcore", datalist, models / f"{MODEL}.pt", hparams={"coreset_ratio": 0.05}, device="cpu", progress=False)
+        train("patchcore", datalist, models / f"{MODEL}.pt", hparams={"coreset_ratio": 0.05}, device="cpu", progress=False)
         case = json.loads(datalist.read_text())["test"][0]["case_id"]
         conf = {"model_dir": str(models), "models": MODEL, "infer_workers": str(args.workers)}
         env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSION_PATH": str(root / "sessions")}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fitted_detector, format_table, phantom_training_slices, record, resolve  # noqa: E402
 
 from monai_ad.data.phantom import write_phantom_dataset  # noqa: E402
-from monai_ad.engine import load_datalist  # noqa: E402
+from monai_ad.data.datalists import load_datalist  # noqa: E402
 
 
 def study_folder(work: Path, n: int, preset: str) -> tuple[Path, Path]:

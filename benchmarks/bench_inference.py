@@ -40,7 +40,7 @@ from common import (  # noqa: E402
 )
 
 from monai_ad.detectors import AnomalyDetector  # noqa: E402
-from monai_ad.engine import VolumePredictor  # noqa: E402
+from monai_ad.prediction import Predictor  # noqa: E402
 
 STAGES = ("load", "preprocess", "inference", "reassembly", "label_map", "write")
 
@@ -70,7 +70,7 @@ def throughput(detector: AnomalyDetector, slices: dict[str, torch.Tensor], batch
 
 
 def volume_latency(detector: AnomalyDetector, image: Path, roi: Path, out: Path, repeats: int, **options) -> dict:
-    predictor = VolumePredictor(detector, batch_size=options.get("batch_size", 32), roi_labels=options.get("roi_labels"))
+    predictor = Predictor(detector, batch_size=options.get("batch_size", 32), roi_labels=options.get("roi_labels"))
     predictor(image, roi, out)  # warm-up: kernels, caches, file system
     runs = []
     for _ in range(repeats):

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, build_detector, format_table, peak_rss_mib, phantom_training_slices, record, resolve, synchronize  # noqa: E402
 
-from monai_ad.engine import SliceBatches  # noqa: E402
+from monai_ad.data.slices import SliceBatches  # noqa: E402
 
 
 def timed_fit(name: str, slices, device, batch: int, **hparams) -> tuple[dict, object]:

@@ -22,7 +22,9 @@ import torch
 from monai_ad.allocator import keep_freed_memory
 from monai_ad.data.phantom import make_phantom, save_case, write_phantom_dataset
 from monai_ad.detectors import AnomalyDetector, create_detector
-from monai_ad.engine import collect_slices, load_datalist, resolve_device, roi_source
+from monai_ad.data.datalists import load_datalist, roi_source
+from monai_ad.data.slices import collect_slices
+from monai_ad.training import resolve_device
 from monai_ad.transforms.pipeline import PreprocessConfig
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -109,7 +111,7 @@ def build_detector(name: str, device: torch.device, image_size: int = 224, **ove
 def fitted_detector(
     name: str, slices: dict[str, torch.Tensor], device: torch.device, batch_size: int = 32, **overrides: Any
 ) -> AnomalyDetector:
-    from monai_ad.engine import SliceBatches
+    from monai_ad.data.slices import SliceBatches
 
     detector = build_detector(name, device, int(slices["image"].shape[-1]), **overrides)
     detector.fit(SliceBatches(slices, batch_size=batch_size), progress=False)

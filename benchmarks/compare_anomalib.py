@@ -35,7 +35,8 @@ from common import RESULTS, format_table, record, resolve, synchronize  # noqa: 
 from monai_ad import metrics  # noqa: E402
 from monai_ad.data.phantom import write_phantom_dataset  # noqa: E402
 from monai_ad.detectors import create_detector  # noqa: E402
-from monai_ad.engine import SliceBatches, collect_slices, load_datalist  # noqa: E402
+from monai_ad.data.datalists import load_datalist  # noqa: E402
+from monai_ad.data.slices import SliceBatches, collect_slices  # noqa: E402
 from monai_ad.networks.backbones import efficientnet_lite0_state  # noqa: E402
 from monai_ad.transforms.pipeline import PreprocessConfig  # noqa: E402
 

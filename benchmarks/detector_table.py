@@ -24,7 +24,8 @@ from bench_inference import throughput  # noqa: E402
 from common import RESULTS, format_table, record, resolve  # noqa: E402
 
 from monai_ad.detectors import AnomalyDetector  # noqa: E402
-from monai_ad.engine import collect_slices, load_datalist  # noqa: E402
+from monai_ad.data.datalists import load_datalist  # noqa: E402
+from monai_ad.data.slices import collect_slices  # noqa: E402
 from monai_ad.transforms.pipeline import PreprocessConfig  # noqa: E402
 
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"

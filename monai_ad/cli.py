@@ -77,7 +77,7 @@ def _match_rois(images: list[Path], roi: Path | None) -> list[Path | None]:
         return [roi] * len(images)
     if not roi.is_dir():
         raise InputError("not found", roi)
-    from monai_ad.engine import case_name
+    from monai_ad.data.datalists import case_name
 
     masks = {case_name(p): p for p in _volumes_in(roi)}
     missing = [str(p) for p in images if case_name(p) not in masks]
@@ -204,7 +204,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from monai_ad import engine
+    from monai_ad.training import train
 
     config = _load_config(args.config)
     hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
@@ -217,7 +217,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     preprocessing = {**config.get("preprocessing", {}), **_key_values(args.preprocess, "--preprocess")}
     detector_name = args.detector or config.get("detector", "simplenet")
     _check_detector_options(detector_name, hparams, preprocessing)
-    detector = engine.train(
+    detector = train(
         detector_name,
         args.datalist,
         args.out,
@@ -246,7 +246,7 @@ def _predict_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
-    from monai_ad import engine
+    from monai_ad.prediction import Predictor, infer
 
     images = _volumes_in(Path(args.image))
     if args.roi is None:
@@ -255,7 +255,8 @@ def cmd_infer(args: argparse.Namespace) -> None:
             args.image,
         )
     rois = _match_rois(images, Path(args.roi))
-    results = engine.infer(args.model, images, rois, args.out, progress=not args.quiet, **_predict_options(args))
+    predictor = Predictor(args.model, **_predict_options(args))
+    results = infer(predictor, images, rois, args.out, progress=not args.quiet)
     for result in results:
         s = result.summary
         print(f"{result.case}: {len(s['abnormal_slices'])} abnormal slice(s), {len(s['lesions'])} region(s)")
@@ -264,22 +265,22 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from monai_ad import engine
+    from monai_ad.evaluation import evaluate
+    from monai_ad.prediction import Predictor
 
-    values = engine.evaluate(
-        args.model, args.datalist, args.out, key=args.key, progress=not args.quiet, **_predict_options(args)
-    )
+    predictor = Predictor(args.model, **_predict_options(args))
+    values = evaluate(predictor, args.datalist, args.out, key=args.key, progress=not args.quiet)
     _print_metrics(values)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
-    from monai_ad import engine
+    from monai_ad.evaluation import benchmark
 
     config = _load_config(args.config)
     hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
     detector = args.detector or config.get("detector", "patchcore")
     _check_detector_options(detector, hparams, config.get("preprocessing"))
-    summary = engine.benchmark(
+    summary = benchmark(
         detector, args.datalist, args.out, seeds=args.seeds, hparams=hparams,
         preprocessing=config.get("preprocessing"), roi_labels=_roi_labels(args.roi_label), device=args.device,
         progress=not args.quiet,
@@ -303,8 +304,9 @@ DEMO_HPARAMS = {"patchcore": {"coreset_ratio": 0.02}}
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from monai_ad import engine
     from monai_ad.data.phantom import write_phantom_dataset
+    from monai_ad.evaluation import evaluate
+    from monai_ad.training import train
 
     out = Path(args.out)
     hparams = {**DEMO_HPARAMS.get(args.detector, {}), **_key_values(args.set, "--set")}
@@ -318,9 +320,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
     print(f"[2/4] training {args.detector} on the normal volumes ({json.dumps(hparams)})")
     model = out / f"{args.detector}.pt"
-    engine.train(args.detector, datalist, model, hparams=hparams, device=args.device, progress=not args.quiet)
+    train(args.detector, datalist, model, hparams=hparams, device=args.device, progress=not args.quiet)
     print("[3/4] inference and evaluation on the held-out volumes")
-    values = engine.evaluate(model, datalist, out / "evaluation", progress=not args.quiet, device=args.device)
+    values = evaluate(model, datalist, out / "evaluation", progress=not args.quiet, device=args.device)
     print("[4/4] done in {:.0f} s".format(time.perf_counter() - start))
     print(f"  data: {datalist}")
     print(f"  model: {model}")
@@ -366,7 +368,7 @@ def _grid_values(pairs: Sequence[str] | None) -> dict[str, list[Any]]:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from monai_ad import engine
+    from monai_ad.data.datalists import load_datalist
     from monai_ad.selection import select_hyperparameters, write_phantom_anomalies
 
     config = _load_config(args.config)
@@ -384,7 +386,7 @@ def cmd_select(args: argparse.Namespace) -> None:
             preset = "tiny"
         anomalies = write_phantom_anomalies(Path(args.out) / "anomalies", args.lesion_kind, args.phantom_anomalies, preset, args.seed + 1000)
     elif args.anomaly_datalist:
-        anomalies = engine.load_datalist(args.anomaly_datalist, args.anomaly_section or "test")
+        anomalies = load_datalist(args.anomaly_datalist, args.anomaly_section or "test")
     report = select_hyperparameters(
         args.datalist, args.out, detector=detector, grid=grid or None, base_hparams=hparams,
         preprocessing=config.get("preprocessing"), anomalies=anomalies, anomaly_section=args.anomaly_section,

@@ -33,11 +33,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from monai_ad import engine
+from monai_ad.data.datalists import LESION_LABEL, load_datalist, roi_source
+from monai_ad.data.slices import SliceBatches, collect_slices
 from monai_ad.detectors.base import create_detector
 from monai_ad.errors import InputError
 from monai_ad.io import atomic_path, write_json
 from monai_ad.postprocess import axial_axis
+from monai_ad.prediction import Predictor
+from monai_ad.training import resolve_device
 from monai_ad.transforms.pipeline import IMAGE, LoadVolumed, PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -188,14 +191,14 @@ class _SliceCache:
             key = (int(image_size), str(item[IMAGE]))
             if key not in self._slices:
                 config = self.config(image_size)
-                self._slices[key] = engine.collect_slices([item], config, self.roi_labels, progress=False)
+                self._slices[key] = collect_slices([item], config, self.roi_labels, progress=False)
             parts.append(self._slices[key])
         return {k: torch.cat([p[k] for p in parts]) for k in ("image", "roi")}
 
 
-def _volume_slice_scores(predictor: engine.VolumePredictor, item: Mapping[str, Any], abnormal: bool):
+def _volume_slice_scores(predictor: Predictor, item: Mapping[str, Any], abnormal: bool):
     """Slice scores and labels (1 = holds lesion voxels) of one volume's liver slices, in its own geometry."""
-    result = predictor(item[IMAGE], engine.roi_source(item))
+    result = predictor(item[IMAGE], roi_source(item))
     scored = [z for z, s in enumerate(result.summary["slice_scores"]) if s is not None]
     scores = np.asarray([result.summary["slice_scores"][z] for z in scored], dtype=float)
     if not abnormal:
@@ -203,7 +206,7 @@ def _volume_slice_scores(predictor: engine.VolumePredictor, item: Mapping[str, A
     label = LoadVolumed(["label"], mask_keys=["label"])({"label": item["label"]})["label"].as_tensor()[0].numpy()
     if label.shape != result.heatmap.shape:
         raise InputError(f"label shape {label.shape} does not match image shape {result.heatmap.shape}", item["label"])
-    lesion = np.moveaxis(label == engine.LESION_LABEL, axial_axis(result.affine), 0)[scored]
+    lesion = np.moveaxis(label == LESION_LABEL, axial_axis(result.affine), 0)[scored]
     return scores, lesion.reshape(len(scored), -1).any(1).astype(int)
 
 
@@ -214,10 +217,10 @@ def validation_auroc(
     validation anomalies."""
     size = detector.image_size
     train = cache.slices(split["train"], size)
-    detector.fit(engine.SliceBatches(train, batch_size=int(detector.hparams.get("batch_size", 16))), progress=False)
-    detector.calibrate(engine.SliceBatches(cache.slices(split["validation"], size), batch_size=32), quantile=quantile)
+    detector.fit(SliceBatches(train, batch_size=int(detector.hparams.get("batch_size", 16))), progress=False)
+    detector.calibrate(SliceBatches(cache.slices(split["validation"], size), batch_size=32), quantile=quantile)
     detector.preprocessing = cache.config(size).to_dict()
-    predictor = engine.VolumePredictor(detector, roi_labels=roi_labels)
+    predictor = Predictor(detector, roi_labels=roi_labels)
     scores, labels = [], []
     for items, abnormal in ((split["validation"], False), (split["anomalies"], True)):
         for item in items:
@@ -256,15 +259,15 @@ def select_hyperparameters(
     """
     grid = dict(grid if grid is not None else DEFAULT_GRIDS.get(detector, {}))
     candidates = expand_grid(grid)
-    normals = engine.load_datalist(datalist, "training")
+    normals = load_datalist(datalist, "training")
     if anomalies is None:
-        anomalies = engine.load_datalist(datalist, anomaly_section or "validation_labelled")
+        anomalies = load_datalist(datalist, anomaly_section or "validation_labelled")
     anomalies = one_kind_anomalies(anomalies, lesion_kind, datalist)
     splits = fold_splits(normals, anomalies, folds, validation_fraction, seed)
     base = dict(base_hparams or {})
     create_detector(detector, **{**base, **candidates[0]})  # bad names or values fail before any training
     cache = _SliceCache(preprocessing, roi_labels)
-    dev = engine.resolve_device(device)
+    dev = resolve_device(device)
     rows = []
     bar = tqdm(total=len(candidates) * len(splits), desc="selection", disable=not progress, unit="fit")
     try:

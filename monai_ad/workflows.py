@@ -1,5 +1,6 @@
 """Runnable components for MONAI bundle configs (``_target_``): each holds its settings and does its work in
-``run()``, so a bundle's ``training`` / ``inference`` / ``evaluating`` id is one expression."""
+``run()``, so a bundle's ``training`` / ``inference`` / ``evaluating`` id is one expression. Each hands its work
+to one library call (``training.train``, ``prediction.infer``, ``evaluation.evaluate``), as the command line does."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from monai.transforms import Compose
 
-from monai_ad import distributed, engine
+from monai_ad import distributed
 from monai_ad.allocator import keep_freed_memory
+from monai_ad.data.datalists import load_datalist, roi_source
 from monai_ad.detectors.base import AnomalyDetector
 from monai_ad.errors import InputError
-from monai_ad.inferers import SliceAnomalyInferer
+from monai_ad.evaluation import evaluate
+from monai_ad.prediction import Predictor, infer
+from monai_ad.training import train
 from monai_ad.transforms.pipeline import IMAGE
 
 logger = logging.getLogger(__name__)
@@ -87,7 +90,7 @@ class DetectorTrainer:
     def _run(self) -> AnomalyDetector:
         keep_freed_memory()
         Path(self.output).parent.mkdir(parents=True, exist_ok=True)
-        detector = engine.train(
+        detector = train(
             self.detector, self.datalist, self.output, preprocessing=self.preprocessing, roi_labels=self.roi_labels,
             quantile=self.quantile, device=self.device, progress=self.progress,
         )  # fmt: skip
@@ -97,28 +100,24 @@ class DetectorTrainer:
 
 
 class BatchInference:
-    """Read every volume of a datalist section (or explicit ``images``/``rois``) with the bundle's components;
+    """Read every volume of a datalist section (or explicit ``images``/``rois``) with the bundle's ``predictor``;
     heatmaps, label maps and summaries go to ``output_dir``."""
 
     def __init__(
         self,
-        network: AnomalyDetector,
+        predictor: Predictor,
         output_dir: str | os.PathLike,
         datalist: str | os.PathLike | None = None,
         key: str = "test",
         images: Sequence[str] | None = None,
         rois: Sequence[str] | None = None,
-        preprocessing: Compose | None = None,
-        inferer: SliceAnomalyInferer | None = None,
-        postprocessing: Compose | None = None,
         progress: bool = True,
     ):
-        self.network, self.output_dir, self.progress = network, output_dir, progress
+        self.predictor, self.output_dir, self.progress = predictor, output_dir, progress
         if images is None:
-            items = engine.load_datalist(datalist, key)
-            images, rois = [item[IMAGE] for item in items], [engine.roi_source(item) for item in items]
+            items = load_datalist(datalist, key)
+            images, rois = [item[IMAGE] for item in items], [roi_source(item) for item in items]
         self.images, self.rois = list(images), list(rois or [None] * len(images))
-        self.components = {"preprocessing": preprocessing, "inferer": inferer, "postprocessing": postprocessing}
 
     def run(self) -> list[dict[str, Any]]:
         with one_line_errors():
@@ -126,7 +125,7 @@ class BatchInference:
 
     def _run(self) -> list[dict[str, Any]]:
         keep_freed_memory()
-        results = engine.infer(self.network, self.images, self.rois, self.output_dir, progress=self.progress, **self.components)
+        results = infer(self.predictor, self.images, self.rois, self.output_dir, progress=self.progress)
         return [r.summary for r in results]
 
 
@@ -139,14 +138,11 @@ class DetectorEvaluator:
         datalist: str | os.PathLike,
         output_dir: str | os.PathLike,
         key: str = "test",
-        preprocessing: Compose | None = None,
-        inferer: SliceAnomalyInferer | None = None,
-        postprocessing: Compose | None = None,
         roi_labels: Sequence[int] | int | None = None,
         progress: bool = True,
     ):
         self.network, self.datalist, self.output_dir, self.key, self.progress = network, datalist, output_dir, key, progress
-        self.options = {"preprocessing": preprocessing, "inferer": inferer, "postprocessing": postprocessing, "roi_labels": roi_labels}
+        self.roi_labels = roi_labels
 
     def run(self) -> dict[str, Any]:
         with one_line_errors():
@@ -154,6 +150,6 @@ class DetectorEvaluator:
 
     def _run(self) -> dict[str, Any]:
         keep_freed_memory()
-        values = engine.evaluate(self.network, self.datalist, self.output_dir, key=self.key, progress=self.progress, **self.options)
+        values = evaluate(self.network, self.datalist, self.output_dir, key=self.key, progress=self.progress, roi_labels=self.roi_labels)
         logger.info("metrics: %s", {k: v for k, v in values.items() if isinstance(v, float)})
         return values

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from monai_ad import label_server
-from monai_ad.engine import VolumePredictor
+from monai_ad.prediction import Predictor
 
 sys.path.insert(0, str(label_server.APP_DIR))
 
@@ -59,7 +59,7 @@ def main() -> int:
     feedback = result["feedback"]
     summary = {"corrected": {k: feedback[k] for k in ("cases", "threshold_before", "threshold_after", "dice_before", "dice_after")}}
     for name in ("before", "after"):
-        predictor = VolumePredictor(str(model), pixel_threshold=feedback[f"threshold_{name}"], device="cpu")
+        predictor = Predictor(str(model), pixel_threshold=feedback[f"threshold_{name}"], device="cpu")
         maps, truths = [], []
         for item in held_out:
             case = item["case_id"]

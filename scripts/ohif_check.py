@@ -31,7 +31,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from monai_ad import dicomweb, engine, label_server
+from monai_ad import dicomweb, label_server
+from monai_ad.training import train
 from monai_ad.data.phantom import write_phantom_dataset
 
 REAL_CT = label_server.PROJECT_ROOT.parent / "shared" / "data" / "real_ct" / "ts_example"
@@ -167,7 +168,7 @@ def run_check(out: Path) -> dict:
         t = time.time()
         models = out / "models"
         datalist = write_phantom_dataset(out / "phantom", n_normal=3, n_abnormal=0, preset="tiny", progress=False)
-        engine.train("patchcore", datalist, models / f"{MODEL}.pt",
+        train("patchcore", datalist, models / f"{MODEL}.pt",
                      hparams={"image_size": 64, "coreset_ratio": 0.05}, device="cpu", progress=False)  # fmt: skip
         roi_dir = out / "roi"
         roi_dir.mkdir(exist_ok=True)

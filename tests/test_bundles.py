@@ -105,7 +105,7 @@ def test_inference_config_keeps_the_library_min_lesion_size(name):
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLES_DIR / name / "configs" / "inference.json"))
-    assert parser.get_parsed_content("postprocessing#min_lesion_mm3") == MIN_LESION_MM3
+    assert parser.get_parsed_content("predictor#min_lesion_mm3") == MIN_LESION_MM3
 
 
 @pytest.mark.parametrize("name", BUNDLES)

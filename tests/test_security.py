@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from monai_ad import engine, label_server
+from monai_ad import label_server
+from monai_ad.training import train
 
 MODEL = "patchcore_liver_ct"
 UPLOAD_LIMIT_MB = 2
@@ -33,7 +34,7 @@ def server(tmp_path_factory):
     studies = label_server.prepare_sample_studies(root, n_normal=2, n_abnormal=1, preset="tiny", progress=False)
     models = root / "models"
     datalist = root / "phantom" / "datalist.json"
-    engine.train("patchcore", datalist, models / f"{MODEL}.pt", hparams={"image_size": 32, "coreset_ratio": 0.05}, device="cpu", progress=False)
+    train("patchcore", datalist, models / f"{MODEL}.pt", hparams={"image_size": 32, "coreset_ratio": 0.05}, device="cpu", progress=False)
     victims = root / "victims"
     (victims / "dir").mkdir(parents=True)
     (victims / "dir" / "record.txt").write_text("another patient's data\n")

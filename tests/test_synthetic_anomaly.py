@@ -22,11 +22,8 @@ from monai_ad.synthesis import (
     synthesize,
 )
 
-try:  # the slice collection moved out of monai_ad.engine
-    from monai_ad.data.datalists import load_datalist
-    from monai_ad.data.slices import SliceBatches, collect_slices
-except ImportError:
-    from monai_ad.engine import SliceBatches, collect_slices, load_datalist
+from monai_ad.data.datalists import load_datalist
+from monai_ad.data.slices import SliceBatches, collect_slices
 
 SIZE = 64
 

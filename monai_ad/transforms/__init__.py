@@ -34,8 +34,11 @@ from monai_ad.transforms.pipeline import (
     ROI_SOURCE,
     LoadVolumed,
     PreprocessConfig,
+    build_labelling,
+    build_loading,
     build_postprocessing,
     build_preprocessing,
+    build_reassembly,
     require_roi,
     run_pipeline,
 )

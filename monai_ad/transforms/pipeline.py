@@ -208,13 +208,22 @@ class LoadVolumed(LoadImaged):
         return loaded[0] if isinstance(loaded, tuple) else loaded
 
 
+def build_loading(mask_keys: Sequence[str] = ()) -> Compose:
+    """Reading ``{"image": CT, "roi": liver mask or organ label map}`` (paths) into tensors: the first step of
+    ``build_preprocessing``, as a chain of its own. ``mask_keys``: further label maps to read beside the ROI."""
+    masks = [ROI, *mask_keys]
+    return Compose([LoadVolumed([IMAGE, *masks], mask_keys=masks)])
+
+
 def build_preprocessing(
     config: PreprocessConfig | Mapping[str, Any] | None = None,
     roi_labels: Sequence[int] | int | None = None,
     concat: bool = False,
     mask_keys: Sequence[str] = (),
+    loading: bool = True,
 ) -> Compose:
-    """The pre-processing ``Compose`` over ``{"image": CT, "roi": liver mask or organ label map}``.
+    """The pre-processing ``Compose`` over ``{"image": CT, "roi": liver mask or organ label map}``; with
+    ``loading=False`` only the steps after ``build_loading`` (over volumes already read).
 
     Output: ``image`` and ``roi`` as ``[1, S, S, Z]`` (RAS; axial slices along the last axis; S =
     ``config.image_size``), the image windowed to ``[0, 1]``, and ``roi_source``: the liver mask in the scan's own
@@ -226,7 +235,7 @@ def build_preprocessing(
     cfg = config if isinstance(config, PreprocessConfig) else PreprocessConfig.from_dict(config)
     masks = [ROI, *mask_keys]
     keys = [IMAGE, *masks]
-    steps: list[MapTransform] = [LoadVolumed(keys, mask_keys=masks)]
+    steps: list[MapTransform] = list(build_loading(mask_keys).transforms) if loading else []
     steps += [
         CheckCTVolumed(IMAGE),
         CheckVoxelSpacingd(IMAGE),
@@ -264,6 +273,31 @@ def build_preprocessing(
     return Compose(steps)
 
 
+def build_reassembly(preprocessing: Compose) -> Compose:
+    """From the inferer's output ``pred`` back to the scan's own geometry: ``Invertd`` through the
+    pre-processing, then the lowest score outside the liver (the slice-score channel is read only inside the
+    liver, so it is left as it is)."""
+    return Compose(
+        [
+            Invertd(keys=PRED, transform=preprocessing, orig_keys=IMAGE, nearest_interp=False),
+            FillOutsideROId(PRED, roi_key=ROI_SOURCE, channels=[HEATMAP_CHANNEL], inplace=True),  # Invertd's own output
+        ]
+    )
+
+
+def build_labelling(
+    pixel_threshold: float,
+    slice_threshold: float,
+    min_lesion_mm3: float = MIN_LESION_MM3,
+    extent_threshold: float | None = None,
+) -> Compose:
+    """Heatmap, label map and summary from the reassembled ``pred`` (``AnomalyOutputsd``: regions found at
+    ``pixel_threshold``, outlined at ``extent_threshold`` when given)."""
+    return Compose(
+        [AnomalyOutputsd(PRED, ROI_SOURCE, pixel_threshold, slice_threshold, min_lesion_mm3, extent_threshold=extent_threshold)]
+    )
+
+
 def build_postprocessing(
     preprocessing: Compose,
     pixel_threshold: float,
@@ -271,26 +305,16 @@ def build_postprocessing(
     min_lesion_mm3: float = MIN_LESION_MM3,
     extent_threshold: float | None = None,
 ) -> Compose:
-    """From the inferer's output ``pred`` to heatmap, label map and summary in the scan's own geometry:
-    ``Invertd`` through the pre-processing, lowest score outside the liver (the slice-score channel is read
-    only inside the liver, so it is left as it is), then ``AnomalyOutputsd`` (regions found at
-    ``pixel_threshold``, outlined at ``extent_threshold`` when given)."""
-    return Compose(
-        [
-            Invertd(keys=PRED, transform=preprocessing, orig_keys=IMAGE, nearest_interp=False),
-            FillOutsideROId(PRED, roi_key=ROI_SOURCE, channels=[HEATMAP_CHANNEL], inplace=True),  # Invertd's own output
-            AnomalyOutputsd(
-                PRED, ROI_SOURCE, pixel_threshold, slice_threshold, min_lesion_mm3, extent_threshold=extent_threshold
-            ),
-        ]
-    )
+    """``build_reassembly`` then ``build_labelling``, as one chain."""
+    reassembly = build_reassembly(preprocessing)
+    labelling = build_labelling(pixel_threshold, slice_threshold, min_lesion_mm3, extent_threshold)
+    return Compose([*reassembly.transforms, *labelling.transforms])
 
 
-def run_pipeline(pipeline: Compose, data: Mapping[str, Any], start: int = 0, end: int | None = None) -> dict[str, Any]:
-    """Run a pipeline (or its transforms ``start:end``); an ``InputError`` raised inside (wrapped by MONAI) comes
-    out as itself."""
+def run_pipeline(pipeline: Compose, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Run a pipeline; an ``InputError`` raised inside (wrapped by MONAI) comes out as itself."""
     try:
-        return pipeline(dict(data), start=start, end=end)
+        return pipeline(dict(data))
     except Exception as exc:
         cause: BaseException | None = exc
         while cause is not None:

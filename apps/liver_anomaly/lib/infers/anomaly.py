@@ -1,9 +1,11 @@
 """One anomaly detector bundle as a MONAI Label infer task.
 
-The bundle's ``configs/inference.json`` supplies the components (pre-processing, slice inferer, post-processing);
-this task only feeds them a request: the study's CT and liver ROI in, a label map (1 = ``anomaly``) in the
-image's geometry out, with per-slice scores, abnormal slices and lesions in the result params. Registered as a
-segmentation task, so the 3D Slicer plugin lists it and names the segment from ``label_names``.
+Each request is read by a ``monai_ad.prediction.Predictor`` (the one the command line and the bundle's own
+``inference`` run use), built from the model with the settings the bundle's ``configs/inference.json`` gives its
+``predictor`` and the request's options; its stages are what ``BasicInferTask`` runs. The study's CT and liver
+ROI in, a label map (1 = ``anomaly``) in the image's geometry out, with per-slice scores, abnormal slices and
+lesions in the result params. Registered as a segmentation task, so the 3D Slicer plugin lists it and names the
+segment from ``label_names``.
 
 Request params (all optional; Slicer shows them as the model's config): ``pixel_threshold`` and
 ``slice_threshold`` (empty: the model's stored operating point), ``min_lesion_mm3``, ``roi_label`` (the liver's
@@ -12,12 +14,14 @@ value in the ROI; empty: any non-zero voxel).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from monai.bundle import ConfigParser
 from monai.transforms import MapTransform, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -26,12 +30,14 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monai_ad.detectors.base import AnomalyDetector
 from monai_ad.errors import InputError
 from monai_ad.postprocess import MIN_LESION_MM3
+from monai_ad.prediction import Predictor
 
 from lib.studies import ANOMALY_NAMES
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = "_anomaly_components"  # per-request components, carried in the data dict between stages
+PREDICTOR = "_anomaly_predictor"  # the request's predictor, carried in the data dict between stages
+BUNDLE_SETTINGS = ("roi_labels", "min_lesion_mm3", "batch_size")  # what a bundle's inference.json may set
 OPTIONS = {"pixel_threshold": "", "slice_threshold": "", "min_lesion_mm3": MIN_LESION_MM3, "roi_label": ""}
 
 
@@ -45,28 +51,35 @@ def _number(value: Any, name: str, kind: Callable = float) -> Any:
         raise InputError(f"option {name} must be a number, got {value!r}") from None
 
 
-def bundle_components(bundle: str | os.PathLike, network: AnomalyDetector, options: dict | None = None) -> dict[str, Any]:
-    """A bundle's inference components around a loaded detector, with the request's options applied."""
-    options = options or {}
+def bundle_settings(bundle: str | os.PathLike) -> dict[str, Any]:
+    """The predictor settings the bundle's ``configs/inference.json`` states (its ``predictor`` entry; the model
+    itself is not loaded). Read again only when the file changes."""
+    config = Path(bundle) / "configs" / "inference.json"
+    return dict(_bundle_settings(str(config), os.stat(config).st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=32)
+def _bundle_settings(config: str, stamp: int) -> dict[str, Any]:
     parser = ConfigParser()
-    parser.read_config(Path(bundle) / "configs" / "inference.json")
-    parser["bundle_root"] = str(bundle)
-    parser["network_def"] = network
+    parser.read_config(config)
+    parser["bundle_root"] = str(Path(config).parents[1])
+    stated = parser.get("predictor") or {}
+    return {key: parser.get_parsed_content(f"predictor#{key}") for key in BUNDLE_SETTINGS if key in stated}
+
+
+def bundle_predictor(bundle: str | os.PathLike, network: AnomalyDetector, options: dict | None = None) -> Predictor:
+    """The predictor for one request: the loaded detector, the bundle's settings, the request's options
+    (``pixel_threshold``, ``slice_threshold``, ``min_lesion_mm3``, ``roi_label``; empty: not set)."""
+    options = options or {}
+    settings = bundle_settings(bundle)
     roi_label = _number(options.get("roi_label"), "roi_label", int)
     if roi_label is not None:
-        parser["roi_labels"] = [roi_label]
-    post = parser["postprocessing"]
+        settings["roi_labels"] = [roi_label]
     for key in ("pixel_threshold", "slice_threshold", "min_lesion_mm3"):
         value = _number(options.get(key), key)
-        if value is not None and key in post:
-            post[key] = value
-            if key == "pixel_threshold" and "extent_threshold" in post:
-                post["extent_threshold"] = None  # a threshold set by hand outlines regions at itself, as in the CLI
-    parser.parse()
-    return {
-        "network": network,
-        **{key: parser.get_parsed_content(key) for key in ("preprocessing", "inferer", "postprocessing")},
-    }
+        if value is not None:
+            settings[key] = value
+    return Predictor(network, **settings)
 
 
 class SummaryToResultd(MapTransform):
@@ -117,26 +130,30 @@ class AnomalyInfer(BasicInferTask):
                 self._networks[str(device)] = (AnomalyDetector.load(path, device=device), stamp)
             return self._networks[str(device)][0]
 
-    def _components(self, data: dict) -> dict[str, Any]:
-        """The bundle's components for this request (built once per request, cached in ``data``)."""
-        if COMPONENTS not in data:
+    def _predictor(self, data: dict) -> Predictor:
+        """The request's predictor (built once per request, cached in ``data``)."""
+        if PREDICTOR not in data:
             network = self._get_network(data.get("device", "cpu"), data)
-            data[COMPONENTS] = bundle_components(self.bundle, network, data)
-        return data[COMPONENTS]
+            data[PREDICTOR] = bundle_predictor(self.bundle, network, data)
+        return data[PREDICTOR]
 
-    # ------------------------------------------------------------------ what BasicInferTask runs
+    # ------------------------------------------------------------------ what BasicInferTask runs: the predictor's stages
     def pre_transforms(self, data=None) -> Sequence[Callable]:
-        return list(self._components(data)["preprocessing"].transforms)
+        return self._predictor(data).pre_transforms()
 
     def inferer(self, data=None):
-        return self._components(data)["inferer"]
+        return self._predictor(data).inferer
+
+    def run_inferer(self, data, convert_to_batch=True, device="cuda"):
+        with torch.no_grad():
+            return self._predictor(data).score(data)
 
     def inverse_transforms(self, data=None):
-        return None  # Invertd is part of the bundle's post-processing
+        return None  # the predictor's post transforms take the maps back to the scan's geometry
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
-        components = self._components(data)
-        network = components["network"]
+        predictor = self._predictor(data)
+        network = predictor.detector
         extra = {
             "detector": network.name,
             "bundle": self.bundle.name,
@@ -144,8 +161,8 @@ class AnomalyInfer(BasicInferTask):
             "operating_point": network.thresholds,
         }
         # the label map without its channel: MONAI Label's writer expects a 3-D array
-        return [*components["postprocessing"].transforms, SummaryToResultd(extra=extra), SqueezeDimd(self.output_label_key, dim=0)]
+        return [*predictor.post_transforms(), SummaryToResultd(extra=extra), SqueezeDimd(self.output_label_key, dim=0)]
 
     def writer(self, data, extension=None, dtype=None):
-        data.pop(COMPONENTS, None)
+        data.pop(PREDICTOR, None)
         return super().writer(data, extension, dtype)

@@ -27,11 +27,11 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from monai_ad.detectors.base import AnomalyDetector
-from monai_ad.engine import VolumePredictor, resolve_device
 from monai_ad.postprocess import label_lesions
+from monai_ad.training import resolve_device
 
 from lib import studies as study_rules
-from lib.infers.anomaly import bundle_components
+from lib.infers.anomaly import bundle_predictor
 
 logger = logging.getLogger(__name__)
 
@@ -86,25 +86,19 @@ def select_threshold(
         logger.info("[%s] threshold already selected on these %d corrected studies: unchanged", name, len(cases))
         return stored
     detector = AnomalyDetector.load(source, device=resolve_device(device))
-    components = bundle_components(bundle, detector, {"roi_label": roi_label})
-    predictor = VolumePredictor(
-        detector, preprocessing=components["preprocessing"], inferer=components["inferer"], postprocessing=components["postprocessing"]
-    )
+    predictor = bundle_predictor(bundle, detector, {"roi_label": roi_label})  # the infer task's, as a request gets it
     heatmaps, truths, rois, affines, used = [], [], [], [], []
     for case in cases:
         try:  # a label that cannot be read (torn by a crash, edited by hand) is reported and skipped
             truth = np.asarray(nib.load(case.final).dataobj) > 0
-            roi_values = np.asarray(nib.load(case.roi).dataobj)
         except Exception as exc:
             logger.warning("[%s] %s: label cannot be read (%s): skipped", name, case.image_id, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
             continue
-        result = predictor(case.image, case.roi)
+        result = predictor(case.image, case.roi, keep_inputs=True)  # an ROI off the image's grid is an InputError
         if truth.shape != result.heatmap.shape:
             logger.warning("[%s] %s: final label shape %s differs from the image %s: skipped", name, case.image_id, truth.shape, result.heatmap.shape)
             continue
-        roi = roi_values == roi_label if roi_label is not None else roi_values > 0
-        roi = roi if roi.shape == truth.shape else np.ones_like(truth)
-        heatmaps.append(result.heatmap), truths.append(truth), rois.append(roi), affines.append(result.affine)
+        heatmaps.append(result.heatmap), truths.append(truth), rois.append(result.roi), affines.append(result.affine)
         used.append(case.image_id)
         logger.info("[%s] scored corrected study %s (%d anomaly voxels)", name, case.image_id, int(truth.sum()))
     if not used:
@@ -114,7 +108,7 @@ def select_threshold(
     missed = sum(int(np.logical_and(t, ~r).sum()) for t, r in zip(truths, rois))
     candidate, voxel_dice = best_dice_threshold(inside, truth_inside, missed)
 
-    min_mm3 = float(components["postprocessing"].transforms[-1].min_lesion_mm3)
+    min_mm3 = float(predictor.min_lesion_mm3)
 
     def label_dice(threshold: float) -> float | None:
         maps = [label_lesions(h, a, threshold, min_mm3)[0] for h, a in zip(heatmaps, affines)]

@@ -1,0 +1,77 @@
+"""Training: fit a detector on normal volumes, calibrate its thresholds, save it; and the device it runs on."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from monai_ad import distributed
+from monai_ad.data.datalists import load_datalist
+from monai_ad.data.slices import SliceBatches, collect_slices
+from monai_ad.detectors.base import AnomalyDetector, create_detector, detector_class
+from monai_ad.errors import InputError
+from monai_ad.transforms.pipeline import PreprocessConfig
+
+logger = logging.getLogger(__name__)
+
+
+def train(
+    detector: str | AnomalyDetector,
+    datalist: str | os.PathLike,
+    output: str | os.PathLike,
+    hparams: Mapping[str, Any] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    roi_labels: Sequence[int] | int | None = None,
+    quantile: float | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    false_regions_per_scan: float = 1.0,
+) -> AnomalyDetector:
+    """Fit a detector on the datalist's ``training`` normals, set thresholds on its ``validation`` normals
+    (or on a held-out fifth of the training volumes when there is none), save it to ``output``.
+
+    The operating thresholds allow about ``false_regions_per_scan`` false alarms per normal validation scan
+    (``AnomalyDetector.calibrate``); ``quantile`` sets them as a plain quantile of normal slices instead."""
+    kind = type(detector) if isinstance(detector, AnomalyDetector) else detector_class(detector)
+    config = PreprocessConfig.with_defaults(kind.default_preprocessing, preprocessing)
+    if isinstance(detector, str):
+        detector = create_detector(detector, **{"in_channels": config.in_channels, **dict(hparams or {})})
+    if detector.in_channels != config.in_channels:
+        raise InputError(
+            f"the {detector.name} detector takes {detector.in_channels}-channel slices but the pre-processing gives "
+            f"{config.in_channels} (set the detector's in_channels to match)"
+        )
+    detector.to(resolve_device(device))
+    config.image_size = detector.image_size
+    detector.preprocessing = config.to_dict()  # before fitting: a detector may read it (pixel size, normalisation)
+    training = load_datalist(datalist, "training")
+    try:
+        validation = load_datalist(datalist, "validation")
+    except InputError:
+        n_hold = max(1, len(training) // 5) if len(training) > 1 else 0
+        validation, training = training[:n_hold], training[n_hold:] or training
+    train_slices = collect_slices(distributed.shard(training), config, roi_labels, progress, desc="training volumes")
+    logger.info("fitting %s on %d normal slices", detector.name, train_slices["image"].shape[0])
+    detector.fit(SliceBatches(train_slices, batch_size=int(detector.hparams.get("batch_size", 16))), progress=progress)
+    valid_slices = collect_slices(validation, config, roi_labels, progress, desc="validation volumes")
+    detector.calibrate(
+        SliceBatches(valid_slices, batch_size=32), quantile=quantile,
+        false_regions_per_scan=false_regions_per_scan, n_scans=len(validation),
+    )  # fmt: skip
+    if distributed.is_main_process():
+        detector.save(output)
+    distributed.barrier()
+    return detector
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """``auto``: this process's GPU when there is one (under torchrun, the one for its local rank), else the CPU."""
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
