@@ -59,13 +59,14 @@ from monai_ad.training import train  # noqa: E402
 from monai_ad.transforms.pipeline import LoadVolumed  # noqa: E402
 
 FLOOR = "intensity"
-DEFAULT_DETECTORS = ["intensity", "synthetic_anomaly", "patchcore", "padim", "simplenet"]
+DEFAULT_DETECTORS = ["intensity", "fused", "synthetic_anomaly", "patchcore", "padim", "simplenet"]
 CLIP_DETECTORS = ("winclip", "clip_reconstruction")
 # Hyper-parameter overrides per detector for a 2-core CPU (the rest are the library defaults).
 SCHEDULES: dict[str, dict[str, Any]] = {
     "intensity": {},
     "synthetic_anomaly": {"steps": 200},
     "patchcore": {"coreset_ratio": 0.1},
+    "fused": {"detector": "patchcore", "detector_hparams": {"coreset_ratio": 0.1}},
     "padim": {},
     "simplenet": {"image_size": 224, "meta_epochs": 4, "gan_epochs": 2},
     "rd4ad": {"epochs": 10},

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from monai_ad.allocator import keep_freed_memory
+from monai_ad import DEFAULT_DETECTOR
 from monai_ad.errors import InputError
 
 
@@ -215,7 +216,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.allow_random_weights:
         hparams["allow_random_weights"] = True
     preprocessing = {**config.get("preprocessing", {}), **_key_values(args.preprocess, "--preprocess")}
-    detector_name = args.detector or config.get("detector", "simplenet")
+    detector_name = args.detector or config.get("detector", DEFAULT_DETECTOR)
     _check_detector_options(detector_name, hparams, preprocessing)
     detector = train(
         detector_name,
@@ -278,7 +279,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
     config = _load_config(args.config)
     hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
-    detector = args.detector or config.get("detector", "patchcore")
+    detector = args.detector or config.get("detector", DEFAULT_DETECTOR)
     _check_detector_options(detector, hparams, config.get("preprocessing"))
     summary = benchmark(
         detector, args.datalist, args.out, seeds=args.seeds, hparams=hparams,
@@ -441,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[shared], help="fit a detector on the normal volumes of a datalist")
     p.add_argument("--datalist", required=True)
-    p.add_argument("--detector", help=_LazyHelp("{detectors} (default: simplenet)"))
+    p.add_argument("--detector", help=_LazyHelp("{detectors} (default: %s)" % DEFAULT_DETECTOR))
     p.add_argument("--config", help="JSON with detector, hparams and preprocessing (see sample_configs/)")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
     p.add_argument("--backbone", help="efficientnet_lite0 (default), vgg16, wide_resnet50_2, resnet18")
@@ -474,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", parents=[shared], help="train + evaluate over several seeds; BMAD-style mean ± std table")
     p.add_argument("--datalist", required=True)
-    p.add_argument("--detector", help=_LazyHelp("{detectors} (default: patchcore)"))
+    p.add_argument("--detector", help=_LazyHelp("{detectors} (default: %s)" % DEFAULT_DETECTOR))
     p.add_argument("--config", help="JSON with detector, hparams and preprocessing")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -484,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[shared], help="phantom data → train → infer → evaluate, end to end")
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--detector", default="patchcore", help=_LazyHelp("{detectors} (default: patchcore)"))
+    p.add_argument("--detector", default=DEFAULT_DETECTOR, help=_LazyHelp("{detectors} (default: %s)" % DEFAULT_DETECTOR))
     p.add_argument("--normal", type=int, default=8)
     p.add_argument("--abnormal", type=int, default=4)
     p.add_argument("--preset", default="small")

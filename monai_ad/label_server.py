@@ -19,6 +19,7 @@ from typing import Mapping
 import nibabel as nib
 import numpy as np
 
+from monai_ad import DEFAULT_DETECTOR
 from monai_ad.errors import InputError
 from monai_ad.io import atomic_write, save_nifti
 
@@ -182,8 +183,8 @@ def run_app(
     conf = dict(conf or {})
     if sample_dir is not None:
         conf.setdefault("model_dir", str(Path(sample_dir) / "models"))
-        # the project's default detector trains at start-up (about a minute on a CPU); the others on request
-        conf.setdefault("train_on_start", "patchcore_liver_ct")
+        # the project's default detector trains at start-up (seconds on a CPU); the others on request
+        conf.setdefault("train_on_start", f"{DEFAULT_DETECTOR}_liver_ct")
     cmd = server_command(studies, port, conf, host=host)
     print(f"MONAI Label: http://{host}:{port}  (studies {studies}; OHIF at /ohif/ with a DICOMweb store)", flush=True)
     return subprocess.call(cmd, env=server_env())

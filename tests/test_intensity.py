@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from monai_ad.detectors import AnomalyDetector, create_detector
 from monai_ad.errors import InputError
-from monai_ad.transforms.array import AxialContext, FillOutsideROIWithLiver, HUWindows
+from monai_ad.transforms.array import AxialContext, FillOutsideROIWithLiver, HUWindows, NormalizeLiverSpread
 from monai_ad.transforms.pipeline import PreprocessConfig, build_preprocessing, run_pipeline
 
 from test_detectors import synthetic_slices
@@ -138,3 +138,14 @@ def test_fused_adds_the_density_rarity_to_a_feature_detector(tmp_path):
     loaded = AnomalyDetector.load(tmp_path / "fused.pt")
     assert "feature.features.backbone" not in str(list(torch.load(tmp_path / "fused.pt", weights_only=True)["state"]))
     assert torch.allclose(loaded.score(lesion_image, lesion_roi).pixel, scores.pixel, atol=1e-5)
+
+
+def test_liver_spread_becomes_the_reference_and_the_median_stays():
+    rng = np.random.default_rng(0)
+    hu = torch.as_tensor(rng.normal(90.0, 37.0, (1, 20, 20, 10)), dtype=torch.float32)  # MAD ≈ 25 HU
+    roi = torch.zeros_like(hu, dtype=torch.uint8)
+    roi[:, 2:18, 2:18] = 1
+    out = NormalizeLiverSpread(reference_mad_hu=10.0)(hu, roi)
+    inside, before = out[roi > 0], hu[roi > 0]
+    assert float(inside.median()) == pytest.approx(float(before.median()), abs=1e-3)
+    assert float((inside - inside.median()).abs().median()) == pytest.approx(10.0, rel=1e-3)

@@ -70,6 +70,10 @@ class PatchCore(AnomalyDetector):
     """
 
     unsaved_prefixes = ("features.backbone.",)
+    # measured (benchmarks/RESULTS.md): a narrow liver window among the channels keeps density contrast that one
+    # wide window loses in the features, and no black edge at the mask's border; in-liver pixel AUROC on the demo
+    # phantoms 0.63 → 0.81
+    default_preprocessing = {"outside_fill": "liver", "windows": [[-160.0, 240.0], [40.0, 180.0], [-40.0, 260.0]]}
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ from monai_ad.transforms.array import (
     HUWindow,
     MaskOutsideROI,
     NormalizeLiverHU,
+    NormalizeLiverSpread,
     PadToSquare,
     SelectROI,
 )
@@ -202,3 +203,9 @@ class CheckLiverROId(_Applyd):
         for key in self.key_iterator(d):
             d[key] = self.transform(d[key], image)
         return d
+
+
+class NormalizeLiverSpreadd(_Applyd):
+    def __init__(self, keys: KeysCollection, roi_key: str = "roi", reference_mad_hu: float = 10.0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform, self.roi_key = NormalizeLiverSpread(reference_mad_hu), roi_key

@@ -45,6 +45,7 @@ from monai_ad.transforms.dictionary import (
     HUWindowd,
     MaskOutsideROId,
     NormalizeLiverHUd,
+    NormalizeLiverSpreadd,
     PadToSquared,
     SelectROId,
 )
@@ -58,6 +59,8 @@ class PreprocessConfig:
     """How a CT volume becomes detector input. Stored with every trained model, so inference matches training.
 
     ``normalize_liver_hu``: shift each volume so its median liver HU is this value (None: off).
+    ``normalize_liver_spread``: scale each volume about its liver median so the liver's MAD is this many HU (None:
+    off), which makes deviations comparable between noisy thin-slice and smooth thick-slice scans.
     ``min_roi_pixels``: an axial slice is scored when its ROI covers at least this many pixels at
     ``image_size``; other slices get the lowest score.
 
@@ -76,6 +79,7 @@ class PreprocessConfig:
     window: tuple[float, float] = ABDOMEN_WINDOW
     margin_mm: float = 10.0
     normalize_liver_hu: float | None = 110.0
+    normalize_liver_spread: float | None = None
     histogram_equalization: bool = False
     mask_outside_roi: bool = True
     min_roi_pixels: int = 16
@@ -90,6 +94,18 @@ class PreprocessConfig:
         if self.context_mm > 0:
             return 3
         return len(self.windows) if self.windows else 1
+
+    @classmethod
+    def with_defaults(cls, defaults: Mapping[str, Any], values: Mapping[str, Any] | None) -> "PreprocessConfig":
+        """``values`` over a detector's ``defaults``; choosing one kind of extra channels (``context_mm`` or
+        ``windows``) replaces the other kind a default asked for."""
+        values = dict(values or {})
+        defaults = {k: v for k, v in defaults.items() if k not in values}
+        if values.get("windows"):
+            defaults.pop("context_mm", None)
+        if values.get("context_mm"):
+            defaults.pop("windows", None)
+        return cls.from_dict({**defaults, **values})
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "PreprocessConfig":
@@ -114,6 +130,8 @@ class PreprocessConfig:
         _check_number("min_roi_pixels", self.min_roi_pixels, 0, None, integer=True)
         if self.normalize_liver_hu is not None:
             _check_number("normalize_liver_hu", self.normalize_liver_hu, -1000.0, 1000.0)
+        if self.normalize_liver_spread is not None:
+            _check_number("normalize_liver_spread", self.normalize_liver_spread, 0.1, 200.0)
         for name in ("histogram_equalization", "mask_outside_roi"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -249,6 +267,8 @@ def build_preprocessing(
     ]
     if cfg.normalize_liver_hu is not None:
         steps.append(NormalizeLiverHUd(IMAGE, roi_key=ROI, reference_hu=cfg.normalize_liver_hu))
+    if cfg.normalize_liver_spread is not None:
+        steps.append(NormalizeLiverSpreadd(IMAGE, roi_key=ROI, reference_mad_hu=cfg.normalize_liver_spread))
     steps.append(HUWindowsd(IMAGE, windows=cfg.windows) if cfg.windows else HUWindowd(IMAGE, window=cfg.window))
     if cfg.histogram_equalization:
         steps.append(HistogramEqualized(IMAGE, roi_key=ROI))
