@@ -291,7 +291,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
 
 def _print_metrics(values: dict[str, Any]) -> None:
-    keys = ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auroc_roi", "aupro", "aupro_roi", "dice", "dice_volume",
+    keys = ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auroc_roi", "aupro", "aupro_roi", "dice", "dice_label_map",
             "slice_f1", "lesion_sensitivity", "lesion_sensitivity_10mm", "false_regions_per_scan")  # fmt: skip
     for key in keys:
         value = values.get(key)

@@ -102,7 +102,7 @@ def evaluate(
         pixel_threshold=predictor.pixel_threshold,
         slice_threshold=predictor.slice_threshold,
     )
-    values["dice_volume"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else None
+    values["dice_label_map"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else None
     found, large = np.concatenate(lesions_found), np.concatenate(lesions_large)
     values["lesion_sensitivity"] = float(found.mean()) if found.size else None
     values[f"lesion_sensitivity_{LARGE_LESION_MM:g}mm"] = float(found[large].mean()) if large.any() else None
