@@ -108,3 +108,16 @@ def optimizer_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimize
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(module: torch.nn.Module) -> None:
+    """Average every BatchNorm's running mean and variance over processes (no-op in one process), so each rank
+    saves the same network."""
+    n = world_size()
+    if n == 1:
+        return
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+            all_reduce_sum_(layer.running_mean).div_(n)
+            all_reduce_sum_(layer.running_var).div_(n)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
 from monai_ad.detectors.components import LAYER1_TO_3, GaussianBlur2d, cache_budget, cuda_autocast, max_in_roi_map
-from monai_ad.distributed import all_reduce_sum_, min_over_processes, optimizer_step, world_size
+from monai_ad.distributed import average_batchnorm_statistics, min_over_processes, optimizer_step
 from monai_ad.errors import InputError
 from monai_ad.networks.backbones import build_backbone
 from monai_ad.networks.reverse_distillation import MAP_MODES, ReverseDistillation, anomaly_map, distillation_loss
@@ -180,24 +180,13 @@ class RD4AD(AnomalyDetector):
                     optimizer_step(loss, [optimizer], parameters)
                     loss_sum += loss.detach()
                     steps += 1
-                self._average_batchnorm_statistics()
+                average_batchnorm_statistics(self.model)
                 self.train_losses.append(float(loss_sum) / steps)  # one host sync per epoch
                 bar.set_postfix(loss=f"{self.train_losses[-1]:.4f}")
                 bar.update()
         finally:
             bar.close()
             self.eval()
-
-    @torch.no_grad()
-    def _average_batchnorm_statistics(self) -> None:
-        """Average BatchNorm running means/variances over processes (no-op in one process)."""
-        n = world_size()
-        if n == 1:
-            return
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                all_reduce_sum_(module.running_mean).div_(n)
-                all_reduce_sum_(module.running_var).div_(n)
 
     # ------------------------------------------------------------------ scoring
     def backbone_forward(self, image: torch.Tensor) -> list[torch.Tensor]:

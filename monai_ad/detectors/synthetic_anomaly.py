@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
 from monai_ad.detectors.components import GaussianBlur2d, cuda_autocast, max_in_roi_map
-from monai_ad.distributed import all_reduce_sum_, optimizer_step, rank, world_size
+from monai_ad.distributed import average_batchnorm_statistics, optimizer_step, rank
 from monai_ad.errors import InputError
 from monai_ad.networks.anomaly_segmenter import AnomalySegmenter
 from monai_ad.synthesis import DEFAULT_HU_WIDTH, KINDS, SynthesisConfig, hu_scale_for, roi_centers, synthesize
@@ -237,21 +237,10 @@ class SyntheticAnomaly(AnomalyDetector):
                     losses = []
                     bar.set_postfix(loss=f"{mean:.4f}")
                 bar.update()
-            self._average_batchnorm_statistics()
+            average_batchnorm_statistics(self.network)
         finally:
             bar.close()
             self.eval()
-
-    @torch.no_grad()
-    def _average_batchnorm_statistics(self) -> None:
-        """Average BatchNorm running means/variances over processes (no-op in one process)."""
-        n = world_size()
-        if n == 1:
-            return
-        for module in self.network.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                all_reduce_sum_(module.running_mean).div_(n)
-                all_reduce_sum_(module.running_var).div_(n)
 
     # ------------------------------------------------------------------ scoring
     def anomaly_map(self, image: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
