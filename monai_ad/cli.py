@@ -157,14 +157,14 @@ def _check_detector_options(
 ) -> None:
     """Hyper-parameters (``--set``, a config's ``hparams``, each ``--grid`` value) and pre-processing options, checked
     against the detector's constructor and the accepted ranges before any data is read or model fitted."""
-    from monai_ad.detectors.base import check_hparams
+    from monai_ad.detectors.base import check_hparams, detector_class
     from monai_ad.transforms.pipeline import PreprocessConfig
 
     check_hparams(detector, hparams)
     for key, values in (grid or {}).items():
         for value in values:
             check_hparams(detector, {**hparams, key: value})
-    PreprocessConfig.from_dict(preprocessing)
+    PreprocessConfig.with_defaults(detector_class(detector).default_preprocessing, preprocessing)
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -313,7 +313,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     hparams = {**DEMO_HPARAMS.get(args.detector, {}), **_key_values(args.set, "--set")}
     if args.detector == "simplenet":
         hparams["meta_epochs"] = args.epochs
-    _check_detector_options(args.detector, hparams)
+    preprocessing = _key_values(args.preprocess, "--preprocess")
+    _check_detector_options(args.detector, hparams, preprocessing)
     start = time.perf_counter()
     print(f"[1/4] phantom CT dataset ({args.normal} normal + {args.abnormal} abnormal, preset {args.preset})")
     datalist = write_phantom_dataset(
@@ -321,7 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
     print(f"[2/4] training {args.detector} on the normal volumes ({json.dumps(hparams)})")
     model = out / f"{args.detector}.pt"
-    train(args.detector, datalist, model, hparams=hparams, device=args.device, progress=not args.quiet)
+    train(args.detector, datalist, model, hparams=hparams, preprocessing=preprocessing, device=args.device, progress=not args.quiet)
     print("[3/4] inference and evaluation on the held-out volumes")
     values = evaluate(model, datalist, out / "evaluation", progress=not args.quiet, device=args.device)
     print("[4/4] done in {:.0f} s".format(time.perf_counter() - start))
@@ -492,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=4, help="SimpleNet meta-epochs (the paper uses 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="detector hyper-parameter (repeatable)")
+    p.add_argument("--preprocess", action="append", metavar="KEY=VALUE", help="pre-processing option (repeatable)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("select", parents=[shared], help="weakly-supervised hyper-parameter selection: k-fold CV over patients, one-type validation anomalies")
