@@ -3,5 +3,5 @@
 __version__ = "0.1.0"
 
 # the detector the command line, the demo and the app start with: the best row of the accuracy benchmark
-# (benchmarks/accuracy.py, README) that also runs in seconds on a CPU
-DEFAULT_DETECTOR = "intensity"
+# on real CT (benchmarks/accuracy.py, README table)
+DEFAULT_DETECTOR = "fused"

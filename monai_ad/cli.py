@@ -301,7 +301,7 @@ def _print_metrics(values: dict[str, Any]) -> None:
 
 
 # A few minutes on a 2-core CPU: a 2 % coreset instead of PatchCore's 10 % (the greedy search is the slow part).
-DEMO_HPARAMS = {"patchcore": {"coreset_ratio": 0.02}}
+DEMO_HPARAMS = {"patchcore": {"coreset_ratio": 0.02}, "fused": {"detector_hparams": {"coreset_ratio": 0.02}}}
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

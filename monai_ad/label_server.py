@@ -183,7 +183,7 @@ def run_app(
     conf = dict(conf or {})
     if sample_dir is not None:
         conf.setdefault("model_dir", str(Path(sample_dir) / "models"))
-        # the project's default detector trains at start-up (seconds on a CPU); the others on request
+        # the project's default detector trains at start-up (about a minute on a CPU); the others on request
         conf.setdefault("train_on_start", f"{DEFAULT_DETECTOR}_liver_ct")
     cmd = server_command(studies, port, conf, host=host)
     print(f"MONAI Label: http://{host}:{port}  (studies {studies}; OHIF at /ohif/ with a DICOMweb store)", flush=True)
