@@ -43,8 +43,11 @@ logger = logging.getLogger(__name__)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 ID_PARAMS = ("image", "id", "label", "tag")  # query parameters MONAI Label turns into file names
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-INFER_CLIENT_KEYS = {"device", "label_info", "client_id"}  # sent by the Slicer plugin / OHIF beside the model's options
-FIXED_VALUES = {"result_extension": (".nii.gz", ".nii"), "result_dtype": ("uint8",)}
+# sent by the Slicer plugin and OHIF's MONAI Label panel beside the model's options (OHIF: label_prompt,
+# result_compress, restore_label_idx and a NRRD result)
+INFER_CLIENT_KEYS = {"device", "label_info", "client_id", "label_prompt", "result_compress", "restore_label_idx"}
+FIXED_VALUES = {"result_extension": (".nii.gz", ".nii", ".nrrd"), "result_dtype": ("uint8",),
+                "result_compress": (True, False), "restore_label_idx": (True, False)}  # fmt: skip
 DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?|auto)$")
 DEFAULT_MAX_UPLOAD_MB = 1024.0
 UPLOAD_PREFIX = "monai_ad_upload_"
@@ -160,6 +163,11 @@ def infer_options(params: Any, allowed: dict[str, Any], model: str) -> dict[str,
         if key == "label_info":
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 raise HTTPException(422, "infer option 'label_info' must be a list of objects")
+        elif key == "label_prompt":
+            if not isinstance(value, list) or len(value) > 64 or not all(
+                isinstance(v, (int, str)) and not isinstance(v, bool) and len(str(v)) <= 40 and "/" not in str(v) for v in value
+            ):
+                raise HTTPException(422, "infer option 'label_prompt' must be a short list of label names or numbers")
         elif key == "device":
             if not isinstance(value, str) or not DEVICE.match(value):
                 raise HTTPException(422, f"infer option 'device' must be cpu, cuda or cuda:N, got {str(value)[:40]!r}")
