@@ -183,7 +183,7 @@ class AnomalyDetector(nn.Module, ABC):
     # ------------------------------------------------------------------ fitting
     def fit(self, data: Any, *, batch_size: int = 16, progress: bool = True) -> "AnomalyDetector":
         """Learn from normal slices (see ``iter_slice_batches`` for the accepted forms). Returns ``self``."""
-        self._fit(_Reiterable(data, batch_size), progress=progress)
+        self._fit(ReiterableBatches(data, batch_size), progress=progress)
         self._fitted.fill_(True)
         return self
 
@@ -382,8 +382,9 @@ class AnomalyDetector(nn.Module, ABC):
             raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
 
 
-class _Reiterable:
-    """Lets ``_fit`` loop over the training data several times, whatever form it came in."""
+class ReiterableBatches:
+    """Slice batches that can be read several times (by ``_fit``, or a calibration that reads twice), whatever form
+    the data came in."""
 
     def __init__(self, data: Any, batch_size: int):
         if isinstance(data, Iterator):  # a one-shot generator: keep its batches

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from monai_ad.detectors.base import AnomalyDetector, SliceScores, _Reiterable, create_detector, register_detector
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, ReiterableBatches, create_detector, register_detector
 from monai_ad.detectors.intensity import IntensityDeviation, interpolate, tail_probabilities
 from monai_ad.errors import InputError
 
@@ -66,7 +66,7 @@ class DensityFused(AnomalyDetector):
 
     @torch.no_grad()
     def calibrate(self, data: Any, quantile: float | None = None, batch_size: int = 16, **kwargs: Any) -> dict[str, Any]:
-        data = _Reiterable(data, batch_size)  # read twice: the table, then the thresholds
+        data = ReiterableBatches(data, batch_size)  # read twice: the table, then the thresholds
         self._tabulate(data)
         return super().calibrate(data, quantile, batch_size, **kwargs)
 
