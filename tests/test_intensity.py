@@ -149,3 +149,11 @@ def test_liver_spread_becomes_the_reference_and_the_median_stays():
     inside, before = out[roi > 0], hu[roi > 0]
     assert float(inside.median()) == pytest.approx(float(before.median()), abs=1e-3)
     assert float((inside - inside.median()).abs().median()) == pytest.approx(10.0, rel=1e-3)
+
+
+def test_fused_scores_only_once_calibrated():
+    image, roi, _ = synthetic_slices(8, seed=0)
+    fused = create_detector("fused", image_size=SIZE, detector="patchcore", detector_hparams={"coreset_ratio": 0.1})
+    fused.fit([{"image": image, "roi": roi}])
+    with pytest.raises(InputError, match="calibrate"):
+        fused.score(image, roi)

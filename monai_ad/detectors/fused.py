@@ -5,7 +5,7 @@ what most liver lesions do; the intensity baseline sees exactly that and nothing
 scale before they are added: each becomes the ``-log10`` of its tail probability among normal liver pixels (the
 intensity detector's map already is; the feature map's upper tail is tabulated on the held-out normal slices
 given to ``calibrate``, where the feature detector has not seen the data, so its scores are not the optimistic
-ones of its own training slices). Their sum is the joint rarity of the two readings, as if they were
+ones of its own training slices; a fused detector scores once calibrated). Their sum is the joint rarity of the two readings, as if they were
 independent; the slice score is the sum map's maximum in the liver.
 """
 
@@ -52,6 +52,7 @@ class DensityFused(AnomalyDetector):
         levels = tail_probabilities(min_tail)
         self.register_buffer("rarity", -torch.log10(levels).float())  # one-sided: a feature score is high or not
         self.register_buffer("feature_tail", torch.linspace(0, 1, len(levels)))  # score at each tail probability
+        self.register_buffer("tabulated", torch.zeros((), dtype=torch.bool))
 
     @property
     def unsaved_prefixes(self) -> tuple[str, ...]:  # the feature detector's frozen backbone is rebuilt, not saved
@@ -62,11 +63,12 @@ class DensityFused(AnomalyDetector):
             part.preprocessing = self.preprocessing
             part._fit(batches, progress)
             part._fitted.fill_(True)
-        self._tabulate(batches)  # until calibration brings held-out slices
+        self.tabulated.fill_(False)  # the feature map's tail comes from the held-out slices of ``calibrate``
 
     @torch.no_grad()
     def calibrate(self, data: Any, quantile: float | None = None, batch_size: int = 16, **kwargs: Any) -> dict[str, Any]:
         data = ReiterableBatches(data, batch_size)  # read twice: the table, then the thresholds
+        self.feature.preprocessing = self.preprocessing
         self._tabulate(data)
         return super().calibrate(data, quantile, batch_size, **kwargs)
 
@@ -90,8 +92,11 @@ class DensityFused(AnomalyDetector):
         steps = torch.full_like(table, 1e-6 * max(float(table[-1] - table[0]), 1e-6))
         steps[0] = 0.0
         self.feature_tail.copy_(table.cummax(0).values + steps.cumsum(0))  # strictly increasing
+        self.tabulated.fill_(True)
 
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
+        if not self.tabulated:
+            raise InputError("fused: calibrate it on held-out normal slices first (they set the feature scores' scale)")
         self.feature.preprocessing = self.density.preprocessing = self.preprocessing  # restored on the whole only
         feature = self.feature._score(image, roi).pixel.float()
         rarity = interpolate(feature.flatten(), self.feature_tail, self.rarity).view_as(feature).clamp_min(0.0)
