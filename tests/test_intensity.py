@@ -157,3 +157,10 @@ def test_fused_scores_only_once_calibrated():
     fused.fit([{"image": image, "roi": roi}])
     with pytest.raises(InputError, match="calibrate"):
         fused.score(image, roi)
+
+
+def test_calibration_skips_batches_without_liver(fitted):
+    image, roi, _ = synthetic_slices(6, seed=7)
+    empty = torch.zeros_like(roi)
+    thresholds = fitted.calibrate([{"image": image, "roi": empty}, {"image": image, "roi": roi}], n_scans=1)
+    assert thresholds["n_slices"] == 6 and thresholds["extent"] <= thresholds["pixel"]

@@ -275,7 +275,8 @@ class AnomalyDetector(nn.Module, ABC):
                 slice_scores.append(scores.slice.float().cpu())
             pixel_max.append(pixel.flatten(1).amax(1).float().cpu())
             inside = pixel[torch.isfinite(pixel)].float().cpu()
-            pixel_sample.append(inside[torch.randint(len(inside), (min(len(inside), 20_000),), generator=generator)])
+            if len(inside):  # a batch of slices without liver adds nothing
+                pixel_sample.append(inside[torch.randint(len(inside), (min(len(inside), 20_000),), generator=generator)])
         if not slice_scores or sum(len(s) for s in slice_scores) == 0:
             raise InputError("no normal slices with a liver ROI to calibrate the threshold on")
         slice_all = torch.cat(slice_scores).numpy()
@@ -292,7 +293,7 @@ class AnomalyDetector(nn.Module, ABC):
         self.thresholds = {
             "slice": float(np.quantile(slice_all, quantile)),
             "pixel": float(np.quantile(pixel_all, quantile)),
-            "extent": float(np.quantile(torch.cat(pixel_sample).numpy(), EXTENT_QUANTILE)),
+            "extent": float(np.quantile(torch.cat(pixel_sample).numpy(), EXTENT_QUANTILE)) if pixel_sample else None,
             "method": method,
             "quantile": quantile,
             "n_slices": int(slice_all.size),
