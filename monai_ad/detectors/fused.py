@@ -16,7 +16,13 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, ReiterableBatches, create_detector, register_detector
-from monai_ad.detectors.intensity import IntensityDeviation, interpolate, tail_probabilities
+from monai_ad.detectors.intensity import (
+    IntensityDeviation,
+    batch_roi,
+    interpolate,
+    strictly_increasing,
+    tail_probabilities,
+)
 from monai_ad.errors import InputError
 
 TABLE_SAMPLE = 2_000_000
@@ -79,8 +85,7 @@ class DensityFused(AnomalyDetector):
         values = []
         for batch in batches:
             image = batch["image"].to(self.device, torch.float32)
-            roi = batch.get("roi")
-            roi = torch.ones_like(image[:, :1], dtype=torch.bool) if roi is None else roi.to(self.device) > 0
+            roi = batch_roi(batch, image)
             values.append(self.feature.score(image, roi).pixel[roi[:, 0]].float().cpu())
         values = torch.cat(values) if values else torch.zeros(0)
         if values.numel() < 100:
@@ -89,9 +94,7 @@ class DensityFused(AnomalyDetector):
             values = values[torch.randperm(values.numel(), generator=generator)[:TABLE_SAMPLE]]
         levels = tail_probabilities(float(self.hparams["min_tail"]))
         table = torch.quantile(values.double(), 1 - levels).float()
-        steps = torch.full_like(table, 1e-6 * max(float(table[-1] - table[0]), 1e-6))
-        steps[0] = 0.0
-        self.feature_tail.copy_(table.cummax(0).values + steps.cumsum(0))  # strictly increasing
+        self.feature_tail.copy_(strictly_increasing(table, step=1e-6 * max(float(table[-1] - table[0]), 1e-6)))
         self.tabulated.fill_(True)
 
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:

@@ -154,7 +154,7 @@ class IntensityDeviation(AnomalyDetector):
         for batch in batches:
             image = batch["image"].to(self.device, torch.float32)
             self.check_slices(image)
-            roi = _roi(batch, image)
+            roi = batch_roi(batch, image)
             smoothed = self._smoothed(image, roi)
             if not self._self_referenced():
                 smoothed = smoothed - _slice_medians(smoothed, roi)
@@ -175,7 +175,8 @@ class IntensityDeviation(AnomalyDetector):
             centre = q[k - 1]
             low, high = centre - q[: k].flip(0), q[k - 1 :] - centre
             # strictly increasing distances (ties where a tail is flat) keep the interpolation defined
-            return float(centre), torch.stack([_increasing(low), _increasing(high)])
+            tails = [strictly_increasing(distance.clamp_min(0.0)) for distance in (low, high)]
+            return float(centre), torch.stack(tails)
 
         overall = tables(values)
         for band in range(len(self.centre)):
@@ -201,13 +202,14 @@ class IntensityDeviation(AnomalyDetector):
         return SliceScores(pixel=pixel, slice=pixel.flatten(1).amax(1))
 
 
-def _increasing(distance: torch.Tensor) -> torch.Tensor:
-    steps = torch.full_like(distance, 1e-6)
-    steps[0] = 0.0
-    return torch.maximum(distance, torch.zeros_like(distance)).cummax(0).values + steps.cumsum(0)
+def strictly_increasing(values: torch.Tensor, step: float = 1e-6) -> torch.Tensor:
+    """A tail table made strictly increasing (where a tail is flat, ties are split by ``step``), so the
+    interpolation through it is defined everywhere."""
+    return values.cummax(0).values + step * torch.arange(len(values), dtype=values.dtype, device=values.device)
 
 
-def _roi(batch: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+def batch_roi(batch: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+    """A batch's liver mask as booleans on the image's device; the whole slice when the batch has none."""
     roi = batch.get("roi")
     if roi is None:
         return torch.ones_like(image[:, :1], dtype=torch.bool)
