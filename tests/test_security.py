@@ -4,7 +4,6 @@ HTTP requests, no credentials. Every attack must get a 4xx with one line, leave 
 
 import http.client
 import json
-import os
 import sys
 import time
 import urllib.parse
