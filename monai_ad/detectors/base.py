@@ -14,6 +14,7 @@ in three HU windows; channel ``C // 2`` is always the slice itself.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from abc import ABC, abstractmethod
@@ -75,8 +76,6 @@ def check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
     """Check hyper-parameters before any work: each must be a parameter of the detector's constructor, and the
     common ones (``HPARAM_RANGES``: image_size, batch_size, epochs, ...) numbers in range. ``InputError`` names
     the detector, the parameter and the accepted values."""
-    import inspect
-
     _import_builtin_detectors()
     if name not in DETECTORS:
         raise InputError(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTORS))}")
@@ -101,6 +100,27 @@ def check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
             else:
                 bounds = f"above {low:g} and at most {high:g}" if open_low else f"from {low:g} to {high:g}"
             raise InputError(f"{name}: {key} must be {kind} {bounds}, got {value!r}")
+
+
+def constructor_arguments() -> dict[str, Any]:
+    """The hyper-parameters of the constructor that calls this, read from its signature: each parameter but
+    ``self`` (those of a ``**kwargs`` included), in signature order, with the value its variable holds *now*.
+
+    A detector's constructor checks and normalises its arguments (a sequence made a list, a path made absolute),
+    then records them with ``super().__init__(**constructor_arguments())`` instead of listing them again; so
+    before that call a parameter may only be rebound to the value the saved detector should hold.
+    """
+    frame = inspect.currentframe().f_back
+    try:
+        code, values = frame.f_code, frame.f_locals
+        count = code.co_argcount + code.co_kwonlyargcount
+        names = code.co_varnames[1:count]
+        hparams = {name: values[name] for name in names}
+        if code.co_flags & inspect.CO_VARKEYWORDS:
+            hparams.update(values[code.co_varnames[count + bool(code.co_flags & inspect.CO_VARARGS)]])
+        return hparams
+    finally:
+        del frame  # a frame held by a local would keep its variables alive
 
 
 def available_detectors() -> list[str]:
@@ -141,7 +161,8 @@ def iter_slice_batches(data: Any, batch_size: int = 16) -> Iterator[dict[str, to
 
 
 class AnomalyDetector(nn.Module, ABC):
-    """Base class: subclasses implement ``_fit`` and ``_score`` and call ``super().__init__(**hparams)``.
+    """Base class: subclasses implement ``_fit`` and ``_score``; their constructor takes the hyper-parameters as
+    arguments and records them with ``super().__init__(**constructor_arguments())`` (or passes them by name).
 
     Subclasses keep learned tensors as parameters or buffers (so ``.to(device)`` moves them and they are
     saved). Buffers whose size is only known after fitting may be registered as empty tensors: loading

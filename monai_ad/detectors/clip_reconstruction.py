@@ -39,23 +39,18 @@ Slices are resized to the CLIP input size and maps come back at ``image_size``. 
 
 from __future__ import annotations
 
-import itertools
-import logging
 import os
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import PatchScoreMap, cache_budget, feature_batches, max_in_roi, roi_on_grid
-from monai_ad.distributed import min_over_processes, optimizer_step
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
+from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
+from monai_ad.detectors.feature_training import FrozenFeatureTrainer, cache_budget
 from monai_ad.errors import InputError
 from monai_ad.networks.clip import FrozenCLIP, evenly_spaced_layers
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 2 << 30
 PLACEHOLDER = "X"
@@ -122,15 +117,12 @@ class CLIPReconstruction(AnomalyDetector):
         clip_checkpoint = None if clip_checkpoint in (None, "") else os.path.abspath(os.fspath(clip_checkpoint))
         if prompt_length < 1 or bottleneck < 1 or epochs < 1 or batch_size < 1:
             raise InputError("clip_reconstruction: prompt_length, bottleneck, epochs and batch_size must be at least 1")
-        super().__init__(
-            image_size=image_size, in_channels=in_channels, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
-            allow_random_weights=allow_random_weights, object_name=object_name, prompt_length=int(prompt_length),
-            bottleneck=int(bottleneck), layers=None if layers is None else [int(i) for i in layers],
-            text_layers=None if text_layers is None else [int(i) for i in text_layers],
-            laplacian_levels=int(laplacian_levels), detail_gain=float(detail_gain), epochs=int(epochs),
-            batch_size=int(batch_size), lr=float(lr), sigma=float(sigma), cache_features=cache_features, amp=amp,
-            seed=seed,
-        )  # fmt: skip
+        prompt_length, bottleneck, laplacian_levels = int(prompt_length), int(bottleneck), int(laplacian_levels)
+        epochs, batch_size, lr = int(epochs), int(batch_size), float(lr)
+        detail_gain, sigma = float(detail_gain), float(sigma)
+        layers = None if layers is None else [int(i) for i in layers]
+        text_layers = None if text_layers is None else [int(i) for i in text_layers]
+        super().__init__(**constructor_arguments())
         self.clip = clip = FrozenCLIP(clip_model, clip_checkpoint, allow_random_weights, amp=amp, seed=seed)
         self.layers = list(layers) if layers is not None else evenly_spaced_layers(clip.vision_depth)
         self.text_layers = list(text_layers) if text_layers is not None else evenly_spaced_layers(clip.text_depth)
@@ -141,13 +133,13 @@ class CLIPReconstruction(AnomalyDetector):
             if not chosen or min(chosen) < 0 or max(chosen) >= depth:
                 raise InputError(f"clip_reconstruction: {name} {chosen} must be block indices in 0..{depth - 1}")
         dim, width = clip.embed_dim, clip.text_width
-        hidden = max(1, dim // int(bottleneck))
+        hidden = max(1, dim // bottleneck)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             self.adaptor = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, width))
-            self.prompts = nn.Parameter(0.02 * torch.randn(clip.num_patches, int(prompt_length), width))
+            self.prompts = nn.Parameter(0.02 * torch.randn(clip.num_patches, prompt_length, width))
         # [SOT] X×M X <object> . [EOT]: the M + 1 placeholders become the prompts and the adaptor token
-        ids = clip.tokenize([" ".join([PLACEHOLDER] * (int(prompt_length) + 1)) + f" {object_name}."])[0]
+        ids = clip.tokenize([" ".join([PLACEHOLDER] * (prompt_length + 1)) + f" {object_name}."])[0]
         self.eot = int(ids.argmax())
         self.register_buffer("template_ids", ids[: self.eot + 1], persistent=False)
         self.to_map = PatchScoreMap(image_size, sigma)
@@ -193,52 +185,16 @@ class CLIPReconstruction(AnomalyDetector):
         self.check_slices(image)
         return self.image_features(image.to(self.device, torch.float32, non_blocking=True))
 
-    def _cached_features(self, batches, progress: bool) -> torch.Tensor | None:
-        budget = cache_budget(self.hparams["cache_features"], DEFAULT_CACHE_BYTES)
-        if budget == 0:
-            return None
-        cached, size = [], 0
-        for batch in tqdm(batches, desc="clip features", disable=not progress, unit="batch", leave=False):
-            feats = self._extract(batch["image"]).to(torch.float16)
-            size += feats.numel() * 2
-            if budget is not None and size > budget:
-                logger.info("clip_reconstruction: features exceed %d bytes; recomputing them every epoch", budget)
-                return None
-            cached.append(feats)
-        return torch.cat(cached) if cached else torch.empty(0)
-
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
         p = self.hparams
-        shuffle = torch.Generator().manual_seed(int(p["seed"]))
-        cached = self._cached_features(batches, progress)
-        size = p["batch_size"]
-        if cached is not None:
-            local_steps = -(-cached.shape[0] // size)
-        else:
-            local_steps = sum(-(-len(b["image"]) // size) for b in batches)
-        steps_per_epoch = min_over_processes(local_steps)  # equal steps everywhere keeps the all-reduces paired
-        if steps_per_epoch == 0:
-            raise InputError("clip_reconstruction: no training slices")
-        trainable = [self.prompts, *self.adaptor.parameters()]
-        optimizer = torch.optim.Adam(trainable, lr=p["lr"])
-        self.train()
-        self.train_losses = []
-        bar = tqdm(total=p["epochs"], desc="clip_reconstruction", disable=not progress, unit="epoch", leave=False)
-        try:
-            for _ in range(p["epochs"]):
-                loss_sum, steps = torch.zeros((), device=self.device), 0
-                epoch = feature_batches(cached, batches, self._extract, size, shuffle)
-                for feats in itertools.islice(epoch, steps_per_epoch):
-                    loss = self.reconstruction_distance(feats.float()).mean()
-                    optimizer_step(loss, [optimizer], trainable)
-                    loss_sum += loss.detach()
-                    steps += 1
-                self.train_losses.append(float(loss_sum) / steps)  # one host sync per epoch
-                bar.set_postfix(loss=f"{self.train_losses[-1]:.4f}")
-                bar.update()
-        finally:
-            bar.close()
-            self.eval()
+        budget = cache_budget(p["cache_features"], DEFAULT_CACHE_BYTES)
+        trainer = FrozenFeatureTrainer("clip_reconstruction", self._extract, p["batch_size"], p["seed"], budget)
+        cached = trainer.cache(batches, progress)
+        optimizer = torch.optim.Adam([self.prompts, *self.adaptor.parameters()], lr=p["lr"])
+        self.train_losses = trainer.train(
+            self, cached, batches, lambda feats: self.reconstruction_distance(feats.float()).mean(), [optimizer],
+            p["epochs"], progress,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ scoring
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:

@@ -6,13 +6,15 @@
 - ``GaussianBlur2d`` / ``gaussian_blur2d``: ``scipy.ndimage.gaussian_filter`` (mode ``reflect``) on the device.
 - ``PatchScoreMap``: a patch-score grid → a pixel map (bilinear upsampling + Gaussian blur).
 - ``roi_on_grid`` / ``max_in_roi``: restrict slice scores to the patches that overlap the ROI.
+
+The training loop of the detectors that learn on a frozen network's outputs is ``monai_ad.detectors.feature_training``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -347,29 +349,3 @@ LAYER1_TO_3: dict[str, tuple[str, ...]] = {
     "resnet18": ("layer1", "layer2", "layer3"),
     "wide_resnet50_2": ("layer1", "layer2", "layer3"),
 }
-
-
-def cache_budget(setting: bool | int | None, default: int = 4 << 30) -> int | None:
-    """Bytes a detector may spend caching its frozen network's outputs during training: ``None`` (unset) →
-    ``default``; ``True`` → no limit (returned as ``None``); ``False`` → 0, no cache; an integer → that many."""
-    if setting is None:
-        return default
-    if isinstance(setting, bool):
-        return None if setting else 0
-    return int(setting)
-
-
-def feature_batches(
-    cached: torch.Tensor | None, batches, extract, size: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """One epoch of training batches of ``size`` feature rows: from the ``cached`` tensor in a fresh order drawn
-    from ``generator`` when there is a cache, else ``extract(batch["image"])`` for each batch of ``batches``."""
-    if cached is not None:
-        order = torch.randperm(cached.shape[0], generator=generator).to(cached.device)
-        for start in range(0, len(order), size):
-            yield cached.index_select(0, order[start : start + size])
-        return
-    for batch in batches:
-        feats = extract(batch["image"])
-        for start in range(0, feats.shape[0], size):
-            yield feats[start : start + size]

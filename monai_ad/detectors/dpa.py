@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
 from monai_ad.distributed import all_reduce_sum_, optimizer_step
 from monai_ad.errors import InputError
@@ -148,14 +148,8 @@ class DeepPerceptualAutoencoder(AnomalyDetector):
             raise InputError(f"dpa: feature_stats must be {' or '.join(FEATURE_STATS)} or a statistics file")
         if not isinstance(inner_dims, int):
             inner_dims = [int(w) for w in inner_dims]
-        super().__init__(
-            image_size=image_size, in_channels=in_channels, start_resolution=start_resolution, latent_dim=latent_dim,
-            latent_resolution=latent_resolution, inner_dims=inner_dims, perceptual=perceptual, weights=weights,
-            allow_random_weights=allow_random_weights, feature_layer=feature_layer, feature_stats=feature_stats,
-            transition_iters=transition_iters, stable_iters=stable_iters, final_iters=final_iters,
-            batch_size=batch_size, lr=lr, sigma=sigma, slice_score=slice_score, amp=amp, seed=seed,
-        )  # fmt: skip
-        self.hparams["feature_stats"] = os.fspath(feature_stats)
+        feature_stats = os.fspath(feature_stats)
+        super().__init__(**constructor_arguments())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             self.autoencoder = ProgressiveAutoencoder(

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.detectors.components import LAYER1_TO_3, PatchScoreMap, cuda_autocast, max_in_roi_map
 from monai_ad.distributed import all_reduce_sum_
 from monai_ad.errors import InputError
@@ -83,11 +83,8 @@ class PaDiM(AnomalyDetector):
             raise InputError(f"padim: batch_size must be at least 1, got {batch_size}")
         if layers is None and backbone in LAYER1_TO_3:
             layers = LAYER1_TO_3[backbone]
-        super().__init__(
-            image_size=image_size, in_channels=in_channels, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
-            allow_random_weights=allow_random_weights, dim=dim, regularization=regularization, sigma=sigma,
-            batch_size=batch_size, amp=amp, seed=seed,
-        )  # fmt: skip
+        layers = None if layers is None else list(layers)
+        super().__init__(**constructor_arguments())
         self.backbone = build_backbone(backbone, layers, weights, allow_random_weights)
         total = sum(self.backbone.channels)
         dim = int(dim if dim is not None else min(PADIM_DIM.get(backbone, total), total))

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, greedy_coreset, max_in_roi, roi_on_grid
 from monai_ad.distributed import all_gather_rows
 from monai_ad.errors import InputError
@@ -98,13 +98,8 @@ class PatchCore(AnomalyDetector):
         amp: bool = False,
         seed: int = 0,
     ):
-        super().__init__(
-            image_size=image_size, in_channels=in_channels, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
-            allow_random_weights=allow_random_weights, pre_dim=pre_dim, target_dim=target_dim, patch_size=patch_size,
-            coreset_ratio=coreset_ratio, coreset_projection=coreset_projection, coreset_starts=coreset_starts,
-            num_neighbors=num_neighbors, squared_distance=squared_distance, reweight=reweight,
-            reweight_neighbors=reweight_neighbors, sigma=sigma, batch_size=batch_size, amp=amp, seed=seed,
-        )  # fmt: skip
+        layers = None if layers is None else list(layers)
+        super().__init__(**constructor_arguments())
         if not 0 < coreset_ratio <= 1:
             raise InputError(f"patchcore: coreset_ratio must be in (0, 1], got {coreset_ratio}")
         if num_neighbors < 1 or reweight_neighbors < 1:

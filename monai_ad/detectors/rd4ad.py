@@ -31,20 +31,16 @@ Choices the sources leave open or that differ from them, made here:
 
 from __future__ import annotations
 
-import logging
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import LAYER1_TO_3, GaussianBlur2d, cache_budget, cuda_autocast, max_in_roi_map
-from monai_ad.distributed import average_batchnorm_statistics, min_over_processes, optimizer_step
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
+from monai_ad.detectors.components import LAYER1_TO_3, GaussianBlur2d, cuda_autocast, max_in_roi_map
+from monai_ad.detectors.feature_training import FrozenFeatureTrainer, cache_budget
 from monai_ad.errors import InputError
 from monai_ad.networks.backbones import build_backbone
 from monai_ad.networks.reverse_distillation import MAP_MODES, ReverseDistillation, anomaly_map, distillation_loss
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 4 << 30
 
@@ -94,12 +90,8 @@ class RD4AD(AnomalyDetector):
             raise InputError(f"rd4ad: sigma must be 0 (no smoothing) or positive, got {sigma}")
         if layers is None and backbone in LAYER1_TO_3:
             layers = LAYER1_TO_3[backbone]
-        super().__init__(
-            image_size=image_size, in_channels=in_channels, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
-            allow_random_weights=allow_random_weights, oce_blocks=oce_blocks, decoder_blocks=decoder_blocks,
-            width_factor=width_factor, epochs=epochs, batch_size=batch_size, lr=lr, betas=betas, map_mode=map_mode,
-            sigma=sigma, cache_features=cache_features, amp=amp, seed=seed,
-        )  # fmt: skip
+        layers = None if layers is None else list(layers)
+        super().__init__(**constructor_arguments())
         teacher = build_backbone(backbone, layers, weights, allow_random_weights)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -121,72 +113,19 @@ class RD4AD(AnomalyDetector):
         with cuda_autocast(image.device, self.hparams["amp"]):
             return self.model.teacher(image)
 
-    def _cache_teacher_maps(self, batches, progress: bool) -> list[torch.Tensor] | None:
-        budget = cache_budget(self.hparams["cache_features"], DEFAULT_CACHE_BYTES)
-        if budget == 0:
-            return None
-        levels: list[list[torch.Tensor]] = [[], [], []]
-        size = 0
-        for batch in tqdm(batches, desc="rd4ad teacher", disable=not progress, unit="batch", leave=False):
-            maps = self._teacher_maps(batch["image"])
-            size += sum(m.numel() * m.element_size() for m in maps)
-            if budget is not None and size > budget:
-                logger.info("rd4ad: teacher maps exceed %d bytes; recomputing them every epoch", budget)
-                return None
-            for level, m in zip(levels, maps):
-                level.append(m)
-        return [torch.cat(level) for level in levels] if levels[0] else []
-
-    def _training_batches(self, cached, batches, generator: torch.Generator) -> Iterator[list[torch.Tensor]]:
-        size = int(self.hparams["batch_size"])
-        if cached is not None:
-            order = torch.randperm(cached[0].shape[0], generator=generator).to(cached[0].device)
-            for start in range(0, len(order), size):
-                index = order[start : start + size]
-                yield [level.index_select(0, index) for level in cached]
-            return
-        for batch in batches:
-            maps = self._teacher_maps(batch["image"])
-            for start in range(0, maps[0].shape[0], size):
-                yield [m[start : start + size] for m in maps]
-
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
         p = self.hparams
-        size = int(p["batch_size"])
-        cached = self._cache_teacher_maps(batches, progress)
-        if cached is not None:
-            local_steps = -(-cached[0].shape[0] // size) if cached else 0
-        else:
-            local_steps = sum(-(-len(b["image"]) // size) for b in batches)
-        steps_per_epoch = min_over_processes(local_steps)  # equal steps everywhere keeps the all-reduces paired
-        if steps_per_epoch == 0:
-            raise InputError("rd4ad: no training slices")
-        parameters = self.trainable_parameters()
-        optimizer = torch.optim.Adam(parameters, lr=float(p["lr"]), betas=tuple(p["betas"]))
-        shuffle = torch.Generator().manual_seed(int(p["seed"]))
-        device = self.device
-        self.model.train()  # the teacher stays in eval mode (FeatureExtractor)
-        self.train_losses = []
-        bar = tqdm(total=int(p["epochs"]), desc="rd4ad training", disable=not progress, unit="epoch", leave=False)
-        try:
-            for _ in range(int(p["epochs"])):
-                loss_sum, steps = torch.zeros((), device=device), 0
-                for teacher_maps in self._training_batches(cached, batches, shuffle):
-                    if steps == steps_per_epoch:
-                        break
-                    with cuda_autocast(device, p["amp"]):
-                        student_maps = self.model.student_maps(teacher_maps)
-                    loss = distillation_loss(teacher_maps, student_maps)
-                    optimizer_step(loss, [optimizer], parameters)
-                    loss_sum += loss.detach()
-                    steps += 1
-                average_batchnorm_statistics(self.model)
-                self.train_losses.append(float(loss_sum) / steps)  # one host sync per epoch
-                bar.set_postfix(loss=f"{self.train_losses[-1]:.4f}")
-                bar.update()
-        finally:
-            bar.close()
-            self.eval()
+        budget = cache_budget(p["cache_features"], DEFAULT_CACHE_BYTES)
+        # the maps are cached as the teacher gives them (float32, or bf16 under ``amp``)
+        trainer = FrozenFeatureTrainer("rd4ad", self._teacher_maps, p["batch_size"], p["seed"], budget, None)
+        cached = trainer.cache(batches, progress)
+        optimizer = torch.optim.Adam(self.trainable_parameters(), lr=float(p["lr"]), betas=tuple(p["betas"]))
+        self.train_losses = trainer.train(self, cached, batches, self._loss, [optimizer], int(p["epochs"]), progress)
+
+    def _loss(self, teacher_maps: list[torch.Tensor]) -> torch.Tensor:
+        with cuda_autocast(teacher_maps[0].device, self.hparams["amp"]):
+            student_maps = self.model.student_maps(teacher_maps)
+        return distillation_loss(teacher_maps, student_maps)
 
     # ------------------------------------------------------------------ scoring
     def backbone_forward(self, image: torch.Tensor) -> list[torch.Tensor]:

@@ -32,25 +32,17 @@ DistributedDataParallel does); the normalisation statistics are summed over proc
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
-from monai_ad.detectors.components import (
-    PatchFeatures,
-    PatchScoreMap,
-    cache_budget,
-    feature_batches,
-    max_in_roi,
-    roi_on_grid,
-)
-from monai_ad.distributed import all_reduce_sum_, min_over_processes, optimizer_step
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
+from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, max_in_roi, roi_on_grid
+from monai_ad.detectors.feature_training import FrozenFeatureTrainer, cache_budget
+from monai_ad.distributed import all_reduce_sum_
 from monai_ad.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +61,30 @@ class Discriminator(nn.Sequential):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
+
+
+class FeatureMoments:
+    """Per-dimension mean and variance of feature rows ``[..., D]`` seen batch by batch (float64 sums; summed
+    over processes under torch.distributed)."""
+
+    def __init__(self, dim: int, device: torch.device):
+        self.total = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.squares = torch.zeros_like(self.total)
+        self.count = torch.zeros(1, dtype=torch.float64, device=device)
+
+    def add(self, features: torch.Tensor) -> None:
+        rows = features.reshape(-1, self.total.shape[0]).double()
+        self.total += rows.sum(0)
+        self.squares += rows.square().sum(0)
+        self.count += rows.shape[0]
+
+    def mean_and_variance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        for t in (self.total, self.squares, self.count):
+            all_reduce_sum_(t)
+        if float(self.count) == 0:
+            raise InputError("simplenet: no training slices")
+        mean = self.total / self.count
+        return mean, (self.squares / self.count - mean.square()).clamp_min(0.0)
 
 
 @register_detector("simplenet")
@@ -113,14 +129,8 @@ class SimpleNet(AnomalyDetector):
             raise InputError(f"simplenet: feature_norm must be one of {', '.join(FEATURE_NORMS)}, got {feature_norm!r}")
         if meta_epochs < 1 or gan_epochs < 1 or batch_size < 1:
             raise InputError("simplenet: meta_epochs, gan_epochs and batch_size must be at least 1")
-        super().__init__(
-            image_size=image_size, in_channels=in_channels, backbone=backbone, layers=None if layers is None else list(layers), weights=weights,
-            allow_random_weights=allow_random_weights, pre_dim=pre_dim, target_dim=target_dim, patch_size=patch_size,
-            noise_std=noise_std, feature_norm=feature_norm, margin=margin, hidden_dim=hidden_dim,
-            meta_epochs=meta_epochs, gan_epochs=gan_epochs, batch_size=batch_size, dsc_lr=dsc_lr,
-            dsc_weight_decay=dsc_weight_decay, adaptor_lr=adaptor_lr, sigma=sigma, cache_features=cache_features,
-            amp=amp, seed=seed,
-        )  # fmt: skip
+        layers = None if layers is None else list(layers)
+        super().__init__(**constructor_arguments())
         self.features = PatchFeatures(
             backbone, layers, weights, allow_random_weights, pre_dim, target_dim,
             paper_dim=1536, patch_size=patch_size, amp=amp,
@@ -141,87 +151,37 @@ class SimpleNet(AnomalyDetector):
         self.check_slices(image)
         return self.features(image.to(self.device, torch.float32, non_blocking=True))[0]
 
-    @torch.no_grad()
-    def _first_pass(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> torch.Tensor | None:
-        """One pass over the training slices: the normalisation statistics (summed over processes) and, within
-        the cache budget, every patch feature ``[N, h·w, D]`` (float16, on the device; None otherwise)."""
-        budget = cache_budget(self.hparams["cache_features"], DEFAULT_CACHE_BYTES)
-        norm = self.hparams["feature_norm"]
-        if budget == 0 and norm == "none":
-            return None
-        dim = self.features.dim
-        total = torch.zeros(dim, dtype=torch.float64, device=self.device)
-        squares = torch.zeros_like(total)
-        count = torch.zeros(1, dtype=torch.float64, device=self.device)
-        cached: list[torch.Tensor] | None = [] if budget != 0 else None
-        size = 0
-        for batch in tqdm(batches, desc="simplenet features", disable=not progress, unit="batch", leave=False):
-            feats = self._extract(batch["image"])
-            if norm != "none":
-                flat = feats.reshape(-1, dim).double()
-                total += flat.sum(0)
-                squares += flat.square().sum(0)
-                count += flat.shape[0]
-            if cached is not None:
-                size += feats.numel() * 2
-                if budget is not None and size > budget:
-                    logger.info("simplenet: training features exceed %d bytes; recomputing them every pass", budget)
-                    cached = None
-                else:
-                    cached.append(feats.to(torch.float16))
-        if norm != "none":
-            for t in (total, squares, count):
-                all_reduce_sum_(t)
-            if float(count) == 0:
-                raise InputError("simplenet: no training slices")
-            mean = total / count
-            variance = (squares / count - mean.square()).clamp_min(0.0)
-            scale = variance.mean().sqrt().expand(dim) if norm == "global" else variance.sqrt()
-            self.feature_mean.copy_(mean.float())
-            self.feature_scale.copy_(scale.float().clamp_min(1e-6))
-        return torch.cat(cached) if cached else None
-
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
         p = self.hparams
-        device = self.device
-        shuffle = torch.Generator().manual_seed(int(p["seed"]))
-        noise_gen = torch.Generator(device=device).manual_seed(int(p["seed"]))
-        cached = self._first_pass(batches, progress)
-        size = int(p["batch_size"])
-        if cached is not None:
-            local_steps = -(-cached.shape[0] // size)
-        else:
-            local_steps = sum(-(-len(b["image"]) // size) for b in batches)
-        steps_per_epoch = min_over_processes(local_steps)  # equal steps everywhere keeps the all-reduces paired
-        if steps_per_epoch == 0:
-            raise InputError("simplenet: no training slices")
+        budget = cache_budget(p["cache_features"], DEFAULT_CACHE_BYTES)
+        trainer = FrozenFeatureTrainer("simplenet", self._extract, p["batch_size"], p["seed"], budget)
+        moments = None if p["feature_norm"] == "none" else FeatureMoments(self.features.dim, self.device)
+        cached = trainer.cache(batches, progress, observe=None if moments is None else moments.add)
+        if moments is not None:
+            self._set_normalisation(*moments.mean_and_variance())
+        noise = torch.Generator(device=self.device).manual_seed(int(p["seed"]))
         dsc_opt = torch.optim.Adam(self.discriminator.parameters(), lr=p["dsc_lr"], weight_decay=p["dsc_weight_decay"])
         adaptor_opt = torch.optim.AdamW(self.adaptor.parameters(), lr=p["adaptor_lr"])
-        self.adaptor.train()
-        self.discriminator.train()
-        self.train_losses = []
-        total = int(p["meta_epochs"]) * int(p["gan_epochs"])
-        bar = tqdm(total=total, desc="simplenet training", disable=not progress, unit="epoch", leave=False)
-        try:
-            for _ in range(total):
-                loss_sum, steps = torch.zeros((), device=device), 0
-                epoch = feature_batches(cached, batches, self._extract, size, shuffle)
-                for feats in itertools.islice(epoch, steps_per_epoch):
-                    loss = self._loss(feats.reshape(-1, feats.shape[-1]).float(), noise_gen)
-                    optimizer_step(loss, [adaptor_opt, dsc_opt], self.parameters())
-                    loss_sum += loss.detach()
-                    steps += 1
-                self.train_losses.append(float(loss_sum) / steps)  # one host sync per epoch
-                bar.set_postfix(loss=f"{self.train_losses[-1]:.4f}")
-                bar.update()
-        finally:
-            bar.close()
-            self.eval()
+        self.train_losses = trainer.train(
+            self, cached, batches, lambda feats: self._loss(feats.reshape(-1, feats.shape[-1]).float(), noise),
+            [adaptor_opt, dsc_opt], int(p["meta_epochs"]) * int(p["gan_epochs"]), progress,
+        )  # fmt: skip
         if self.train_losses[-1] > 0.95 * 2 * float(p["margin"]):
             logger.warning(
                 "simplenet: the discriminator did not learn to separate the noisy features (final loss %.3f); "
                 "train longer or raise noise_std (feature_norm=%s)", self.train_losses[-1], p["feature_norm"],
             )  # fmt: skip
+
+    @torch.no_grad()
+    def _set_normalisation(self, mean: torch.Tensor, variance: torch.Tensor) -> None:
+        """Centre by ``mean``; divide by the root-mean-square standard deviation (``"global"``) or by each
+        dimension's (``"per_dim"``)."""
+        if self.hparams["feature_norm"] == "global":
+            scale = variance.mean().sqrt().expand_as(variance)
+        else:
+            scale = variance.sqrt()
+        self.feature_mean.copy_(mean.float())
+        self.feature_scale.copy_(scale.float().clamp_min(1e-6))
 
     def _adapt(self, feats: torch.Tensor) -> torch.Tensor:
         if self.hparams["feature_norm"] != "none":

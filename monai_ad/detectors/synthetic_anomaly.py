@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from tqdm.auto import tqdm
 
-from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.detectors.components import GaussianBlur2d, cuda_autocast, max_in_roi_map
 from monai_ad.distributed import average_batchnorm_statistics, optimizer_step, rank
 from monai_ad.errors import InputError
@@ -109,13 +109,9 @@ class SyntheticAnomaly(AnomalyDetector):
             kinds = {str(k): float(v) for k, v in dict(kinds).items()}
             if set(kinds) - set(KINDS) or any(v < 0 for v in kinds.values()) or not any(v > 0 for v in kinds.values()):
                 raise InputError(f"synthetic_anomaly: kinds must weigh some of {', '.join(KINDS)} with weights >= 0, got {kinds}")
-        super().__init__(
-            image_size=image_size, in_channels=in_channels, width=width, levels=levels, res_units=res_units,
-            steps=steps, batch_size=batch_size, crop_size=crop_size, lr=float(lr), weight_decay=float(weight_decay),
-            dice_weight=float(dice_weight), p_anomaly=float(p_anomaly), kinds=kinds, diameter_mm=diameter_mm,
-            delta_hu=delta_hu, field_mm=float(field_mm), pii_iterations=pii_iterations, sigma=float(sigma),
-            amp=bool(amp), seed=seed,
-        )  # fmt: skip
+        lr, weight_decay, dice_weight, p_anomaly = float(lr), float(weight_decay), float(dice_weight), float(p_anomaly)
+        field_mm, sigma, amp = float(field_mm), float(sigma), bool(amp)
+        super().__init__(**constructor_arguments())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             self.network = AnomalySegmenter(in_channels, width, levels, res_units)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
 from monai_ad.distributed import all_gather_rows
 from monai_ad.errors import InputError
@@ -144,15 +144,14 @@ class WinCLIP(AnomalyDetector):
         for key, values in states.items():
             if any(v.count("{}") != 1 for v in values):
                 raise InputError(f"winclip: every entry of {key} needs exactly one '{{}}' placeholder")
-        super().__init__(
-            image_size=image_size, in_channels=in_channels, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
-            allow_random_weights=allow_random_weights, object_name=object_name,
-            normal_states=None if normal_states is None else states["normal_states"],
-            anomalous_states=None if anomalous_states is None else states["anomalous_states"],
-            templates=None if templates is None else states["templates"], window_sizes=window_sizes,
-            temperature=float(temperature), shots=shots, memory_size=int(memory_size), sigma=float(sigma),
-            window_chunk=int(window_chunk), amp=amp, seed=seed,
-        )  # fmt: skip
+        # a given wording is recorded as the list used; None (the default wording) stays None
+        normal_states, anomalous_states, templates = (
+            None if given is None else states[key]
+            for key, given in zip(states, (normal_states, anomalous_states, templates))
+        )
+        temperature, sigma = float(temperature), float(sigma)
+        memory_size, window_chunk = int(memory_size), int(window_chunk)
+        super().__init__(**constructor_arguments())
         self.clip = FrozenCLIP(clip_model, clip_checkpoint, allow_random_weights, amp=amp, seed=seed)
         n = self.clip.num_patches
         for size in window_sizes:
