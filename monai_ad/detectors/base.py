@@ -189,6 +189,7 @@ class AnomalyDetector(nn.Module, ABC):
         self.thresholds: dict[str, Any] = {}
         self.preprocessing: dict[str, Any] = {}
         self.register_buffer("_fitted", torch.zeros((), dtype=torch.bool))
+        self._fit_started = False  # once set, the learned state may differ from the constructor's
 
     # ------------------------------------------------------------------ state
     @property
@@ -203,10 +204,30 @@ class AnomalyDetector(nn.Module, ABC):
 
     # ------------------------------------------------------------------ fitting
     def fit(self, data: Any, *, batch_size: int = 16, progress: bool = True) -> "AnomalyDetector":
-        """Learn from normal slices (see ``iter_slice_batches`` for the accepted forms). Returns ``self``."""
+        """Learn from normal slices (see ``iter_slice_batches`` for the accepted forms). Returns ``self``.
+
+        Every call starts over, for every detector (as scikit-learn's ``fit``): a detector fitted before, loaded
+        from a file or whose fit failed part-way first returns to the state its constructor gives (learned
+        tensors and thresholds; ``preprocessing`` is kept), so ``fit(a)`` then ``fit(b)`` leaves the state that
+        ``fit(b)`` leaves on a new detector. Nothing continues training from earlier data.
+        """
+        if self._fit_started or self.is_fitted:
+            self._start_over()
+        self._fit_started = True
         self._fit(ReiterableBatches(data, batch_size), progress=progress)
         self._fitted.fill_(True)
         return self
+
+    def _start_over(self) -> None:
+        """Put back the learned state a new detector of the same hyper-parameters has: built once more, its saved
+        state (learned tensors, frozen backbones aside) replaces this one's."""
+        with torch.random.fork_rng(devices=[]):  # leaves the global random state as a new fit would find it
+            fresh = type(self)(**self.hparams)
+        self._load_saved_state(fresh._saved_state())
+        for detector in self.modules():  # a detector made of detectors resets them too
+            if isinstance(detector, AnomalyDetector):
+                detector.thresholds = {}
+                detector._fit_started = False
 
     @abstractmethod
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
