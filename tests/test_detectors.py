@@ -1,16 +1,18 @@
 """Backbones, shared components and the detectors, on the CPU."""
 
+import json
 import logging
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from sklearn.metrics import roc_auc_score
 
 from monai_ad.detectors import AnomalyDetector, PatchCore, SimpleNet, available_detectors, create_detector
+from monai_ad.detectors.base import DETECTORS
 from monai_ad.detectors.components import (
     GaussianBlur2d,
     PatchEmbedding,
@@ -23,58 +25,26 @@ from monai_ad.detectors.components import (
 from monai_ad.errors import InputError
 from monai_ad.networks import build_backbone
 
+from liver_slices import slice_data, synthetic_slices  # noqa: F401  (other test files import it from here)
+from test_lesion_ranking import CASES, fitted_detector
+from monai_ad.networks.clip import TINY_MODEL
+
 SIZE = 96
 
 
-# ----------------------------------------------------------------------------- synthetic slices
-def synthetic_slices(n: int, seed: int, lesion: bool = False, size: int = SIZE):
-    """Liver-like slices: a smoothly textured disc (the ROI, zeros outside) with a few bright round blobs
-    ('vessels'); optionally one darker round lesion. Returns image, roi, lesion mask."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    images, rois, lesions = [], [], []
-    for _ in range(n):
-        cx, cy = size / 2 + rng.normal(0, 2), size / 2 + rng.normal(0, 2)
-        roi = (xx - cx) ** 2 + (yy - cy) ** 2 < (0.4 * size) ** 2
-        texture = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 1.5)
-        img = 0.6 + 0.03 * texture / texture.std()
-        for _ in range(4):
-            bx, by = cx + rng.uniform(-0.3, 0.3) * size, cy + rng.uniform(-0.3, 0.3) * size
-            img = np.where((xx - bx) ** 2 + (yy - by) ** 2 < rng.uniform(1.5, 3.0) ** 2, 0.8, img)
-        mask = np.zeros_like(roi)
-        if lesion:
-            lx, ly = cx + rng.uniform(-0.12, 0.12) * size, cy + rng.uniform(-0.12, 0.12) * size
-            mask = (xx - lx) ** 2 + (yy - ly) ** 2 < (rng.uniform(0.06, 0.1) * size) ** 2
-            img = np.where(mask, 0.42, img)
-        images.append(np.where(roi, img, 0.0))
-        rois.append(roi)
-        lesions.append(mask & roi)
-    as_tensor = lambda a, dt: torch.as_tensor(np.stack(a)[:, None], dtype=dt)  # noqa: E731
-    return as_tensor(images, torch.float32), as_tensor(rois, torch.bool), np.stack(lesions)
-
-
+# ----------------------------------------------------------------------------- fitted detectors
 @pytest.fixture(scope="module")
 def data():
-    train_img, train_roi, _ = synthetic_slices(24, seed=0)
-    normal_img, normal_roi, _ = synthetic_slices(6, seed=1)
-    ab_img, ab_roi, ab_mask = synthetic_slices(6, seed=2, lesion=True)
-    batches = [{"image": train_img[i : i + 8], "roi": train_roi[i : i + 8]} for i in range(0, 24, 8)]
-    return {"train": batches, "normal": (normal_img, normal_roi), "abnormal": (ab_img, ab_roi, ab_mask)}
+    return slice_data("textured", SIZE)
 
 
-FAST = {
-    "patchcore": {"image_size": SIZE, "coreset_ratio": 0.25},
-    # σ = 0.5 (feature-spread units) separates within the 60 steps the tests can afford
-    "simplenet": {"image_size": SIZE, "meta_epochs": 10, "gan_epochs": 2, "noise_std": 0.5},
-}
+FAST = ["patchcore", "simplenet"]  # their small settings: test_lesion_ranking.CASES
 
 
-@pytest.fixture(scope="module", params=sorted(FAST))
-def fitted(request, data):
-    detector = create_detector(request.param, **FAST[request.param])
-    detector.fit(data["train"], progress=False)
-    detector.calibrate([{"image": data["normal"][0], "roi": data["normal"][1]}])
-    return detector
+@pytest.fixture(scope="module", params=FAST)
+def fitted(request):
+    assert CASES[request.param].size == SIZE
+    return fitted_detector(request.param)
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -348,21 +318,49 @@ def test_score_maps_and_roi_helpers():
 
 
 # ----------------------------------------------------------------------------- detectors
-def test_registry_lists_detectors():
-    assert {"patchcore", "simplenet"} <= set(available_detectors())
-    with pytest.raises(InputError, match="unknown detector"):
+BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
+
+
+def small_hparams(name: str) -> dict:
+    """The lesion-ranking table's settings; the CLIP detectors with the tiny random CLIP (weights aside)."""
+    case = CASES[name]
+    if case.needs_clip_weights:
+        return {"image_size": 96, "clip_model": TINY_MODEL, "allow_random_weights": True}
+    return {"image_size": case.size, **case.hparams}
+
+
+def test_registry_refuses_unknown_names_and_every_bundle_builds_a_registered_detector():
+    with pytest.raises(InputError, match="unknown detector 'nope'; available: clip_reconstruction, dpa"):
         create_detector("nope")
+    assert sorted(DETECTORS) == available_detectors() and len(available_detectors()) >= 10
+    bundles = sorted(p.name for p in BUNDLES_DIR.glob("*_liver_ct"))
+    assert bundles == [f"{name}_liver_ct" for name in available_detectors()]
+    for bundle in bundles:
+        network = json.loads((BUNDLES_DIR / bundle / "configs" / "train.json").read_text())["network_def"]
+        assert network["_target_"] == "monai_ad.detectors.create_detector" and f"{network['name']}_liver_ct" == bundle
 
 
-def test_lesion_pixels_outrank_normal_liver(fitted, data):
-    image, roi, lesion = data["abnormal"]
-    scores = fitted.score(image, roi)
-    assert scores.pixel.shape == (6, SIZE, SIZE) and scores.slice.shape == (6,)
-    inside = roi[:, 0].numpy()
-    auroc = roc_auc_score(lesion[inside], scores.pixel.numpy()[inside])
-    assert auroc > 0.9, f"{fitted.name}: in-liver pixel AUROC {auroc:.3f}"
-    normal = fitted.score(*data["normal"]).slice
-    assert scores.slice.min() > normal.max(), f"{fitted.name}: abnormal {scores.slice} vs normal {normal}"
+@pytest.mark.parametrize("name", available_detectors())
+def test_every_registered_detector_builds_saves_and_loads(name, tmp_path):
+    kind = DETECTORS[name]
+    assert kind.name == name
+    if CASES[name].needs_clip_weights:  # the defaults name a CLIP whose weights are not shipped: refused, not random
+        with pytest.raises(InputError, match="needs its weights"):
+            create_detector(name)
+    detector = create_detector(name, **small_hparams(name))
+    assert type(detector) is kind and not detector.is_fitted
+    with pytest.raises(InputError, match="not fitted"):
+        detector.score(torch.zeros(1, detector.in_channels, detector.image_size, detector.image_size))
+    detector.thresholds = {"slice": 0.5}
+    path = detector.save(tmp_path / f"{name}.pt")
+    payload = torch.load(path, weights_only=True)  # plain tensors and containers only
+    assert payload["detector"] == name and payload["hparams"] == detector.hparams and payload["thresholds"] == {"slice": 0.5}
+    loaded = AnomalyDetector.load(path)
+    assert type(loaded) is kind and loaded.hparams == detector.hparams and loaded.thresholds == {"slice": 0.5}
+    saved, reloaded = detector._saved_state(), loaded._saved_state()
+    assert saved.keys() == reloaded.keys()
+    assert [k for k in saved if not torch.equal(saved[k], reloaded[k])] == []
+    assert type(loaded).load(path).name == name
 
 
 def test_scoring_is_per_slice(fitted, data):
@@ -412,7 +410,7 @@ def test_load_rejects_bad_files(fitted, tmp_path):
         wrong_kind.load(path)
 
 
-@pytest.mark.parametrize("name", sorted(FAST))
+@pytest.mark.parametrize("name", FAST)
 def test_unfitted_detector_refuses_to_score(name):
     detector = create_detector(name, image_size=64)
     with pytest.raises(InputError, match="not fitted"):

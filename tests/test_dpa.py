@@ -1,53 +1,25 @@
 """Deep Perceptual Autoencoder: networks, progressive growing, loss, scoring, persistence, bad input (CPU)."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
-from sklearn.metrics import roc_auc_score
 
 from monai_ad.detectors import AnomalyDetector, available_detectors, create_detector
 from monai_ad.detectors.dpa import DeepPerceptualAutoencoder, Phase, to_signed
 from monai_ad.errors import InputError
 from monai_ad.networks.perceptual_autoencoder import ProgressiveAutoencoder, build_vgg, layers_for
 
+from liver_slices import smooth_slices
+from test_lesion_ranking import CASES, fitted_detector
+
 SIZE = 32
-# progressive growing 16 → 32 in a few dozen iterations: what a CPU test can afford (the paper: 20k per phase)
-FAST = {"image_size": SIZE, "start_resolution": 16, "transition_iters": 15, "stable_iters": 15, "final_iters": 40, "batch_size": 8}
-
-
-def smooth_slices(n: int, seed: int, lesion: bool = False, size: int = SIZE):
-    """Liver-like discs (the ROI, zeros outside) with smooth low-frequency shading; optionally one dark round
-    lesion with a sharp edge. Returns image, roi, lesion mask."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    images, rois, masks = [], [], []
-    for _ in range(n):
-        cx, cy = size / 2 + rng.normal(0, 1), size / 2 + rng.normal(0, 1)
-        roi = (xx - cx) ** 2 + (yy - cy) ** 2 < (0.4 * size) ** 2
-        shading = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 6)
-        img = 0.6 + 0.05 * shading / 0.02
-        mask = np.zeros_like(roi)
-        if lesion:
-            lx, ly = cx + rng.uniform(-0.15, 0.15) * size, cy + rng.uniform(-0.15, 0.15) * size
-            mask = (xx - lx) ** 2 + (yy - ly) ** 2 < (rng.uniform(0.08, 0.12) * size) ** 2
-            img = np.where(mask, 0.3, img)
-        images.append(np.where(roi, img, 0.0))
-        rois.append(roi)
-        masks.append(mask & roi)
-    as_tensor = lambda a, dt: torch.as_tensor(np.stack(a)[:, None], dtype=dt)  # noqa: E731
-    return as_tensor(images, torch.float32), as_tensor(rois, torch.bool), np.stack(masks)
+FAST = {"image_size": SIZE, **CASES["dpa"].hparams}  # progressive growing 16 → 32 in a few dozen iterations
 
 
 @pytest.fixture(scope="module")
 def fitted():
-    train_img, train_roi, _ = smooth_slices(24, seed=0)
-    detector = create_detector("dpa", **FAST)
-    detector.fit([{"image": train_img[i : i + 8], "roi": train_roi[i : i + 8]} for i in range(0, 24, 8)], progress=False)
-    normal_img, normal_roi, _ = smooth_slices(6, seed=1)
-    detector.calibrate([{"image": normal_img, "roi": normal_roi}])
-    return detector
+    assert CASES["dpa"].size == SIZE and CASES["dpa"].slices == "smooth"
+    return fitted_detector("dpa")  # trained on 24 smooth slices (seed 0), calibrated on 6 (seed 1)
 
 
 def test_registered_and_built_with_the_papers_architecture():
@@ -117,15 +89,6 @@ def test_progressive_growing_reaches_the_final_resolution(fitted):
     assert phases[-1].iterations == 10000 and sum(p.iterations for p in phases) == 130000
     assert create_detector("dpa", image_size=SIZE, start_resolution=SIZE, final_iters=1).learning_rate == 2e-3
     assert fitted.learning_rate == 1e-3
-
-
-def test_lesion_pixels_outrank_normal_liver(fitted):
-    image, roi, lesion = smooth_slices(6, seed=2, lesion=True)
-    scores = fitted.score(image, roi)
-    assert scores.pixel.shape == (6, SIZE, SIZE) and scores.slice.shape == (6,)
-    inside = roi[:, 0].numpy()
-    auroc = roc_auc_score(lesion[inside].ravel(), scores.pixel.numpy()[inside].ravel())
-    assert auroc > 0.75, auroc
 
 
 def test_slice_score_is_the_relative_perceptual_loss(fitted):

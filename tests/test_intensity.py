@@ -11,27 +11,15 @@ from monai_ad.errors import InputError
 from monai_ad.transforms.array import AxialContext, FillOutsideROIWithLiver, HUWindows, NormalizeLiverSpread
 from monai_ad.transforms.pipeline import PreprocessConfig, build_preprocessing, run_pipeline
 
-from test_detectors import synthetic_slices
+from liver_slices import synthetic_slices
+from test_lesion_ranking import fitted_detector
 
 SIZE = 96
 
 
 @pytest.fixture(scope="module")
 def fitted():
-    image, roi, _ = synthetic_slices(24, seed=0)
-    detector = create_detector("intensity", image_size=SIZE, pixel_mm=1.5)
-    return detector.fit({"image": image[i : i + 8], "roi": roi[i : i + 8]} for i in range(0, 24, 8))
-
-
-def test_intensity_ranks_a_darker_lesion_above_normal_liver(fitted):
-    image, roi, lesion = synthetic_slices(6, seed=2, lesion=True)
-    scores = fitted.score(image, roi)
-    inside = roi[:, 0].numpy()
-    pixel = scores.pixel.numpy()
-    assert roc_auc_score(lesion[inside].astype(int), pixel[inside]) > 0.95
-    normal_image, normal_roi, _ = synthetic_slices(6, seed=1)
-    normal = fitted.score(normal_image, normal_roi).slice
-    assert scores.slice.min() > normal.max()  # every slice with a lesion outranks every normal slice
+    return fitted_detector("intensity")  # 24 textured normals at 96 px, 1.5 mm pixels (test_lesion_ranking.CASES)
 
 
 def test_intensity_is_self_referenced_through_the_pipeline(fitted):
@@ -39,11 +27,11 @@ def test_intensity_is_self_referenced_through_the_pipeline(fitted):
     normalisation; a detector without that normalisation is centred on each slice's own median instead."""
     image, roi, _ = synthetic_slices(4, seed=3)
     shifted = torch.where(roi, image + 0.1, image)
-    fitted.preprocessing = {"normalize_liver_hu": None}
+    kept, fitted.preprocessing = fitted.preprocessing, {"normalize_liver_hu": None}
     try:
         assert torch.allclose(fitted.score(shifted, roi).pixel, fitted.score(image, roi).pixel, atol=1e-4)
     finally:
-        fitted.preprocessing = {}
+        fitted.preprocessing = kept
 
 
 def test_intensity_saves_and_loads_whole(fitted, tmp_path):
