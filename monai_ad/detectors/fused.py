@@ -7,6 +7,15 @@ intensity detector's map already is; the feature map's upper tail is tabulated o
 given to ``calibrate``, where the feature detector has not seen the data, so its scores are not the optimistic
 ones of its own training slices; a fused detector scores once calibrated). Their sum is the joint rarity of the two readings, as if they were
 independent; the slice score is the sum map's maximum in the liver.
+
+Two things keep one reading from drowning the other:
+- the feature map is self-referenced like the density: each slice's liver median feature score is taken off
+  before the table is read. A scan from another scanner or contrast phase than the normals raises the feature
+  scores of its whole liver (measured: PatchCore fitted on a contrast-enhanced series marks most of an unenhanced
+  liver); what stands out within its own slice is what a lesion does;
+- beyond the tables' last level (``min_tail``) a rarity is extrapolated, not measured: there each map's rarity
+  grows only with the logarithm of its excess, so a feature distance far past anything normal cannot outweigh a
+  clear density change, and the other way round.
 """
 
 from __future__ import annotations
@@ -15,11 +24,19 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from monai_ad.detectors.base import AnomalyDetector, SliceScores, ReiterableBatches, create_detector, register_detector
+from monai_ad.detectors.base import (
+    AnomalyDetector,
+    ReiterableBatches,
+    SliceScores,
+    constructor_arguments,
+    create_detector,
+    register_detector,
+)
 from monai_ad.detectors.intensity import (
     IntensityDeviation,
     batch_roi,
     interpolate,
+    slice_medians,
     strictly_increasing,
     tail_probabilities,
 )
@@ -43,18 +60,16 @@ class DensityFused(AnomalyDetector):
         detector_hparams: Mapping[str, Any] | None = None,
         intensity_hparams: Mapping[str, Any] | None = None,
         min_tail: float = 1e-4,
+        self_referenced_features: bool = True,
         batch_size: int = 16,
     ):
-        super().__init__(
-            image_size=image_size, in_channels=in_channels, detector=detector,
-            detector_hparams=dict(detector_hparams or {}), intensity_hparams=dict(intensity_hparams or {}),
-            min_tail=min_tail, batch_size=batch_size,
-        )  # fmt: skip
+        detector_hparams, intensity_hparams = dict(detector_hparams or {}), dict(intensity_hparams or {})
+        super().__init__(**constructor_arguments())
         if detector in ("fused", "intensity"):
             raise InputError(f"fused: the feature detector cannot be {detector!r}")
         common = {"image_size": image_size, "in_channels": in_channels}
-        self.feature = create_detector(detector, **{**dict(detector_hparams or {}), **common})
-        self.density = IntensityDeviation(**{**dict(intensity_hparams or {}), **common})
+        self.feature = create_detector(detector, **{**detector_hparams, **common})
+        self.density = IntensityDeviation(**{**intensity_hparams, **common})
         levels = tail_probabilities(min_tail)
         self.register_buffer("rarity", -torch.log10(levels).float())  # one-sided: a feature score is high or not
         self.register_buffer("feature_tail", torch.linspace(0, 1, len(levels)))  # score at each tail probability
@@ -86,7 +101,7 @@ class DensityFused(AnomalyDetector):
         for batch in batches:
             image = batch["image"].to(self.device, torch.float32)
             roi = batch_roi(batch, image)
-            values.append(self.feature.score(image, roi).pixel[roi[:, 0]].float().cpu())
+            values.append(self._feature_map(image, roi)[roi[:, 0]].float().cpu())
         values = torch.cat(values) if values else torch.zeros(0)
         if values.numel() < 100:
             raise InputError("fused: too few normal liver pixels to tabulate the feature scores")
@@ -101,13 +116,25 @@ class DensityFused(AnomalyDetector):
         if not self.tabulated:
             raise InputError("fused: calibrate it on held-out normal slices first (they set the feature scores' scale)")
         self.feature.preprocessing = self.density.preprocessing = self.preprocessing  # restored on the whole only
-        feature = self.feature._score(image, roi).pixel.float()
+        feature = self._feature_map(image, roi)
         rarity = interpolate(feature.flatten(), self.feature_tail, self.rarity).view_as(feature).clamp_min(0.0)
         density = self.density._score(image, roi).pixel.float()
-        pixel = rarity + density
+        pixel = log_beyond(rarity, float(self.rarity[-1])) + log_beyond(density, float(self.density.rarity[-1]))
         if roi is not None:
             pixel = torch.where(roi[:, 0], pixel, torch.zeros_like(pixel))
         return SliceScores(pixel=pixel, slice=pixel.flatten(1).amax(1))
 
+    def _feature_map(self, image: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
+        """The feature detector's map ``[B, H, W]``; self-referenced: minus each slice's liver median."""
+        feature = self.feature._score(image, roi).pixel.float()
+        if self.hparams.get("self_referenced_features") and roi is not None:
+            feature = feature - slice_medians(feature[:, None], roi)[:, 0]
+        return feature
+
     def backbone_forward(self, image: torch.Tensor) -> Any:
         return self.feature.backbone_forward(image)
+
+
+def log_beyond(rarity: torch.Tensor, top: float) -> torch.Tensor:
+    """``rarity`` up to ``top`` (the tables' last level), and beyond it ``top + log(1 + excess)``."""
+    return torch.where(rarity > top, top + torch.log1p((rarity - top).clamp_min(0.0)), rarity)

@@ -20,6 +20,11 @@ compared with.
 - The liver's border has its own reference: partial volume with the fat around it darkens the outermost
   millimetres of every normal liver, so the tables are learned per band of depth from the mask's border
   (``depth_bands_mm``), and a border pixel is compared with normal border pixels.
+- A lesion occupies space: the score of a pixel is the rarity that a whole disc of ``min_width_mm`` across
+  around it reaches on the same side (darker or brighter), a morphological opening of each side's map inside the
+  liver. Structures narrower than that (vessels, fat in the fissures, partial volume at the dome) do not
+  outlast it; a lesion wider than it keeps its score. The opening works in each slice, so a vessel crossing
+  the slice, round in it, is removed only when it is narrower than the disc.
 - Slice score = the map's maximum inside the liver.
 """
 
@@ -31,7 +36,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from monai_ad.detectors.base import AnomalyDetector, SliceScores, register_detector
+from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.errors import InputError
 
 CONTEXT_WEIGHTS = (0.25, 0.5, 0.25)
@@ -87,17 +92,18 @@ class IntensityDeviation(AnomalyDetector):
         pixel_mm: float | None = None,
         min_tail: float = 1e-4,
         depth_bands_mm: Sequence[float] = (2.0, 4.0, 7.0, 12.0),
+        min_width_mm: float | None = 6.0,
         batch_size: int = 32,
         seed: int = 0,
     ):
-        super().__init__(
-            image_size=image_size, in_channels=in_channels, sigma_mm=sigma_mm, pixel_mm=pixel_mm, min_tail=min_tail,
-            depth_bands_mm=[float(b) for b in depth_bands_mm], batch_size=batch_size, seed=seed,
-        )  # fmt: skip
+        depth_bands_mm = [float(b) for b in depth_bands_mm]
+        super().__init__(**constructor_arguments())
         if list(depth_bands_mm) != sorted(depth_bands_mm) or any(b <= 0 for b in depth_bands_mm):
             raise InputError(f"intensity: depth_bands_mm must be increasing positive depths, got {list(depth_bands_mm)}")
         if not sigma_mm > 0:
             raise InputError(f"intensity: sigma_mm must be positive, got {sigma_mm}")
+        if min_width_mm is not None and not min_width_mm >= 0:
+            raise InputError(f"intensity: min_width_mm must be a width in mm (0 or null: no opening), got {min_width_mm}")
         if pixel_mm is not None and not pixel_mm > 0:
             raise InputError(f"intensity: pixel_mm must be positive, got {pixel_mm}")
         if not 1e-7 <= min_tail <= 0.05:
@@ -150,56 +156,102 @@ class IntensityDeviation(AnomalyDetector):
     # ------------------------------------------------------------------ fitting
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
         generator = torch.Generator().manual_seed(int(self.hparams["seed"]))
+        # first pass: each band's centre, the median of normal liver's smoothed density at that depth
+        values, bands = self._liver_values(batches, self._centred)
+        if values.numel() == 0:
+            raise InputError("intensity: no liver pixels in the training slices")
+        keep = _sample(values.shape[-1], generator)
+        values, bands = values[..., keep], bands[keep]
+        overall = float(values[0].median())
+        for band in range(len(self.centre)):
+            chosen = values[0, bands == band]
+            self.centre[band] = float(chosen.median()) if chosen.numel() >= MIN_BAND_PIXELS else overall
+        # second pass: each band's tails, of the darker and the brighter deviation as scoring sees them (opened)
+        values, bands = self._liver_values(batches, lambda image, roi: self._deviations(image, roi)[0])
+        keep = _sample(values.shape[-1], generator)
+        values, bands = values[..., keep], bands[keep]
+        levels = tail_probabilities(float(self.hparams["min_tail"]))
+        quantiles = (1 - levels).double()
+
+        def tails(chosen: torch.Tensor) -> torch.Tensor:
+            # strictly increasing distances (ties where a tail is flat) keep the interpolation defined
+            q = torch.quantile(chosen.double(), quantiles, dim=-1).T.float()  # [2, K]
+            return torch.stack([strictly_increasing(side.clamp_min(0.0)) for side in q])
+
+        overall_tails = tails(values)
+        for band in range(len(self.centre)):
+            chosen = values[:, bands == band]
+            self.tail_distance[band] = tails(chosen) if chosen.shape[-1] >= MIN_BAND_PIXELS else overall_tails
+
+    def _liver_values(self, batches, maps) -> tuple[torch.Tensor, torch.Tensor]:
+        """``maps(image, roi)`` (``[N, B, 1, H, W]``) at every liver pixel of the batches, ``[N, P]``, and the
+        pixels' depth bands ``[P]``."""
         values, bands = [], []
         for batch in batches:
             image = batch["image"].to(self.device, torch.float32)
             self.check_slices(image)
             roi = batch_roi(batch, image)
-            smoothed = self._smoothed(image, roi)
-            if not self._self_referenced():
-                smoothed = smoothed - _slice_medians(smoothed, roi)
-            values.append(smoothed[roi].cpu())
+            chosen = maps(image, roi)
+            values.append(chosen[:, roi].cpu())
             bands.append(self._bands(roi)[roi].cpu())
-        if not values or sum(v.numel() for v in values) == 0:
-            raise InputError("intensity: no liver pixels in the training slices")
-        values, bands = torch.cat(values), torch.cat(bands)
-        if values.numel() > FIT_SAMPLE:
-            keep = torch.randperm(values.numel(), generator=generator)[:FIT_SAMPLE]
-            values, bands = values[keep], bands[keep]
-        levels = tail_probabilities(float(self.hparams["min_tail"]))
-        quantiles = torch.cat([levels.flip(0), 1 - levels[1:]])  # low tail .. median .. high tail
-        k = len(levels)
-
-        def tables(chosen: torch.Tensor) -> tuple[float, torch.Tensor]:
-            q = torch.quantile(chosen.double(), quantiles).float()
-            centre = q[k - 1]
-            low, high = centre - q[: k].flip(0), q[k - 1 :] - centre
-            # strictly increasing distances (ties where a tail is flat) keep the interpolation defined
-            tails = [strictly_increasing(distance.clamp_min(0.0)) for distance in (low, high)]
-            return float(centre), torch.stack(tails)
-
-        overall = tables(values)
-        for band in range(len(self.centre)):
-            chosen = values[bands == band]
-            centre, distance = tables(chosen) if chosen.numel() >= MIN_BAND_PIXELS else overall
-            self.centre[band] = centre
-            self.tail_distance[band] = distance
+        if not values:
+            return torch.zeros(1, 0), torch.zeros(0, dtype=torch.long)
+        return torch.cat(values, -1), torch.cat(bands)
 
     # ------------------------------------------------------------------ scoring
+    def _centred(self, image: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        """The smoothed density, ``[1, B, 1, H, W]``; without self-reference, minus each slice's liver median."""
+        smoothed = self._smoothed(image, roi)
+        if not self._self_referenced():
+            smoothed = smoothed - slice_medians(smoothed, roi)
+        return smoothed[None]
+
+    def _deviations(self, image: torch.Tensor, roi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """How far below and above its band's centre each liver pixel lies, ``[2, B, 1, H, W]`` (0 outside the
+        liver), opened by the ``min_width_mm`` disc; and the depth bands ``[B, 1, H, W]``."""
+        band = self._bands(roi)
+        deviation = self._centred(image, roi)[0] - self.centre[band]
+        sides = torch.where(roi, torch.stack([-deviation, deviation]).clamp_min(0.0), 0.0)
+        radius = round(0.5 * float(self.hparams.get("min_width_mm") or 0.0) / self._pixel_mm())
+        if radius >= 1:
+            sides = torch.where(roi, open_within(sides.flatten(0, 1), radius).view_as(sides), 0.0)
+        return sides, band
+
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
         roi = torch.ones_like(image[:, :1], dtype=torch.bool) if roi is None else roi
-        smoothed = self._smoothed(image, roi)
-        band = self._bands(roi)
-        centre = self.centre[band]
-        if not self._self_referenced():
-            centre = centre + _slice_medians(smoothed, roi)
-        deviation = smoothed - centre
-        pixel = torch.zeros_like(deviation)
+        sides, band = self._deviations(image.float(), roi)
+        rarity = torch.zeros_like(sides)
         for b in range(len(self.centre)):
-            for side, chosen in enumerate(((band == b) & (deviation < 0), (band == b) & (deviation >= 0))):
-                pixel[chosen] = interpolate(deviation[chosen].abs(), self.tail_distance[b, side], self.rarity)
-        pixel = torch.where(roi, pixel, torch.zeros_like(pixel))[:, 0]
+            chosen = (band == b) & roi
+            for side in range(2):
+                rarity[side][chosen] = interpolate(sides[side][chosen], self.tail_distance[b, side], self.rarity)
+        pixel = torch.where(roi, rarity.amax(0).clamp_min(0.0), 0.0)[:, 0]
         return SliceScores(pixel=pixel, slice=pixel.flatten(1).amax(1))
+
+
+def _sample(n: int, generator: torch.Generator) -> torch.Tensor | slice:
+    """At most ``FIT_SAMPLE`` of ``n`` liver values for the tables (a seeded random subsample beyond it)."""
+    return torch.randperm(n, generator=generator)[:FIT_SAMPLE] if n > FIT_SAMPLE else slice(None)
+
+
+def _erode(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Grey erosion of ``[B, 1, H, W]`` by an octagon of ``radius`` pixels (3×3 squares and crosses in turn,
+    the usual discrete disc); beyond the image nothing constrains."""
+    for step in range(radius):
+        if step % 2 == 0:
+            x = -F.max_pool2d(-x, 3, stride=1, padding=1)
+        else:
+            padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+            h, w = x.shape[-2:]
+            x = torch.stack([x, padded[..., :h, 1 : w + 1], padded[..., 2:, 1 : w + 1],
+                             padded[..., 1 : h + 1, :w], padded[..., 1 : h + 1, 2:]]).amin(0)  # fmt: skip
+    return x
+
+
+def open_within(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Grey opening of ``[B, 1, H, W]`` by an octagon of ``radius`` pixels: each pixel keeps the highest value
+    that a whole octagon containing it reaches (dilation as the negated erosion of the negated map)."""
+    return -_erode(-_erode(x, radius), radius)
 
 
 def strictly_increasing(values: torch.Tensor, step: float = 1e-6) -> torch.Tensor:
@@ -216,7 +268,7 @@ def batch_roi(batch: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tens
     return roi.to(image.device) > 0
 
 
-def _slice_medians(values: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+def slice_medians(values: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
     """Each slice's median inside its ROI, ``[B, 1, 1, 1]`` (0 for a slice without ROI)."""
     medians = [v[m].median() if bool(m.any()) else v.new_zeros(()) for v, m in zip(values, roi)]
     return torch.stack(medians).view(-1, 1, 1, 1)
