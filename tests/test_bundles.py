@@ -1,6 +1,9 @@
 """Every bundle under bundles/: training, evaluating and inference from the command line on tiny phantoms,
 metadata verified offline, and MONAI Label's BundleInferTask loading it and returning a label map."""
 
+import configparser
+import csv
+import importlib
 import json
 import shutil
 import subprocess
@@ -10,6 +13,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
+
+import monai_ad
+from monai_ad.data.datalists import LESION_LABEL
 
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 BUNDLES = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "metadata.json").is_file())
@@ -45,10 +52,42 @@ def trained_bundle(request, tmp_path_factory):
     return bundle
 
 
-def test_bundle_layout(trained_bundle):
-    for name in ("metadata.json", "inference.json", "train.json", "evaluate.json", "logging.conf"):
-        assert (trained_bundle / "configs" / name).is_file(), name
-    assert (trained_bundle / "docs" / "README.md").is_file() and (trained_bundle / "LICENSE").is_file()
+def targets(config):
+    """Every ``_target_`` in a parsed JSON config."""
+    if isinstance(config, dict):
+        found = [config["_target_"]] if "_target_" in config else []
+        return found + [t for v in config.values() for t in targets(v)]
+    if isinstance(config, list):
+        return [t for v in config for t in targets(v)]
+    return []
+
+
+def test_bundle_layout_configs_and_metadata_agree(trained_bundle):
+    from monai_ad.detectors import AnomalyDetector
+
+    configs = trained_bundle / "configs"
+    for name in ("metadata.json", "inference.json", "train.json", "evaluate.json", "multi_gpu_train.json", "logging.conf"):
+        assert (configs / name).is_file(), name
+    assert (trained_bundle / "docs" / "README.md").read_text().strip() and (trained_bundle / "LICENSE").read_text().strip()
+    parsed = {path.name: json.loads(path.read_text()) for path in configs.glob("*.json")}
+    for name, config in parsed.items():  # every _target_ names something importable and callable
+        for target in targets(config):
+            module, _, attr = target.rpartition(".")
+            assert callable(getattr(importlib.import_module(module), attr, None)), f"{name}: {target}"
+    logging_conf = configparser.ConfigParser()
+    logging_conf.read(configs / "logging.conf")
+    assert {"loggers", "handlers", "formatters"} <= set(logging_conf.sections())
+
+    meta, network = parsed["metadata.json"], parsed["train.json"]["network_def"]
+    assert network["_target_"] == "monai_ad.detectors.create_detector" and trained_bundle.name == f"{network['name']}_liver_ct"
+    assert meta["version"] in meta["changelog"] and meta["required_packages_version"]["monai_ad"] == monai_ad.__version__
+    image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
+    channels = network.get("in_channels", 1)
+    assert image["spatial_shape"] == [network["image_size"], network["image_size"], "*"]
+    assert image["num_channels"] == channels + 1 == len(image["channel_def"]) and image["channel_def"][str(channels)] == "roi"
+    assert pred["num_channels"] == 1 and pred["channel_def"] == {"0": "background", "1": "anomaly"}
+    model = AnomalyDetector.load(trained_bundle / "models" / "model.pt")  # what training wrote
+    assert model.name == network["name"] and model.in_channels == channels and model.is_fitted
 
 
 def test_metadata_verifies_offline(trained_bundle, tmp_path):
@@ -64,23 +103,117 @@ def test_metadata_verifies_offline(trained_bundle, tmp_path):
     assert proc.returncode != 0
 
 
-def test_evaluating_writes_metrics(trained_bundle):
+def axial_first(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``array`` with its head-foot axis first (the axis the predictor scores slices along)."""
+    codes = nib.aff2axcodes(affine)
+    return np.moveaxis(array, [i for i, c in enumerate(codes) if c in "SI"][0], 0)
+
+
+def test_evaluating_writes_metrics_that_agree_with_its_volumes(trained_bundle):
     proc = bundle_run(trained_bundle, "evaluating", ["configs/train.json", "configs/evaluate.json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((trained_bundle / "eval" / "metrics.json").read_text())
+    out = trained_bundle / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
     for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auroc_roi", "aupro", "dice", "slice_f1"):
-        assert key in metrics
-    assert (trained_bundle / "eval" / "metrics.csv").is_file() and (trained_bundle / "eval" / "report.png").is_file()
+        assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+    with open(out / "metrics.csv") as f:
+        rows = {row["metric"]: row["value"] for row in csv.DictReader(f)}
+    for key in ("slice_auroc", "pixel_auroc_roi", "aupro", "dice"):
+        assert float(rows[key]) == pytest.approx(metrics[key], rel=1e-9), key
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same slice and in-liver pixel AUROC again, independently, from the volumes and summaries it wrote
+    data = trained_bundle / "data" / "phantom"
+    cases = json.loads((data / "datalist.json").read_text())["test"]
+    assert metrics["n_volumes"] == len(cases)
+    slice_truth, slice_scores, pixel_truth, pixel_scores = [], [], [], []
+    for case in cases:
+        summary = json.loads((out / "volumes" / f"{case['case_id']}_summary.json").read_text())
+        heatmap = nib.load(str(out / "volumes" / f"{case['case_id']}_heatmap.nii.gz"))
+        label = nib.load(str(data / case["label"]))
+        assert np.allclose(heatmap.affine, label.affine, atol=1e-4)
+        heat = axial_first(np.asarray(heatmap.dataobj, dtype=np.float64), heatmap.affine)
+        truth = axial_first(np.asarray(label.dataobj), label.affine)
+        scored = [z for z, s in enumerate(summary["slice_scores"]) if s is not None]
+        assert len(summary["slice_scores"]) == truth.shape[0] and scored
+        slice_truth += [bool((truth[z] == LESION_LABEL).any()) for z in scored]
+        slice_scores += [summary["slice_scores"][z] for z in scored]
+        liver = truth[scored] > 0
+        pixel_truth.append(truth[scored][liver] == LESION_LABEL)
+        pixel_scores.append(heat[scored][liver])
+    assert metrics["slice_auroc"] == pytest.approx(roc_auc_score(slice_truth, slice_scores), abs=1e-9)
+    pixel = roc_auc_score(np.concatenate(pixel_truth), np.concatenate(pixel_scores))
+    assert metrics["pixel_auroc_roi"] == pytest.approx(pixel, abs=1e-4)
 
 
-def test_inference_writes_outputs_in_input_geometry(trained_bundle):
-    proc = bundle_run(trained_bundle, "inference", ["configs/inference.json"])
+# bundles whose quick training (FAST) already puts an inserted 12 mm hypodense sphere above the rest of the liver
+LOCALISES = {"intensity_liver_ct", "fused_liver_ct", "patchcore_liver_ct", "padim_liver_ct"}
+
+
+def with_inserted_lesion(data: Path, case: dict, radius_mm: float = 12.0) -> dict:
+    """A copy of a normal phantom case with a hypodense sphere (-60 HU, label 2) at the deepest point of its liver."""
+    from scipy import ndimage
+
+    image, label = nib.load(str(data / case["image"])), nib.load(str(data / case["label"]))
+    hu, lab = np.asarray(image.dataobj).copy(), np.asarray(label.dataobj).copy()
+    spacing = np.linalg.norm(image.affine[:3, :3], axis=0)
+    depth = ndimage.distance_transform_edt(lab > 0, sampling=spacing)
+    centre = np.unravel_index(np.argmax(depth), depth.shape)
+    assert depth[centre] > radius_mm + 2 * spacing.max()  # the sphere lies inside the liver, with a margin
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in hu.shape], indexing="ij"), -1)
+    sphere = (((grid - np.array(centre)) * spacing) ** 2).sum(-1) <= radius_mm**2
+    hu[sphere] -= 60
+    lab[sphere] = LESION_LABEL
+    item = {"case_id": f"{case['case_id']}_lesion", "image": f"{case['case_id']}_lesion.nii.gz", "label": f"{case['case_id']}_lesion_label.nii.gz"}
+    nib.save(nib.Nifti1Image(hu, image.affine, image.header), str(data / item["image"]))
+    nib.save(nib.Nifti1Image(lab, label.affine, label.header), str(data / item["label"]))
+    return item
+
+
+def reoriented(image: nib.Nifti1Image, codes) -> nib.Nifti1Image:
+    """The same voxels in world space, stored with axis codes ``codes`` (a pure permutation and flips)."""
+    start, target = nib.orientations.io_orientation(image.affine), nib.orientations.axcodes2ornt(codes)
+    return image.as_reoriented(nib.orientations.ornt_transform(start, target))
+
+
+def test_inference_writes_outputs_in_input_geometry_where_the_lesion_is(trained_bundle):
+    """A phantom (RAS, anisotropic voxels) with an inserted lesion, and the same scan stored with its slices along
+    the first axis and both in-plane axes reversed: each output is written in its own input's geometry, the two
+    outputs are the same maps in world space, and (where the quick training suffices) the heatmap is higher on the
+    lesion's voxels than on the rest of the liver, in the reversed scan's own voxel order."""
+    data = trained_bundle / "data" / "phantom"
+    datalist = json.loads((data / "datalist.json").read_text())
+    case = with_inserted_lesion(data, next(c for c in datalist["test"] if c["case_id"].startswith("normal")))
+    stored = nib.load(str(data / case["image"]))
+    assert nib.aff2axcodes(stored.affine) == ("R", "A", "S") and len(set(np.round(stored.header.get_zooms(), 3))) > 1
+    flipped = {"case_id": f"{case['case_id']}_spl", "image": f"{case['case_id']}_spl.nii.gz", "label": f"{case['case_id']}_spl_label.nii.gz"}
+    for key in ("image", "label"):
+        nib.save(reoriented(nib.load(str(data / case[key])), ("S", "P", "L")), str(data / flipped[key]))
+    (data / "inserted.json").write_text(json.dumps({**datalist, "test": [case, flipped]}))
+    proc = bundle_run(trained_bundle, "inference", ["configs/inference.json"], "--datalist", str(data / "inserted.json"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    datalist = json.loads((trained_bundle / "data" / "phantom" / "datalist.json").read_text())
-    case = datalist["test"][0]
-    source = nib.load(str(trained_bundle / "data" / "phantom" / case["image"]))
-    label = nib.load(str(trained_bundle / "eval" / "volumes" / f"{case['case_id']}_anomaly.nii.gz"))
-    assert label.shape == source.shape and np.allclose(label.affine, source.affine, atol=1e-4)
+
+    volumes = trained_bundle / "eval" / "volumes"
+    outputs = {}
+    for item in (case, flipped):
+        source = nib.load(str(data / item["image"]))
+        for kind in ("heatmap", "anomaly"):
+            written = nib.load(str(volumes / f"{item['case_id']}_{kind}.nii.gz"))
+            assert written.shape == source.shape and np.allclose(written.affine, source.affine, atol=1e-4), kind
+            outputs[item["case_id"], kind] = written
+    for kind in ("heatmap", "anomaly"):
+        back = reoriented(outputs[flipped["case_id"], kind], ("R", "A", "S"))
+        assert np.allclose(back.affine, stored.affine, atol=1e-4)
+        got = np.asarray(back.dataobj, dtype=np.float64)
+        expected = np.asarray(outputs[case["case_id"], kind].dataobj, dtype=np.float64)
+        assert np.allclose(got, expected, atol=1e-4 * max(1.0, np.abs(expected).max())), kind
+
+    label = np.asarray(nib.load(str(data / flipped["label"])).dataobj)
+    heat = np.asarray(outputs[flipped["case_id"], "heatmap"].dataobj, dtype=np.float64)
+    lesion, liver = label == LESION_LABEL, label == 1
+    if trained_bundle.name in LOCALISES:
+        bar = np.quantile(heat[liver], 0.95)
+        assert heat[lesion].mean() > bar, f"lesion {heat[lesion].mean():.4g}, liver q95 {bar:.4g}"
 
 
 def test_monai_label_bundle_infer_task_returns_a_label_map(trained_bundle):
