@@ -7,6 +7,7 @@ from monai.data import MetaTensor
 from sklearn.metrics import roc_auc_score
 
 from monai_ad.detectors import AnomalyDetector, create_detector
+from monai_ad.detectors.fused import log_beyond
 from monai_ad.errors import InputError
 from monai_ad.transforms.array import AxialContext, FillOutsideROIWithLiver, HUWindows, NormalizeLiverSpread
 from monai_ad.transforms.pipeline import PreprocessConfig, build_preprocessing, run_pipeline
@@ -119,7 +120,7 @@ def test_fused_adds_the_density_rarity_to_a_feature_detector(tmp_path):
     lesion_image, lesion_roi, lesion = synthetic_slices(6, seed=2, lesion=True)
     scores = fused.score(lesion_image, lesion_roi)
     inside = lesion_roi[:, 0].numpy()
-    density = fused.density.score(lesion_image, lesion_roi).pixel.numpy()
+    density = log_beyond(fused.density.score(lesion_image, lesion_roi).pixel, float(fused.density.rarity[-1])).numpy()
     assert np.all(scores.pixel.numpy()[inside] >= density[inside] - 1e-5)  # the feature rarity only adds
     assert roc_auc_score(lesion[inside].astype(int), scores.pixel.numpy()[inside]) > 0.9
     fused.save(tmp_path / "fused.pt")
@@ -152,3 +153,27 @@ def test_calibration_skips_batches_without_liver(fitted):
     empty = torch.zeros_like(roi)
     thresholds = fitted.calibrate([{"image": image, "roi": empty}, {"image": image, "roi": roi}], n_scans=1)
     assert thresholds["n_slices"] == 6 and thresholds["extent"] <= thresholds["pixel"]
+
+
+def test_a_lesion_must_be_wider_than_a_vessel():
+    """The same density change scores high as a disc 13.5 mm across and low as a line 6 mm wide (a vessel, fat
+    in a fissure); without the opening (``min_width_mm=0``) the line scores about as high as the disc."""
+    normal, normal_roi, _ = synthetic_slices(16, seed=0)
+    image, roi, _ = synthetic_slices(1, seed=7)
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    centre = SIZE // 2
+    disc = (yy - centre) ** 2 + (xx - centre + 20) ** 2 <= 4**2  # 9 px = 13.5 mm across at 1.5 mm pixels
+    line = (xx >= centre + 15) & (xx <= centre + 18) & ((yy - centre).abs() <= 12)  # 4 px = 6 mm wide, 37 mm long
+    assert bool(roi[0, 0][disc].all() and roi[0, 0][line].all())
+    painted = image.clone()
+    painted[0, 0][disc | line] -= 0.15
+    peaks = {}
+    for width in (6.0, 0.0):
+        detector = create_detector("intensity", image_size=SIZE, pixel_mm=1.5, min_width_mm=width)
+        detector.fit([{"image": normal, "roi": normal_roi}])
+        pixel = detector.score(painted, roi).pixel[0]
+        peaks[width] = (float(pixel[disc].max()), float(pixel[line].max()))
+    disc_peak, line_peak = peaks[6.0]
+    assert disc_peak > 4.0 and line_peak < 0.25 * disc_peak
+    disc_raw, line_raw = peaks[0.0]
+    assert line_raw > 0.5 * disc_raw
