@@ -156,14 +156,14 @@ def test_calibration_skips_batches_without_liver(fitted):
 
 
 def test_a_lesion_must_be_wider_than_a_vessel():
-    """The same density change scores high as a disc 13.5 mm across and low as a line 4.5 mm wide (a vessel, fat
+    """The same density change scores high as a disc 13.5 mm across and low as a line 6 mm wide (a vessel, fat
     in a fissure); without the opening (``min_width_mm=0``) the line scores about as high as the disc."""
     normal, normal_roi, _ = synthetic_slices(16, seed=0)
     image, roi, _ = synthetic_slices(1, seed=7)
     yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
     centre = SIZE // 2
     disc = (yy - centre) ** 2 + (xx - centre + 20) ** 2 <= 4**2  # 9 px = 13.5 mm across at 1.5 mm pixels
-    line = (xx >= centre + 15) & (xx <= centre + 17) & ((yy - centre).abs() <= 12)  # 3 px = 4.5 mm wide, 37 mm long
+    line = (xx >= centre + 15) & (xx <= centre + 18) & ((yy - centre).abs() <= 12)  # 4 px = 6 mm wide, 37 mm long
     assert bool(roi[0, 0][disc].all() and roi[0, 0][line].all())
     painted = image.clone()
     painted[0, 0][disc | line] -= 0.15
@@ -174,19 +174,6 @@ def test_a_lesion_must_be_wider_than_a_vessel():
         pixel = detector.score(painted, roi).pixel[0]
         peaks[width] = (float(pixel[disc].max()), float(pixel[line].max()))
     disc_peak, line_peak = peaks[6.0]
-    assert disc_peak > 4.0 and line_peak < 0.35 * disc_peak
+    assert disc_peak > 4.0 and line_peak < 0.25 * disc_peak
     disc_raw, line_raw = peaks[0.0]
     assert line_raw > 0.5 * disc_raw
-
-
-def test_a_tail_table_ending_in_ties_extends_at_the_slope_of_its_upper_half():
-    """The last steps of a table learned from few pixels are ties at the sample's maximum; beyond the table, the
-    rarity must grow at the rate of the table's upper half, not at the ties' near-infinite slope."""
-    from monai_ad.detectors.intensity import strictly_increasing, tail_rarity
-
-    xp = strictly_increasing(torch.tensor([0.0, 1.0, 2.0, 2.0, 2.0]))
-    fp = torch.tensor([0.0, 1.0, 2.0, 2.5, 3.0])
-    x = torch.tensor([0.5, 2.0, 3.0, 4.0])
-    r = tail_rarity(x, xp, fp).tolist()
-    assert r[0] == pytest.approx(0.5) and r[1] == pytest.approx(2.0, abs=1e-3)
-    assert 3.0 < r[2] < 6.0 and r[3] - r[2] == pytest.approx(r[2] - 3.0, rel=1e-3)

@@ -35,10 +35,10 @@ from monai_ad.detectors.base import (
 from monai_ad.detectors.intensity import (
     IntensityDeviation,
     batch_roi,
+    interpolate,
     slice_medians,
     strictly_increasing,
     tail_probabilities,
-    tail_rarity,
 )
 from monai_ad.errors import InputError
 
@@ -117,7 +117,7 @@ class DensityFused(AnomalyDetector):
             raise InputError("fused: calibrate it on held-out normal slices first (they set the feature scores' scale)")
         self.feature.preprocessing = self.density.preprocessing = self.preprocessing  # restored on the whole only
         feature = self._feature_map(image, roi)
-        rarity = tail_rarity(feature.flatten(), self.feature_tail, self.rarity).view_as(feature).clamp_min(0.0)
+        rarity = interpolate(feature.flatten(), self.feature_tail, self.rarity).view_as(feature).clamp_min(0.0)
         density = self.density._score(image, roi).pixel.float()
         pixel = log_beyond(rarity, float(self.rarity[-1])) + log_beyond(density, float(self.density.rarity[-1]))
         if roi is not None:

@@ -14,7 +14,7 @@ compared with.
 - Rarity, not distance: a pixel's score is how rare its smoothed density is among normal liver pixels at the same
   depth, ``-log10`` of the two-sided tail probability (0 at the median, 2 for a density that 1 % of normal liver
   pixels reach on that side). The tails are tabulated on normal scans down to a probability of ``min_tail``
-  and extended beyond it as an exponential tail (``tail_rarity``). Vessels make the bright tail of a
+  and extended beyond it along the table's last slope (an exponential tail). Vessels make the bright tail of a
   normal liver heavy, so a bright vessel scores lower than an equally large dark change, which no normal liver
   holds.
 - The liver's border has its own reference: partial volume with the fat around it darkens the outermost
@@ -50,19 +50,11 @@ def tail_probabilities(min_tail: float) -> torch.Tensor:
     return 0.5 * torch.logspace(0.0, -decades, int(math.ceil(4 * decades)) + 1, dtype=torch.float64)
 
 
-def tail_rarity(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """The rarity ``fp`` at score ``x`` from a tail table (``xp`` increasing): piecewise linear within the table;
-    beyond its last point, a straight line (an exponential tail) whose slope is the chord over the upper half of
-    the table's range. The last steps of a table learned from few pixels are ties at the sample's maximum, and
-    their slope would make anything past it astronomically rare. Below the table, its first segment extends."""
-    x = x.contiguous()
-    i = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
+def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear ``fp(xp)`` at ``x`` (``xp`` increasing), extended linearly beyond both ends."""
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
     x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
-    within = f0 + (x - x0) * (f1 - f0) / (x1 - x0)
-    middle = (0.5 * (xp[0] + xp[-1])).view(1)
-    j = int((torch.searchsorted(xp, middle, right=True)[0] - 1).clamp(0, len(xp) - 2))
-    slope = (fp[-1] - fp[j]) / (xp[-1] - xp[j]).clamp_min(torch.finfo(xp.dtype).tiny)
-    return torch.where(x > xp[-1], fp[-1] + slope * (x - xp[-1]), within)
+    return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
 
 
 def gaussian_kernel(sigma_px: float) -> torch.Tensor:
@@ -232,7 +224,7 @@ class IntensityDeviation(AnomalyDetector):
         for b in range(len(self.centre)):
             chosen = (band == b) & roi
             for side in range(2):
-                rarity[side][chosen] = tail_rarity(sides[side][chosen], self.tail_distance[b, side], self.rarity)
+                rarity[side][chosen] = interpolate(sides[side][chosen], self.tail_distance[b, side], self.rarity)
         pixel = torch.where(roi, rarity.amax(0).clamp_min(0.0), 0.0)[:, 0]
         return SliceScores(pixel=pixel, slice=pixel.flatten(1).amax(1))
 
