@@ -85,3 +85,12 @@ def test_cli_bundle_and_app_read_a_volume_alike(bundle, tmp_path):
     liver_slices = int(liver.reshape(-1, liver.shape[-1]).any(0).sum())  # the phantoms' axial axis is the last
     scored = sum(s is not None for s in params["slice_scores"])
     assert 0 < scored < liver_slices  # the model's min_roi_pixels left the liver's smallest slices unscored
+
+
+def test_every_bundle_reads_a_volume_through_the_one_predictor():
+    """The test above runs one bundle; every other bundle's inference config is the same file, so the same
+    predictor, pre- and post-processing and writer serve each (the detector comes from the bundle's model)."""
+    configs = {b.name: (b / "configs" / "inference.json").read_text() for b in BUNDLES_DIR.iterdir() if (b / "configs").is_dir()}
+    assert BUNDLE in configs and len(configs) >= 10
+    assert len(set(configs.values())) == 1, sorted(configs)
+    assert '"_target_": "monai_ad.prediction.Predictor"' in configs[BUNDLE]
