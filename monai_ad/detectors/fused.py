@@ -127,7 +127,7 @@ class DensityFused(AnomalyDetector):
     def _feature_map(self, image: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
         """The feature detector's map ``[B, H, W]``; self-referenced: minus each slice's liver median."""
         feature = self.feature._score(image, roi).pixel.float()
-        if self.hparams.get("self_referenced_features") and roi is not None:
+        if self.hparams["self_referenced_features"] and roi is not None:
             feature = feature - slice_medians(feature[:, None], roi)[:, 0]
         return feature
 

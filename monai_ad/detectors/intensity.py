@@ -157,7 +157,7 @@ class IntensityDeviation(AnomalyDetector):
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
         generator = torch.Generator().manual_seed(int(self.hparams["seed"]))
         # first pass: each band's centre, the median of normal liver's smoothed density at that depth
-        values, bands = self._liver_values(batches, self._centred)
+        values, bands = self._liver_values(batches, lambda image, roi, band: self._centred(image, roi))
         if values.numel() == 0:
             raise InputError("intensity: no liver pixels in the training slices")
         keep = _sample(values.shape[-1], generator)
@@ -167,7 +167,7 @@ class IntensityDeviation(AnomalyDetector):
             chosen = values[0, bands == band]
             self.centre[band] = float(chosen.median()) if chosen.numel() >= MIN_BAND_PIXELS else overall
         # second pass: each band's tails, of the darker and the brighter deviation as scoring sees them (opened)
-        values, bands = self._liver_values(batches, lambda image, roi: self._deviations(image, roi)[0])
+        values, bands = self._liver_values(batches, self._deviations)
         keep = _sample(values.shape[-1], generator)
         values, bands = values[..., keep], bands[keep]
         levels = tail_probabilities(float(self.hparams["min_tail"]))
@@ -184,16 +184,16 @@ class IntensityDeviation(AnomalyDetector):
             self.tail_distance[band] = tails(chosen) if chosen.shape[-1] >= MIN_BAND_PIXELS else overall_tails
 
     def _liver_values(self, batches, maps) -> tuple[torch.Tensor, torch.Tensor]:
-        """``maps(image, roi)`` (``[N, B, 1, H, W]``) at every liver pixel of the batches, ``[N, P]``, and the
-        pixels' depth bands ``[P]``."""
+        """``maps(image, roi, band)`` (``[N, B, 1, H, W]``) at every liver pixel of the batches, ``[N, P]``, and
+        the pixels' depth bands ``[P]``."""
         values, bands = [], []
         for batch in batches:
             image = batch["image"].to(self.device, torch.float32)
             self.check_slices(image)
             roi = batch_roi(batch, image)
-            chosen = maps(image, roi)
-            values.append(chosen[:, roi].cpu())
-            bands.append(self._bands(roi)[roi].cpu())
+            band = self._bands(roi)
+            values.append(maps(image, roi, band)[:, roi].cpu())
+            bands.append(band[roi].cpu())
         if not values:
             return torch.zeros(1, 0), torch.zeros(0, dtype=torch.long)
         return torch.cat(values, -1), torch.cat(bands)
@@ -206,20 +206,20 @@ class IntensityDeviation(AnomalyDetector):
             smoothed = smoothed - slice_medians(smoothed, roi)
         return smoothed[None]
 
-    def _deviations(self, image: torch.Tensor, roi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """How far below and above its band's centre each liver pixel lies, ``[2, B, 1, H, W]`` (0 outside the
-        liver), opened by the ``min_width_mm`` disc; and the depth bands ``[B, 1, H, W]``."""
-        band = self._bands(roi)
+    def _deviations(self, image: torch.Tensor, roi: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+        """How far below and above the centre of its depth band (``band``, ``[B, 1, H, W]``) each liver pixel
+        lies, ``[2, B, 1, H, W]`` (0 outside the liver), opened by the ``min_width_mm`` disc."""
         deviation = self._centred(image, roi)[0] - self.centre[band]
         sides = torch.where(roi, torch.stack([-deviation, deviation]).clamp_min(0.0), 0.0)
-        radius = round(0.5 * float(self.hparams.get("min_width_mm") or 0.0) / self._pixel_mm())
+        radius = round(0.5 * float(self.hparams["min_width_mm"] or 0.0) / self._pixel_mm())
         if radius >= 1:
             sides = torch.where(roi, open_within(sides.flatten(0, 1), radius).view_as(sides), 0.0)
-        return sides, band
+        return sides
 
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
         roi = torch.ones_like(image[:, :1], dtype=torch.bool) if roi is None else roi
-        sides, band = self._deviations(image.float(), roi)
+        band = self._bands(roi)
+        sides = self._deviations(image.float(), roi, band)
         rarity = torch.zeros_like(sides)
         for b in range(len(self.centre)):
             chosen = (band == b) & roi
