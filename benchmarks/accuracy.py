@@ -132,7 +132,10 @@ def calibration_quantile(false_regions_per_scan: float, slices_per_scan: float) 
 
 
 # ----------------------------------------------------------------------------- one detector on one fold
-def run_fold(name: str, hparams: dict, preprocessing: dict, fold: dict, work: Path, device, fa_rate: float) -> dict:
+def run_fold(name: str, hparams: dict, preprocessing: dict, fold: dict, work: Path, device, fa_rate: float,
+             keep_cases: bool = False) -> dict:
+    """Fit and calibrate ``name`` on the fold, score its test scans, and measure; with ``keep_cases``, the
+    per-scan maps behind the figures are returned too (``cases``: one dict per test scan)."""
     quantile = calibration_quantile(fa_rate, fold["slices_per_scan"])
     start = time.perf_counter()
     detector = train(name, fold["datalist"], work / f"{name}.pt", hparams=hparams, preprocessing=preprocessing,
@@ -164,6 +167,8 @@ def run_fold(name: str, hparams: dict, preprocessing: dict, fold: dict, work: Pa
         pred_z = np.moveaxis(pred & liver, axis, 0).reshape(pred.shape[axis], -1).any(1)
         liver_z = np.moveaxis(liver, axis, 0).reshape(liver.shape[axis], -1).any(1)
         cases.append({
+            "case_id": item.get("case_id", Path(item["image"]).name), "image": item["image"], "box": box, "axis": axis,
+            "lesions_drawn": item.get("lesions", []), "affine": np.asarray(result.affine),
             "heat": crop(result.heatmap), "lesion": crop(lesion), "liver": crop(liver), "pred": crop(pred),
             "spacing": tuple(float(spacing[i]) for i in [axis, *(j for j in range(3) if j != axis)]),
             "slice_labels": lesion_z[scored_z], "slice_scores": np.asarray([slice_scores[z] for z in scored_z], float),
@@ -175,6 +180,8 @@ def run_fold(name: str, hparams: dict, preprocessing: dict, fold: dict, work: Pa
         "train_s": train_s, "score_s_per_volume": float(np.mean(seconds)), "slices_per_s": scored / inference_s if inference_s else None,
         "thresholds": {k: v for k, v in detector.thresholds.items() if isinstance(v, (int, float, str))}, "quantile": quantile,
     })  # fmt: skip
+    if keep_cases:
+        out["cases"] = cases
     return out
 
 

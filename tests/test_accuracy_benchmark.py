@@ -143,3 +143,35 @@ def test_calibration_quantile_allows_the_stated_false_alarms_per_scan():
     scores = np.random.default_rng(0).random(40 * 5)  # 5 normal scans of 40 slices
     q = accuracy.calibration_quantile(1.0, 40)
     assert np.count_nonzero(scores > np.quantile(scores, q)) / 5 == pytest.approx(1.0, abs=0.2)
+
+
+def test_error_review_ranks_slices_and_names_each_lesion_as_drawn():
+    import error_review
+
+    image, liver, affine = _scan()
+    lesions = [_lesion((45, 50, 20), 30.0, -60.0), _lesion((80, 50, 12), 12.0, 40.0, "soft")]
+    painted, label = li.insert_lesions(image, liver, affine, lesions, np.random.default_rng(0))
+    # the heatmap's crop as accuracy.run_fold keeps it: the liver's box, axial axis (here the last) first
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(liver))
+    crop = lambda a: np.moveaxis(a[box], 2, 0)  # noqa: E731
+    heat = crop(np.where(label == 2, 5.0, 0.0)).astype(np.float32)
+    lesion, liver_c = crop(label == 2), crop(liver)
+    normal_z = int(np.nonzero(~lesion.any(axis=(1, 2)) & liver_c.any(axis=(1, 2)))[0][len(lesion) // 2])
+    heat[normal_z][liver_c[normal_z]] = 1.0
+    y, x = np.argwhere(liver_c[normal_z])[len(np.argwhere(liver_c[normal_z])) // 2]
+    heat[normal_z, y, x] = 9.0  # one normal slice outscores every lesion slice
+    case = {"case_id": "scan", "box": box, "axis": 2, "affine": affine, "heat": heat, "lesion": lesion,
+            "liver": liver_c, "spacing": (SPACING[2], SPACING[0], SPACING[1]),
+            "lesions_drawn": [{"center_mm": (affine @ np.r_[l.center_voxel, 1.0])[:3].tolist(),
+                               "contrast_hu": l.contrast_hu, "margin": l.margin} for l in lesions]}  # fmt: skip
+    depth = np.stack([error_review.ndimage.distance_transform_edt(s, sampling=SPACING[:2]) for s in liver_c])
+    normal, below, n_lesion_slices, _ = error_review.slice_rows([case], [crop(painted)], [depth], top=1)
+    assert [(r["slice"], r["slice score"]) for r in normal] == [(box[2].start + normal_z, 9.0)]
+    assert normal[0]["depth of the maximum (mm)"] == pytest.approx(depth[normal_z, y, x])
+    assert len(below) == n_lesion_slices > 0 and all(r["score in the lesion"] == 5.0 for r in below)
+    rows, false_regions = error_review.lesion_rows([case], threshold=4.0)
+    assert sorted((round(r["diameter (mm)"]), r["contrast (HU)"], r["found"]) for r in rows) == [
+        (12, 40.0, "yes"), (30, -60.0, "yes")]  # fmt: skip
+    assert false_regions == []  # the 9.0 pixel is below the smallest region the label map keeps
+    rows, false_regions = error_review.lesion_rows([case], threshold=0.5)
+    assert len(false_regions) == 1 and false_regions[0]["peak score"] == 9.0
