@@ -489,6 +489,22 @@ def _regions_vs_lesions(
     return found, n_regions, n_regions - int(true.sum())
 
 
+def _kth_highest(scores: np.ndarray, labels: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Each labelled component's ``k``-th highest score (its lowest when it has fewer than ``k`` voxels)."""
+    out = np.full(n, -np.inf)
+    if n == 0:
+        return out
+    inside = labels > 0
+    order = np.lexsort((-scores[inside], labels[inside]))  # by component, highest score first
+    ranked_labels, ranked = labels[inside][order], scores[inside][order]
+    starts = np.searchsorted(ranked_labels, np.arange(1, n + 1))
+    ends = np.searchsorted(ranked_labels, np.arange(1, n + 1), side="right")
+    for j, (a, b) in enumerate(zip(starts, ends)):
+        if b > a:
+            out[j] = ranked[min(a + k, b) - 1]
+    return out
+
+
 def detect_lesions(
     heatmap: Any,
     lesion: Any,
@@ -547,8 +563,10 @@ def lesion_froc(
     """FROC over scans: lesion sensitivity against false regions per scan as the threshold sweeps.
 
     One entry per scan in each list (3-D volumes; scans without lesions count for false regions). Regions,
-    lesions, hits and false regions as in :func:`detect_lesions`. The thresholds swept are every lesion's
-    highest score inside the ROI (where the sensitivity steps up), plus one above every score; at each the
+    lesions, hits and false regions as in :func:`detect_lesions`. The thresholds swept are where a lesion can
+    start to count as found: its highest score inside the ROI, and, when regions below ``min_region_mm3`` are
+    dropped, its k-th highest (k voxels make the smallest region kept; at its peak alone a lesion is one voxel),
+    plus one above every score; at each the
     sensitivity (found / all lesions), the sensitivity for lesions of equivalent diameter ≥ ``min_diameter_mm``,
     and the mean number of false regions per scan are computed.
 
@@ -566,7 +584,7 @@ def lesion_froc(
     if len(rois) != n_scans or len(spacings) != n_scans:
         raise ValueError("rois and spacings need one entry per scan")
     scans = []
-    peaks, large = [], []
+    peaks, large, steps = [], [], []
     for heat, lesion, roi, spacing in zip(heatmaps, lesions, rois, spacings):
         heat = _volume3d(heat, "heatmap")
         _check_no_nan(heat)
@@ -579,13 +597,16 @@ def lesion_froc(
         scored = heat if region is None else np.where(region, heat, -np.inf)
         peak = ndimage.maximum(scored, labels, index=np.arange(1, n + 1)) if n else np.zeros(0)
         peaks.append(np.asarray(peak, dtype=np.float64).reshape(-1))
+        smallest = max(1, int(np.ceil(min_region_mm3 / _voxel_mm3(spacing) - 1e-9)))
+        if smallest > 1:
+            steps.append(_kth_highest(scored, labels, n, smallest))
         large.append(diameters >= min_diameter_mm)
         scans.append((heat, labels, n, region, _voxel_mm3(spacing)))
     all_peaks, all_large = np.concatenate(peaks), np.concatenate(large)
     n_lesions, n_large = int(all_peaks.size), int(all_large.sum())
-    finite = np.isfinite(all_peaks)
     top = max((float(np.max(h)) for h, *_ in scans), default=0.0)
-    thresholds = np.unique(all_peaks[finite])[::-1]
+    candidates = np.concatenate([all_peaks, *steps])
+    thresholds = np.unique(candidates[np.isfinite(candidates)])[::-1]
     thresholds = np.r_[np.nextafter(top, np.inf), thresholds]
 
     curve = []

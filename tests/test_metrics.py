@@ -281,3 +281,21 @@ def test_lesion_froc_hand_computed():
     assert out["sensitivity"] == 0.0 and len(out["curve"]) == 1
     with pytest.raises(ValueError, match="one lesion mask per heatmap"):
         metrics.lesion_froc([heat], [])
+
+
+def test_lesion_froc_sweeps_where_a_lesion_first_makes_a_region_large_enough():
+    # at 1 mm³ voxels a region needs 8 voxels to count: at its own peak (one voxel) the lesion is not found yet
+    lesion = np.zeros((12, 12, 12), bool)
+    lesion[2:5, 2:5, 2:5] = True
+    heat = np.zeros(lesion.shape, np.float32)
+    heat[lesion] = 0.8
+    heat[3, 3, 3] = 0.9
+    heat[8:11, 8:11, 8:11] = 0.85  # a false region between the lesion's peak and the rest of it
+    out = metrics.lesion_froc([heat], [lesion], spacings=[(1.0, 1.0, 1.0)], min_region_mm3=8.0, max_fp_per_scan=1.0)
+    points = [(p["threshold"], p["fp_per_scan"], p["sensitivity"]) for p in out["curve"][1:]]
+    # 0.9: the peak alone, too small; 0.8 (the lesion's 8th highest voxel): found, with the one false region
+    assert points == [(pytest.approx(0.9), 0.0, 0.0), (pytest.approx(0.8), 1.0, 1.0)]
+    assert out["sensitivity"] == 1.0 and out["threshold"] == pytest.approx(0.8)
+    # with no size limit the peak is where it is found
+    out = metrics.lesion_froc([heat], [lesion], spacings=[(1.0, 1.0, 1.0)], max_fp_per_scan=0.0)
+    assert out["sensitivity"] == 1.0 and out["threshold"] == pytest.approx(0.9)
