@@ -48,6 +48,11 @@ def case_image(case: dict) -> np.ndarray:
     return np.moveaxis(image[case["box"]], case["axis"], 0)
 
 
+def in_plane_depth(liver: np.ndarray, spacing) -> np.ndarray:
+    """Each liver pixel's distance (mm) from the liver's edge within its own slice (axial axis first)."""
+    return np.stack([ndimage.distance_transform_edt(s, sampling=spacing[1:]) for s in liver])
+
+
 def scan_slice(case: dict, z: int) -> int:
     """The slice's index along the scan's own axial axis (the crop starts at the liver's box)."""
     return int(case["box"][case["axis"]].start + z)
@@ -92,41 +97,43 @@ def drawn_lesion(case: dict, component: np.ndarray) -> dict[str, Any]:
     return {}
 
 
+def slice_range(case: dict, mask: np.ndarray) -> str:
+    z = np.nonzero(mask.any(axis=(1, 2)))[0]
+    return f"{scan_slice(case, int(z[0]))}–{scan_slice(case, int(z[-1]))}"
+
+
 def lesion_rows(cases: list[dict], threshold: float):
+    """Every lesion at ``threshold`` (found or not, with what was drawn) and the false regions there."""
     rows, false_regions = [], []
     for case in cases:
         labels, n, diameters = metrics.lesion_components(case["lesion"], case["spacing"])
-        found = metrics.detect_lesions(case["heat"], case["lesion"], threshold, roi=case["liver"],
-                                       spacing=case["spacing"], min_region_mm3=accuracy.MIN_LESION_MM3,
-                                       min_region_overlap=accuracy.MIN_REGION_OVERLAP)["found"]  # fmt: skip
-        for j in range(n):
-            component = labels == j + 1
-            drawn = drawn_lesion(case, component)
-            z = np.nonzero(component.any(axis=(1, 2)))[0]
-            rows.append({
-                "scan": case["case_id"], "slices": f"{scan_slice(case, int(z[0]))}–{scan_slice(case, int(z[-1]))}",
-                "diameter (mm)": float(diameters[j]), "peak score": float(case["heat"][component].max()),
-                "found": "yes" if found[j] else "no", "contrast (HU)": drawn.get("contrast_hu", "n/a"),
-                "kind / margin": drawn.get("kind", drawn.get("margin", "n/a")), "rim (HU)": drawn.get("rim_hu", "n/a"),
-            })  # fmt: skip
         predicted = (case["heat"] >= threshold) & case["liver"]
-        regions, m = ndimage.label(predicted, structure=np.ones((3, 3, 3)))
-        voxel = float(np.prod(case["spacing"]))
-        for j in range(1, m + 1):
+        regions, kept, true, match = metrics.match_regions(
+            predicted, labels, n, float(np.prod(case["spacing"])), accuracy.MIN_LESION_MM3, accuracy.MIN_REGION_OVERLAP
+        )
+        found = set(match[true].tolist())
+        for j in range(1, n + 1):
+            component = labels == j
+            drawn = drawn_lesion(case, component)
+            rows.append({
+                "scan": case["case_id"], "slices": slice_range(case, component), "diameter (mm)": float(diameters[j - 1]),
+                "peak score": float(case["heat"][component].max()), "found": "yes" if j in found else "no",
+                "contrast (HU)": drawn.get("contrast_hu", "n/a"), "kind / margin": drawn.get("kind", drawn.get("margin", "n/a")),
+                "rim (HU)": drawn.get("rim_hu", "n/a"),
+            })  # fmt: skip
+        for j in np.nonzero(kept & ~true)[0]:
             region = regions == j
-            volume = region.sum() * voxel
-            if volume < accuracy.MIN_LESION_MM3 or (region & case["lesion"]).sum() >= accuracy.MIN_REGION_OVERLAP * region.sum():
-                continue
-            z = np.nonzero(region.any(axis=(1, 2)))[0]
-            false_regions.append({"scan": case["case_id"], "slices": f"{scan_slice(case, int(z[0]))}–{scan_slice(case, int(z[-1]))}",
-                                  "volume (mm³)": float(volume), "peak score": float(case["heat"][region].max())})  # fmt: skip
+            false_regions.append({
+                "scan": case["case_id"], "slices": slice_range(case, region),
+                "volume (mm³)": float(region.sum() * np.prod(case["spacing"])), "peak score": float(case["heat"][region].max()),
+            })  # fmt: skip
     false_regions.sort(key=lambda r: -r["peak score"])
     return rows, false_regions
 
 
 def review(name: str, title: str, fold: dict, cases: list[dict], out: dict, top: int) -> list[str]:
     images = [case_image(c) for c in cases]
-    depths = [np.stack([ndimage.distance_transform_edt(s, sampling=c["spacing"][1:]) for s in c["liver"]]) for c in cases]
+    depths = [in_plane_depth(c["liver"], c["spacing"]) for c in cases]
     normal, below, n_lesion_slices, n_tips = slice_rows(cases, images, depths, top)
     froc = metrics.lesion_froc([c["heat"] for c in cases], [c["lesion"] for c in cases], [c["liver"] for c in cases],
                                [c["spacing"] for c in cases], max_fp_per_scan=1.0,
@@ -173,7 +180,8 @@ def main() -> None:
     name, device = args.detector, resolve(args.device)
     hparams = {**accuracy.SCHEDULES.get(name, {}), **(accuracy.QUICK_SCHEDULES.get(name, {}) if args.quick else {}),
                **accuracy.parse_assignments(args.hparams, "--set").get(name, {})}  # fmt: skip
-    preprocessing = {**accuracy.PREPROCESSING.get(name, {}), **accuracy.parse_assignments(args.preprocess, "--preprocess").get(name, {})}
+    preprocessing = {**accuracy.PREPROCESSING.get(name, {}),
+                     **accuracy.parse_assignments(args.preprocess, "--preprocess").get(name, {})}  # fmt: skip
     work = args.work or Path(tempfile.mkdtemp(prefix="monai_ad_review_"))
     tables = []
     try:

@@ -42,6 +42,7 @@ __all__ = [
     "lesion_components",
     "detect_lesions",
     "lesion_froc",
+    "match_regions",
 ]
 
 # 8-connectivity inside each axial slice, no connection between slices: one ndimage.label call labels every
@@ -459,6 +460,36 @@ def lesion_components(lesion: Any, spacing: Sequence[float] | None = None) -> tu
     return labels.astype(np.int32, copy=False), int(n), diameters
 
 
+def match_regions(
+    predicted: np.ndarray,
+    lesion_labels: np.ndarray,
+    n_lesions: int,
+    voxel_mm3: float,
+    min_region_mm3: float = 0.0,
+    min_region_overlap: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The predicted regions of a boolean map against labelled lesions, as :func:`detect_lesions` reads them.
+
+    Returns ``(regions, kept, true, match)``: the regions' labels (3-D, 26-connected) and, per region label
+    (index 0 is the background), whether it is kept (at least ``min_region_mm3``), whether it is a hit, and the
+    lesion (1-based) it overlaps most (0: none). Every kept region that is not a hit is a false region.
+    """
+    regions, m = ndimage.label(predicted, structure=_FULL_3D)
+    size = np.bincount(regions.ravel(), minlength=m + 1)
+    kept = size * voxel_mm3 >= min_region_mm3  # regions below the size limit are dropped, not counted
+    kept[0] = False
+    true, match = np.zeros(m + 1, dtype=bool), np.zeros(m + 1, dtype=np.int64)
+    if n_lesions and m:
+        # voxels shared by each (region, lesion) pair; each region is matched to the lesion it overlaps most
+        inside = lesion_labels > 0
+        pairs = regions[inside].astype(np.int64) * (n_lesions + 1) + lesion_labels[inside]
+        shared = np.bincount(pairs, minlength=(m + 1) * (n_lesions + 1)).reshape(m + 1, n_lesions + 1)[:, 1:]
+        overlap = shared.max(1)
+        true = kept & (overlap > 0) & (overlap >= min_region_overlap * size)
+        match = np.where(overlap > 0, shared.argmax(1) + 1, 0)
+    return regions, kept, true, match
+
+
 def _regions_vs_lesions(
     predicted: np.ndarray,
     lesion_labels: np.ndarray,
@@ -468,23 +499,9 @@ def _regions_vs_lesions(
     min_region_overlap: float,
 ) -> tuple[np.ndarray, int, int]:
     """``(found [n_lesions] bool, number of predicted regions, number of false regions)`` of a boolean map."""
-    regions, m = ndimage.label(predicted, structure=_FULL_3D)
+    _, kept, true, match = match_regions(predicted, lesion_labels, n_lesions, voxel_mm3, min_region_mm3, min_region_overlap)
     found = np.zeros(n_lesions, dtype=bool)
-    if m == 0:
-        return found, 0, 0
-    size = np.bincount(regions.ravel(), minlength=m + 1)
-    inside = lesion_labels > 0
-    kept = size * voxel_mm3 >= min_region_mm3  # regions below the size limit are dropped, not counted
-    kept[0] = False
-    if n_lesions:
-        # voxels shared by each (region, lesion) pair; each region is matched to the lesion it overlaps most
-        pairs = regions[inside].astype(np.int64) * (n_lesions + 1) + lesion_labels[inside]
-        shared = np.bincount(pairs, minlength=(m + 1) * (n_lesions + 1)).reshape(m + 1, n_lesions + 1)[:, 1:]
-        match, overlap = shared.argmax(1), shared.max(1)
-        true = kept & (overlap > 0) & (overlap >= min_region_overlap * size)
-        found[match[true]] = True
-    else:
-        true = np.zeros(m + 1, dtype=bool)
+    found[match[true] - 1] = True
     n_regions = int(kept.sum())
     return found, n_regions, n_regions - int(true.sum())
 

@@ -164,7 +164,7 @@ def test_error_review_ranks_slices_and_names_each_lesion_as_drawn():
             "liver": liver_c, "spacing": (SPACING[2], SPACING[0], SPACING[1]),
             "lesions_drawn": [{"center_mm": (affine @ np.r_[l.center_voxel, 1.0])[:3].tolist(),
                                "contrast_hu": l.contrast_hu, "margin": l.margin} for l in lesions]}  # fmt: skip
-    depth = np.stack([error_review.ndimage.distance_transform_edt(s, sampling=SPACING[:2]) for s in liver_c])
+    depth = error_review.in_plane_depth(liver_c, (SPACING[2], SPACING[0], SPACING[1]))
     normal, below, n_lesion_slices, _ = error_review.slice_rows([case], [crop(painted)], [depth], top=1)
     assert [(r["slice"], r["slice score"]) for r in normal] == [(box[2].start + normal_z, 9.0)]
     assert normal[0]["depth of the maximum (mm)"] == pytest.approx(depth[normal_z, y, x])
