@@ -94,13 +94,14 @@ def test_metadata_verifies_offline(trained_bundle, tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "../meta_schema.json"]
     proc = subprocess.run(cmd, cwd=trained_bundle, capture_output=True, text=True)
     assert proc.returncode == 0 and "verified with no error" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    # the same check in-process (what the command runs): metadata without a required field fails
+    from monai.bundle import verify_metadata
+
     broken = json.loads((trained_bundle / "configs" / "metadata.json").read_text())
     del broken["network_data_format"]
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "metadata.json").write_text(json.dumps(broken))
-    cmd[cmd.index("../meta_schema.json")] = str(trained_bundle.parent / "meta_schema.json")
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode != 0
+    (tmp_path / "metadata.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="network_data_format"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(trained_bundle.parent / "meta_schema.json"))
 
 
 def axial_first(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
