@@ -185,6 +185,14 @@ def run_fold(name: str, hparams: dict, preprocessing: dict, fold: dict, work: Pa
     return out
 
 
+def cases_froc(cases: list[dict], min_region_mm3: float = MIN_LESION_MM3) -> dict[str, Any]:
+    """The lesion FROC of a fold's test scans (``metrics.lesion_froc``) at this benchmark's settings: ≤ 1 false
+    region per scan, lesions ≥ ``MIN_DIAMETER_MM`` as the large ones, ``MIN_REGION_OVERLAP`` for a hit."""
+    return metrics.lesion_froc([c["heat"] for c in cases], [c["lesion"] for c in cases], [c["liver"] for c in cases],
+                               [c["spacing"] for c in cases], max_fp_per_scan=1.0, min_diameter_mm=MIN_DIAMETER_MM,
+                               min_region_mm3=min_region_mm3, min_region_overlap=MIN_REGION_OVERLAP)  # fmt: skip
+
+
 def fold_metrics(cases: list[dict], min_region_mm3: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
@@ -201,9 +209,7 @@ def fold_metrics(cases: list[dict], min_region_mm3: float) -> dict[str, Any]:
     attempt("aupro_liver", metrics.aupro, masks, maps, FPR_LIMIT, roi=rois)
     tp, fp, fn = (sum(c[k] for c in cases) for k in ("tp", "fp", "fn"))
     out["dice"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else None
-    froc = metrics.lesion_froc(maps, masks, rois, [c["spacing"] for c in cases], max_fp_per_scan=1.0,
-                               min_diameter_mm=MIN_DIAMETER_MM, min_region_mm3=min_region_mm3,
-                               min_region_overlap=MIN_REGION_OVERLAP)  # fmt: skip
+    froc = cases_froc(cases, min_region_mm3)
     out.update(sens_1fp=froc["sensitivity"], sens_1fp_large=froc["sensitivity_large"], n_lesions=froc["n_lesions"],
                n_lesions_large=froc["n_lesions_large"], n_scans=froc["n_scans"])  # fmt: skip
     found = n_false = 0

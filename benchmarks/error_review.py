@@ -135,10 +135,7 @@ def review(name: str, title: str, fold: dict, cases: list[dict], out: dict, top:
     images = [case_image(c) for c in cases]
     depths = [in_plane_depth(c["liver"], c["spacing"]) for c in cases]
     normal, below, n_lesion_slices, n_tips = slice_rows(cases, images, depths, top)
-    froc = metrics.lesion_froc([c["heat"] for c in cases], [c["lesion"] for c in cases], [c["liver"] for c in cases],
-                               [c["spacing"] for c in cases], max_fp_per_scan=1.0,
-                               min_diameter_mm=accuracy.MIN_DIAMETER_MM, min_region_mm3=accuracy.MIN_LESION_MM3,
-                               min_region_overlap=accuracy.MIN_REGION_OVERLAP)  # fmt: skip
+    froc = accuracy.cases_froc(cases)
     lesions, false_regions = lesion_rows(cases, froc["threshold"])
     auroc = "n/a" if out.get("slice_auroc") is None else f"{out['slice_auroc']:.3f}"
     head = (f"**{title}, {fold['fold']}**: `{name}` slice AUROC {auroc} over "
