@@ -142,6 +142,8 @@ def realistic_volume(work: Path, n_slices: int, seed: int = 7) -> tuple[Path, Pa
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def fmt(v: Any) -> str:
+        if v is None:
+            return "n/a"
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
         return str(v)

@@ -10,7 +10,9 @@ For each fold it lists:
 - the normal slices that score highest (the ones that push lesion slices down the slice ranking): where their
   maximum lies (depth from the liver's edge in mm) and how far the CT there is from the liver's median HU;
 - the lesion slices that score below the ``--top``-th of those normal slices, with the lesion's cross-section
-  in the slice (a few mm² at a lesion's tip is in the slice count too);
+  in the slice (a few mm² at a lesion's tip is in the slice count too) and how visible it is there (``d′``,
+  ``visibility.py``: its contrast in units of the same measurement's spread over normal liver);
+- the slice AUROC over all lesion slices and over those whose lesion is at least ``d′`` 2, 3 and 5 visible;
 - every lesion at the FROC operating point of ``accuracy.py`` (the threshold with the best sensitivity at ≤ 1
   false region per scan): found or missed, its size, its peak score, and what the generator drew (contrast,
   margin, rim) where the data set records it; then the false regions at that threshold.
@@ -32,6 +34,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
+import visibility  # noqa: E402
 from common import REAL_CT, RESULTS, format_table, record, resolve  # noqa: E402
 
 from monai_ad import metrics  # noqa: E402
@@ -58,10 +61,12 @@ def scan_slice(case: dict, z: int) -> int:
     return int(case["box"][case["axis"]].start + z)
 
 
-def slice_rows(cases: list[dict], images: list[np.ndarray], depths: list[np.ndarray], top: int):
-    """The ``top`` normal slices by slice score and the lesion slices below the ``top``-th of them."""
+def slice_rows(cases: list[dict], images: list[np.ndarray], depths: list[np.ndarray],
+               visibility: dict[tuple[int, int], dict] | None = None):  # fmt: skip
+    """Every liver slice of the cases: the normal ones by slice score, highest first, and the lesion ones, lowest
+    first (with ``visibility``: each lesion slice's ``d′`` and contrast, see ``visibility.slice_visibility``)."""
     normal, abnormal = [], []
-    for case, image, depth in zip(cases, images, depths):
+    for i, (case, image, depth) in enumerate(zip(cases, images, depths)):
         median = liver_median_hu(image, case["liver"])
         slice_area = case["spacing"][1] * case["spacing"][2]
         for z in range(case["heat"].shape[0]):
@@ -74,15 +79,41 @@ def slice_rows(cases: list[dict], images: list[np.ndarray], depths: list[np.ndar
             row = {"scan": case["case_id"], "slice": scan_slice(case, z), "slice score": float(heat[peak])}
             if lesion.any():
                 abnormal.append({**row, "lesion area (mm²)": float(lesion.sum() * slice_area),
-                                 "score in the lesion": float(case["heat"][z][lesion].max())})  # fmt: skip
+                                 "score in the lesion": float(case["heat"][z][lesion].max()),
+                                 **(visibility or {}).get((i, z), {})})  # fmt: skip
             else:
                 local = image[z][max(peak[0] - 1, 0) : peak[0] + 2, max(peak[1] - 1, 0) : peak[1] + 2]
                 normal.append({**row, "depth of the maximum (mm)": float(depth[z][peak]),
                                "HU − liver median there": float(local.mean() - median)})  # fmt: skip
     normal.sort(key=lambda r: -r["slice score"])
+    abnormal.sort(key=lambda r: r["slice score"])
+    return normal, abnormal
+
+
+def below_top(normal: list[dict], abnormal: list[dict], top: int) -> list[dict]:
+    """The lesion slices that score below the ``top``-th normal slice."""
     bar = normal[min(top, len(normal)) - 1]["slice score"] if normal else np.inf
-    below = sorted((r for r in abnormal if r["slice score"] < bar), key=lambda r: r["slice score"])
-    return normal[:top], below, len(abnormal), sum(r["lesion area (mm²)"] < 25.0 for r in abnormal)
+    return [r for r in abnormal if r["slice score"] < bar]
+
+
+VISIBILITY_LEVELS = (2.0, 3.0, 5.0)
+
+
+def auroc_by_visibility(normal: list[dict], abnormal: list[dict]) -> list[dict]:
+    """Slice AUROC (these slice scores) against every normal slice, over all lesion slices and over those whose
+    lesion is at least as visible as each of ``VISIBILITY_LEVELS`` (``d′``)."""
+    rows = []
+    for level in (None, *VISIBILITY_LEVELS):
+        kept = [r for r in abnormal if level is None or (r.get("d′") is not None and r["d′"] >= level)]
+        scores = [r["slice score"] for r in normal + kept]
+        labels = [0] * len(normal) + [1] * len(kept)
+        try:
+            auroc = metrics.slice_auroc(np.asarray(labels), np.asarray(scores))
+        except metrics.UndefinedMetricError:
+            auroc = "n/a"
+        rows.append({"lesion slices": "all" if level is None else f"d′ ≥ {level:g}", "count": len(kept),
+                     "slice AUROC": auroc})  # fmt: skip
+    return rows
 
 
 def drawn_lesion(case: dict, component: np.ndarray) -> dict[str, Any]:
@@ -134,7 +165,9 @@ def lesion_rows(cases: list[dict], threshold: float):
 def review(name: str, title: str, fold: dict, cases: list[dict], out: dict, top: int) -> list[str]:
     images = [case_image(c) for c in cases]
     depths = [in_plane_depth(c["liver"], c["spacing"]) for c in cases]
-    normal, below, n_lesion_slices, n_tips = slice_rows(cases, images, depths, top)
+    normal, abnormal = slice_rows(cases, images, depths, visibility.slice_visibility(cases, images))
+    below = below_top(normal, abnormal, top)
+    n_lesion_slices, n_tips = len(abnormal), sum(r["lesion area (mm²)"] < 25.0 for r in abnormal)
     froc = accuracy.cases_froc(cases)
     lesions, false_regions = lesion_rows(cases, froc["threshold"])
     auroc = "n/a" if out.get("slice_auroc") is None else f"{out['slice_auroc']:.3f}"
@@ -144,9 +177,14 @@ def review(name: str, title: str, fold: dict, cases: list[dict], out: dict, top:
     return [
         head,
         f"Normal slices scored highest (depth: in-plane distance of the slice's maximum from the liver's edge):\n\n"
-        + format_table(normal, ["scan", "slice", "slice score", "depth of the maximum (mm)", "HU − liver median there"]),
-        f"Lesion slices scored below the {top}th normal slice above ({len(below)}):\n\n"
-        + (format_table(below, ["scan", "slice", "lesion area (mm²)", "score in the lesion", "slice score"]) if below else "none"),
+        + format_table(normal[:top], ["scan", "slice", "slice score", "depth of the maximum (mm)", "HU − liver median there"]),
+        f"Lesion slices scored below the {top}th normal slice above ({len(below)}; d′: how visible the lesion is in "
+        f"the slice, its contrast against the liver around it in units of that measurement's spread over normal "
+        f"liver, benchmarks/visibility.py):\n\n"
+        + (format_table(below, ["scan", "slice", "lesion area (mm²)", "contrast (HU)", "d′", "score in the lesion",
+                                "slice score"]) if below else "none"),
+        "Slice AUROC by how visible the lesion is (the slice score = the map's maximum in the liver; normal "
+        "slices: all):\n\n" + format_table(auroc_by_visibility(normal, abnormal), ["lesion slices", "count", "slice AUROC"]),
         f"Lesions at the FROC operating point (threshold {froc['threshold']:.4g}: sensitivity "
         f"{froc['sensitivity']:.3f} at ≤ 1 false region per scan):\n\n"
         + format_table(lesions, ["scan", "slices", "diameter (mm)", "peak score", "found", "contrast (HU)", "kind / margin", "rim (HU)"]),

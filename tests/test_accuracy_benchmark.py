@@ -165,13 +165,37 @@ def test_error_review_ranks_slices_and_names_each_lesion_as_drawn():
             "lesions_drawn": [{"center_mm": (affine @ np.r_[l.center_voxel, 1.0])[:3].tolist(),
                                "contrast_hu": l.contrast_hu, "margin": l.margin} for l in lesions]}  # fmt: skip
     depth = error_review.in_plane_depth(liver_c, (SPACING[2], SPACING[0], SPACING[1]))
-    normal, below, n_lesion_slices, _ = error_review.slice_rows([case], [crop(painted)], [depth], top=1)
-    assert [(r["slice"], r["slice score"]) for r in normal] == [(box[2].start + normal_z, 9.0)]
-    assert normal[0]["depth of the maximum (mm)"] == pytest.approx(depth[normal_z, y, x])
-    assert len(below) == n_lesion_slices > 0 and all(r["score in the lesion"] == 5.0 for r in below)
+    normal, abnormal = error_review.slice_rows([case], [crop(painted)], [depth])
+    top, below = normal[:1], error_review.below_top(normal, abnormal, top=1)
+    assert [(r["slice"], r["slice score"]) for r in top] == [(box[2].start + normal_z, 9.0)]
+    assert top[0]["depth of the maximum (mm)"] == pytest.approx(depth[normal_z, y, x])
+    assert len(below) == len(abnormal) > 0 and all(r["score in the lesion"] == 5.0 for r in below)
+    by_visibility = error_review.auroc_by_visibility(normal, abnormal)  # each lesion slice: below one normal slice
+    assert by_visibility[0] == {"lesion slices": "all", "count": len(abnormal), "slice AUROC": pytest.approx(1 - 1 / len(normal))}
+    assert [r["count"] for r in by_visibility[1:]] == [0, 0, 0]  # no d′ measured here: no slice is counted as visible
     rows, false_regions = error_review.lesion_rows([case], threshold=4.0)
     assert sorted((round(r["diameter (mm)"]), r["contrast (HU)"], r["found"]) for r in rows) == [
         (12, 40.0, "yes"), (30, -60.0, "yes")]  # fmt: skip
     assert false_regions == []  # the 9.0 pixel is below the smallest region the label map keeps
     rows, false_regions = error_review.lesion_rows([case], threshold=0.5)
     assert len(false_regions) == 1 and false_regions[0]["peak score"] == 9.0
+
+
+def test_visibility_is_high_for_a_clear_lesion_and_low_for_an_invisible_one():
+    import visibility
+
+    image, liver, affine = _scan()  # 8 HU white noise in the liver
+    lesions = [_lesion((45, 50, 20), 20.0, -40.0), _lesion((80, 50, 12), 20.0, 2.0)]
+    painted, label = li.insert_lesions(image, liver, affine, lesions, np.random.default_rng(0))
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(liver))
+    crop = lambda a: np.moveaxis(a[box], 2, 0)  # noqa: E731
+    case = {"lesion": crop(label == 2), "liver": crop(liver), "spacing": (SPACING[2], SPACING[0], SPACING[1])}
+    seen = visibility.slice_visibility([case], [crop(painted)])
+    z_clear, z_faint = 20 - box[2].start, 12 - box[2].start
+    # a 20 mm disc is about 140 pixels: its mean has a spread of under 1 HU, so 40 HU is far past it
+    assert seen[(0, z_clear)]["d′"] > 10 and seen[(0, z_clear)]["contrast (HU)"] < -30
+    assert seen[(0, z_faint)]["d′"] < 5
+    rim = _lesion((45, 50, 20), 24.0, -40.0, rim_hu=80.0)  # the rim's brightness cancels the core's darkness
+    painted, label = li.insert_lesions(image, liver, affine, [rim], np.random.default_rng(0))
+    case["lesion"] = crop(label == 2)
+    assert visibility.slice_visibility([case], [crop(painted)])[(0, z_clear)]["d′"] > 10  # read in the core
