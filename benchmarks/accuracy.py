@@ -64,7 +64,7 @@ CLIP_DETECTORS = ("winclip", "clip_reconstruction")
 # Hyper-parameter overrides per detector for a 2-core CPU (the rest are the library defaults).
 SCHEDULES: dict[str, dict[str, Any]] = {
     "intensity": {},
-    "synthetic_anomaly": {"steps": 200},
+    "synthetic_anomaly": {"steps": 2000},  # at 200 its in-liver pixel AUROC on real CT was below the floor's
     "patchcore": {"coreset_ratio": 0.1},
     "fused": {"detector": "patchcore", "detector_hparams": {"coreset_ratio": 0.1}},
     "padim": {},
