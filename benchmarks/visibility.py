@@ -3,7 +3,7 @@ lesion is and what shape it has measures its mean HU against the liver just arou
 that contrast in units of the spread the same measurement has over normal liver.
 
 - contrast of a template (a set of pixels in one slice) = mean HU inside it − median HU of the liver in a ring
-  ``RING_INNER_MM``..``RING_INNER_MM + RING_WIDTH_MM`` outside it;
+  ``RING_INNER_MM``..``RING_INNER_MM + RING_WIDTH_MM`` outside the lesion's cross-section;
 - up to three templates per lesion cross-section (each 2-D connected part of a lesion in a slice): the whole
   cross-section and its cores, eroded by 2 and 4 mm (``CORE_MM``; a rim lesion's rim and core cancel in the
   whole);
@@ -68,10 +68,10 @@ def contrast(image: np.ndarray, template: np.ndarray, around: np.ndarray, liver:
     return float(image[inside].mean() - np.median(image[outside]))
 
 
-def null_contrasts(template: np.ndarray, pixel_mm, normals: list[tuple[np.ndarray, np.ndarray]],
+def null_contrasts(template: np.ndarray, around: np.ndarray, normals: list[tuple[np.ndarray, np.ndarray]],
                    rng: np.random.Generator, n: int = N_NULL) -> np.ndarray:  # fmt: skip
-    """The template's contrast at ``n`` random places in the normal slices ``[(image, liver), ...]`` (2-D)."""
-    around = ring(template, pixel_mm)
+    """The contrast of ``template`` against its ring ``around``, both moved together to ``n`` random places in
+    the normal slices ``[(image, liver), ...]`` (2-D)."""
     points = np.argwhere(template | around)
     centre = np.argwhere(template).mean(0).round().astype(int)
     offsets = points - centre
@@ -103,9 +103,10 @@ def null_contrasts(template: np.ndarray, pixel_mm, normals: list[tuple[np.ndarra
 def cross_section_visibility(image, liver, cross_section, pixel_mm, normals, rng) -> tuple[float | None, float | None]:
     """``(d′, contrast in HU)`` of one lesion cross-section (2-D), of the template where ``d′`` is largest."""
     best: tuple[float | None, float | None] = (None, None)
+    around = ring(cross_section, pixel_mm)  # the liver around the lesion, for the whole and for its cores
     for template in templates(cross_section, pixel_mm):
-        value = contrast(image, template, ring(template, pixel_mm), liver)
-        null = null_contrasts(template, pixel_mm, normals, rng)
+        value = contrast(image, template, around, liver)
+        null = null_contrasts(template, around, normals, rng)
         if value is None or len(null) < MIN_NULL:
             continue
         spread = 1.4826 * float(np.median(np.abs(null - np.median(null))))
