@@ -68,15 +68,15 @@ def contrast(image: np.ndarray, template: np.ndarray, around: np.ndarray, liver:
     return float(image[inside].mean() - np.median(image[outside]))
 
 
-def null_contrasts(template: np.ndarray, around: np.ndarray, normals: list[tuple[np.ndarray, np.ndarray]],
+def null_contrasts(template: np.ndarray, around: np.ndarray, normals: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
                    rng: np.random.Generator, n: int = N_NULL) -> np.ndarray:  # fmt: skip
     """The contrast of ``template`` against its ring ``around``, both moved together to ``n`` random places in
-    the normal slices ``[(image, liver), ...]`` (2-D)."""
+    the normal slices ``[(image, liver, liver pixels as np.argwhere gives them), ...]`` (2-D)."""
     points = np.argwhere(template | around)
     centre = np.argwhere(template).mean(0).round().astype(int)
     offsets = points - centre
     in_template = template[tuple(points.T)]
-    candidates = [(image, liver, np.argwhere(liver)) for image, liver in normals if liver.sum() >= template.sum()]
+    candidates = [normal for normal in normals if len(normal[2]) >= template.sum()]
     values: list[float] = []
     if not candidates:
         return np.asarray(values)
@@ -121,7 +121,7 @@ def slice_visibility(cases: list[dict], images: list[np.ndarray], seed: int = 0)
     accuracy benchmark's cases (axial axis first; ``images`` in the same crops), ``d′`` that of the slice's most
     visible cross-section (None when none could be measured)."""
     rng = np.random.default_rng(seed)
-    normals = [(image[z], case["liver"][z]) for case, image in zip(cases, images)
+    normals = [(image[z], case["liver"][z], np.argwhere(case["liver"][z])) for case, image in zip(cases, images)
                for z in range(image.shape[0]) if case["liver"][z].any() and not case["lesion"][z].any()]  # fmt: skip
     out: dict[tuple[int, int], dict] = {}
     for i, (case, image) in enumerate(zip(cases, images)):
