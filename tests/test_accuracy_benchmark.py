@@ -171,7 +171,8 @@ def test_error_review_ranks_slices_and_names_each_lesion_as_drawn():
     assert top[0]["depth of the maximum (mm)"] == pytest.approx(depth[normal_z, y, x])
     assert len(below) == len(abnormal) > 0 and all(r["score in the lesion"] == 5.0 for r in below)
     by_visibility = error_review.auroc_by_visibility(normal, abnormal)  # each lesion slice: below one normal slice
-    assert by_visibility[0] == {"lesion slices": "all", "count": len(abnormal), "slice AUROC": pytest.approx(1 - 1 / len(normal))}
+    assert by_visibility[0] == {"lesion slices": "all", "count": len(abnormal), "slice AUROC": pytest.approx(1 - 1 / len(normal)),
+                                error_review.CEILING: None}  # fmt: skip
     assert [r["count"] for r in by_visibility[1:]] == [0, 0, 0]  # no d′ measured here: no slice is counted as visible
     rows, false_regions = error_review.lesion_rows([case], threshold=4.0)
     assert sorted((round(r["diameter (mm)"]), r["contrast (HU)"], r["found"]) for r in rows) == [
@@ -179,6 +180,19 @@ def test_error_review_ranks_slices_and_names_each_lesion_as_drawn():
     assert false_regions == []  # the 9.0 pixel is below the smallest region the label map keeps
     rows, false_regions = error_review.lesion_rows([case], threshold=0.5)
     assert len(false_regions) == 1 and false_regions[0]["peak score"] == 9.0
+
+
+def test_visibility_ceiling_ranks_only_the_visible_lesion_slices_first():
+    import error_review
+
+    normal = [{"slice score": s} for s in (1.0, 2.0, 3.0, 4.0)]
+    abnormal = [{"slice score": 0.0, "d′": 5.0}, {"slice score": 2.0, "d′": 1.0}]  # outscore 0 and 1.5 of 4 normals
+    rows = {r["lesion slices"]: r for r in error_review.auroc_by_visibility(normal, abnormal)}
+    assert rows["all"]["slice AUROC"] == pytest.approx((0 + 1.5 / 4) / 2)
+    assert rows["d′ ≥ 3"]["count"] == 1 and rows["d′ ≥ 3"]["slice AUROC"] == pytest.approx(0.0)
+    # the visible slice ranked first, the faint one left where it is
+    assert rows["d′ ≥ 3"][error_review.CEILING] == pytest.approx((1 + 1.5 / 4) / 2)
+    assert rows["d′ ≥ 5"][error_review.CEILING] == pytest.approx((1 + 1.5 / 4) / 2)
 
 
 def test_visibility_is_high_for_a_clear_lesion_and_low_for_an_invisible_one():
