@@ -59,6 +59,10 @@ class PaDiM(AnomalyDetector):
     """
 
     unsaved_prefixes = ("backbone.",)
+    # measured (benchmarks/RESULTS.md): outside the liver filled with the liver's own typical value instead of 0
+    # raised the in-liver pixel AUROC on real CT from 0.66 to 0.87 (AUPRO 0.17 to 0.52), on the phantoms from
+    # 0.28 to 0.32; a black surround makes every position near the liver's edge vary with the liver's shape
+    default_preprocessing = {"outside_fill": "liver"}
 
     def __init__(
         self,
