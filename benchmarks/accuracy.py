@@ -50,7 +50,9 @@ from lesion_insertion import build_leave_one_out  # noqa: E402
 import monai_ad.postprocess as postprocess  # noqa: E402
 from monai_ad import metrics  # noqa: E402
 from monai_ad.data.phantom import write_phantom_dataset  # noqa: E402
+from monai_ad.cli import load_run_config  # noqa: E402
 from monai_ad.detectors import available_detectors  # noqa: E402
+from monai_ad.errors import InputError  # noqa: E402
 from monai_ad.postprocess import axial_axis  # noqa: E402
 
 from monai_ad.data.datalists import LESION_LABEL, load_datalist, roi_source  # noqa: E402
@@ -284,6 +286,18 @@ def parse_assignments(values: list[str], what: str) -> dict[str, dict[str, Any]]
     return out
 
 
+def config_schedules(paths: list[str]) -> dict[str, tuple[dict, dict]]:
+    """Each training config's detector → its (hparams, preprocessing), in place of ``SCHEDULES`` and
+    ``PREPROCESSING`` for that detector."""
+    out = {}
+    for path in paths:
+        config = load_run_config(path)
+        if not isinstance(config.get("detector"), str):
+            raise InputError("names no detector", path)
+        out[config["detector"]] = (dict(config.get("hparams") or {}), dict(config.get("preprocessing") or {}))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detectors", nargs="+", default=DEFAULT_DETECTORS)
@@ -295,6 +309,9 @@ def main() -> None:
                         help="a hyper-parameter override on top of SCHEDULES")
     parser.add_argument("--preprocess", action="append", default=[], metavar="DETECTOR:KEY=VALUE",
                         help="a pre-processing option for one detector")
+    parser.add_argument("--config", action="append", default=[], metavar="JSON",
+                        help="a training config (sample_configs/): its hparams and preprocessing replace its "
+                             "detector's schedule here (e.g. sample_configs/synthetic_anomaly_gpu.json on a GPU)")
     parser.add_argument("--data", nargs="+", choices=["phantoms", "real"], default=["phantoms", "real"])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny phantoms, one lesion set, shortest schedules")
     parser.add_argument("--seed", type=int, default=0)
@@ -307,6 +324,10 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="monai_ad_accuracy_"))
     extra_hparams = parse_assignments(args.hparams, "--set")
     extra_pre = parse_assignments(args.preprocess, "--preprocess")
+    try:
+        configured = config_schedules(args.config)
+    except InputError as exc:
+        parser.error(str(exc))
     registered = set(available_detectors())
     notes, detectors = [], []
     for name in args.detectors:
@@ -337,9 +358,10 @@ def main() -> None:
         for title, folds in datasets.items():
             results: dict[str, dict] = {}
             for name in detectors:
-                hparams = {**SCHEDULES.get(name, {}), **(QUICK_SCHEDULES.get(name, {}) if args.quick else {}),
+                schedule, pre = configured.get(name, (SCHEDULES.get(name, {}), PREPROCESSING.get(name, {})))
+                hparams = {**schedule, **(QUICK_SCHEDULES.get(name, {}) if args.quick else {}),
                            **extra_hparams.get(name, {})}  # fmt: skip
-                preprocessing = {**PREPROCESSING.get(name, {}), **extra_pre.get(name, {})}
+                preprocessing = {**pre, **extra_pre.get(name, {})}
                 per_fold = []
                 try:
                     for i, fold in enumerate(folds):

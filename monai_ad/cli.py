@@ -177,7 +177,7 @@ def cmd_phantom(args: argparse.Namespace) -> None:
     print(f"datalist: {datalist}")
 
 
-def _load_config(path: str | None) -> dict[str, Any]:
+def load_run_config(path: str | None) -> dict[str, Any]:
     """A training config JSON: ``{"detector": ..., "hparams": {...}, "preprocessing": {...}}``."""
     if not path:
         return {}
@@ -207,7 +207,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from monai_ad.training import train
 
-    config = _load_config(args.config)
+    config = load_run_config(args.config)
     hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
     if args.backbone:
         hparams["backbone"] = args.backbone
@@ -277,7 +277,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_benchmark(args: argparse.Namespace) -> None:
     from monai_ad.evaluation import benchmark
 
-    config = _load_config(args.config)
+    config = load_run_config(args.config)
     hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
     detector = args.detector or config.get("detector", DEFAULT_DETECTOR)
     _check_detector_options(detector, hparams, config.get("preprocessing"))
@@ -373,7 +373,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     from monai_ad.data.datalists import load_datalist
     from monai_ad.selection import select_hyperparameters, write_phantom_anomalies
 
-    config = _load_config(args.config)
+    config = load_run_config(args.config)
     hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
     detector = args.detector or config.get("detector", "dpa")
     grid = _grid_values(args.grid)

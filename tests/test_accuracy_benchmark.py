@@ -145,6 +145,21 @@ def test_calibration_quantile_allows_the_stated_false_alarms_per_scan():
     assert np.count_nonzero(scores > np.quantile(scores, q)) / 5 == pytest.approx(1.0, abs=0.2)
 
 
+def test_a_training_config_replaces_its_detectors_schedule(tmp_path):
+    import accuracy
+
+    from monai_ad.errors import InputError
+
+    gpu = Path(__file__).resolve().parents[1] / "sample_configs" / "synthetic_anomaly_gpu.json"
+    schedules = accuracy.config_schedules([str(gpu)])
+    hparams, preprocessing = schedules["synthetic_anomaly"]
+    assert list(schedules) == ["synthetic_anomaly"] and hparams["steps"] == 20000 and preprocessing["context_mm"] == 3.0
+    nameless = tmp_path / "nameless.json"
+    nameless.write_text('{"hparams": {"steps": 5}}')
+    with pytest.raises(InputError, match="names no detector"):
+        accuracy.config_schedules([str(nameless)])
+
+
 def test_error_review_ranks_slices_and_names_each_lesion_as_drawn():
     import error_review
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from monai_ad.cli import _load_config, main
+from monai_ad.cli import load_run_config, main
 from monai_ad.detectors import create_detector
 from monai_ad.errors import InputError
 from monai_ad.selection import expand_grid, fold_splits, one_kind_anomalies, patient_of
@@ -86,7 +86,7 @@ def test_select_command_writes_its_report_and_picks_by_auroc(phantom, tmp_path, 
         table = list(csv.DictReader(f))
     assert [int(r["chosen"]) for r in table] == [int(r["index"] == best["index"]) for r in rows]
     assert float(table[1]["mean_auroc"]) == pytest.approx(rows[1]["mean_auroc"])
-    config = _load_config(str(out / "config.json"))  # what `monai-ad train --config` reads
+    config = load_run_config(str(out / "config.json"))  # what `monai-ad train --config` reads
     assert config["detector"] == "dpa" and config["hparams"]["latent_dim"] == best["hparams"]["latent_dim"]
     assert config["preprocessing"]["image_size"] == 16
     assert create_detector(config["detector"], **config["hparams"]).hparams["latent_dim"] == best["hparams"]["latent_dim"]
