@@ -97,39 +97,33 @@ def below_top(normal: list[dict], abnormal: list[dict], top: int) -> list[dict]:
 
 
 VISIBILITY_LEVELS = (2.0, 3.0, 5.0)
+CEILING = "all lesion slices, these ranked first"
 
 
 def auroc_by_visibility(normal: list[dict], abnormal: list[dict]) -> list[dict]:
     """Slice AUROC (these slice scores) against every normal slice, over all lesion slices and over those whose
     lesion is at least as visible as each of ``VISIBILITY_LEVELS`` (``d′``); and the ceiling over all lesion
     slices that ranking those visible ones above every normal slice would reach, the fainter ones scored as they
-    are (the slice AUROC over all lesion slices is the mean, over lesion slices, of the share of normal slices
-    each one outscores)."""
-    normal_scores = np.sort([r["slice score"] for r in normal])
+    are."""
+    normal_scores = [r["slice score"] for r in normal]
+    above_all = max(normal_scores, default=0.0) + 1.0
 
-    def outscored(score: float) -> float:
-        below = np.searchsorted(normal_scores, score, "left")
-        ties = np.searchsorted(normal_scores, score, "right") - below
-        return float(below + 0.5 * ties) / len(normal_scores)
+    def auroc(lesion_scores: list[float]) -> float | None:
+        labels = [0] * len(normal_scores) + [1] * len(lesion_scores)
+        try:
+            return metrics.slice_auroc(np.asarray(labels), np.asarray(normal_scores + lesion_scores))
+        except metrics.UndefinedMetricError:
+            return None
 
-    shares = [outscored(r["slice score"]) for r in abnormal] if len(normal_scores) else []
     rows = []
     for level in (None, *VISIBILITY_LEVELS):
         visible = [level is None or (r.get("d′") is not None and r["d′"] >= level) for r in abnormal]
-        kept = [r for r, v in zip(abnormal, visible) if v]
-        scores = [r["slice score"] for r in normal + kept]
-        labels = [0] * len(normal) + [1] * len(kept)
-        try:
-            auroc = metrics.slice_auroc(np.asarray(labels), np.asarray(scores))
-        except metrics.UndefinedMetricError:
-            auroc = "n/a"
-        ceiling = float(np.mean([1.0 if v else s for v, s in zip(visible, shares)])) if shares and level else None
+        kept = [r["slice score"] for r, v in zip(abnormal, visible) if v]
+        observed = auroc(kept)
+        ceiling = auroc([above_all if v else r["slice score"] for r, v in zip(abnormal, visible)]) if level else None
         rows.append({"lesion slices": "all" if level is None else f"d′ ≥ {level:g}", "count": len(kept),
-                     "slice AUROC": auroc, CEILING: ceiling})  # fmt: skip
+                     "slice AUROC": "n/a" if observed is None else observed, CEILING: ceiling})  # fmt: skip
     return rows
-
-
-CEILING = "all lesion slices, these ranked first"
 
 
 def drawn_lesion(case: dict, component: np.ndarray) -> dict[str, Any]:
