@@ -60,11 +60,13 @@ from monai_ad.prediction import Predictor  # noqa: E402
 from monai_ad.training import train  # noqa: E402
 from monai_ad.transforms.pipeline import LoadVolumed  # noqa: E402
 
-FLOOR = "intensity"
-DEFAULT_DETECTORS = ["intensity", "fused", "synthetic_anomaly", "patchcore", "padim", "simplenet"]
+FLOOR = "density"
+REAL_TITLES = {"sparse": "real CT, sparse inserted lesions", "metastatic": "real CT, heavy metastatic burden"}
+DEFAULT_DETECTORS = ["density", "intensity", "fused", "synthetic_anomaly", "patchcore", "padim", "simplenet"]
 CLIP_DETECTORS = ("winclip", "clip_reconstruction")
 # Hyper-parameter overrides per detector for a 2-core CPU (the rest are the library defaults).
 SCHEDULES: dict[str, dict[str, Any]] = {
+    "density": {},
     "intensity": {},
     "synthetic_anomaly": {"steps": 2000},  # at 200 its in-liver pixel AUROC on real CT was below the floor's
     "patchcore": {"coreset_ratio": 0.1},
@@ -86,6 +88,8 @@ FPR_LIMIT = 0.3
 # A predicted region counts as a hit only when at least this fraction of it lies in lesions: a region that
 # covers half the liver and touches a lesion is a false region, not a detection.
 MIN_REGION_OVERLAP = 0.05
+COVERAGE_FPR = 0.05  # lesion coverage is read at the threshold 5 % of normal liver voxels reach
+MIN_COVERAGE = 0.5  # ... and a lesion counts as detected there when half of it is covered
 MIN_LESION_MM3 = float(getattr(postprocess, "MIN_LESION_MM3", 20.0))  # the label map's smallest region, as infer uses
 TS_LIVER = 5  # the liver's label in the real scans' organ maps
 
@@ -102,7 +106,8 @@ def phantom_datasets(work: Path, quick: bool, seed: int) -> list[dict[str, Any]]
              "describe": f"{preset} phantoms, {n_normal} normal + {n_abnormal} abnormal"}]  # fmt: skip
 
 
-def real_datasets(work: Path, real_ct: Path, quick: bool, seed: int, n_sets: int) -> list[dict[str, Any]]:
+def real_datasets(work: Path, real_ct: Path, quick: bool, seed: int, n_sets: int,
+                  lesion_model: str = "sparse") -> list[dict[str, Any]]:
     scans = [
         {"name": "ct_3mm", "image": real_ct / "example_ct.nii.gz",
          "organ_map": real_ct / "example_seg_fast_force_split.nii.gz", "liver_label": TS_LIVER},
@@ -112,12 +117,14 @@ def real_datasets(work: Path, real_ct: Path, quick: bool, seed: int, n_sets: int
     scans = [s for s in scans if Path(s["image"]).exists() and Path(s["organ_map"]).exists()]
     if len(scans) < 2:
         return []
-    folds = build_leave_one_out(scans, work / "real", n_sets=1 if quick else n_sets, seed=seed)
+    folds = build_leave_one_out(scans, work / f"real_{lesion_model}", n_sets=1 if quick else n_sets, seed=seed,
+                                lesion_model=lesion_model)  # fmt: skip
     return [{
         "fold": f"{f['held_out']} held out", "datalist": f["datalist"], "slices_per_scan": f["liver_slices_per_training_scan"],
         "describe": (f"{f['held_out']} held out: fitted on {f['n_fit_slices']} slices of {', '.join(f['trained_on'])}, "
                      f"calibrated on {f['n_calibration_slices']} others of it; tested on {f['held_out']} as it is and "
-                     f"with {f['n_lesions']} inserted lesions in {1 if quick else n_sets} seeded set(s)"),
+                     f"with {f['n_lesions']} inserted lesions in {1 if quick else n_sets} seeded set(s), "
+                     f"{', '.join(f'{b:.0%}' for b in f['burden'])} of the liver"),
     } for f in folds]  # fmt: skip
 
 
@@ -214,6 +221,7 @@ def fold_metrics(cases: list[dict], min_region_mm3: float) -> dict[str, Any]:
     froc = cases_froc(cases, min_region_mm3)
     out.update(sens_1fp=froc["sensitivity"], sens_1fp_large=froc["sensitivity_large"], n_lesions=froc["n_lesions"],
                n_lesions_large=froc["n_lesions_large"], n_scans=froc["n_scans"])  # fmt: skip
+    out.update(by_size(cases, froc))
     found = n_false = 0
     for c in cases:  # the label map as the user gets it (components below the size limit already removed)
         d = metrics.detect_lesions(c["pred"], c["lesion"], 0.5, roi=c["liver"], spacing=c["spacing"],
@@ -227,6 +235,25 @@ def fold_metrics(cases: list[dict], min_region_mm3: float) -> dict[str, Any]:
     return out
 
 
+def by_size(cases: list[dict], froc: dict[str, Any]) -> dict[str, Any]:
+    """Lesion figures per size class: FROC sensitivity at ≤ 1 false region per scan, and coverage / detection at
+    ``COVERAGE_FPR`` of normal liver voxels (``metrics.lesion_coverage``)."""
+    out: dict[str, Any] = {f"froc_{name}": value for name, value in froc["sensitivity_by_size"].items()}
+    out.update({f"n_{name}": value for name, value in froc["n_lesions_by_size"].items()})
+    if not froc["n_lesions"]:
+        return out
+    cover = metrics.lesion_coverage([c["heat"] for c in cases], [c["lesion"] for c in cases],
+                                    [c["liver"] for c in cases], [c["spacing"] for c in cases], fpr=COVERAGE_FPR,
+                                    min_coverage=MIN_COVERAGE)  # fmt: skip
+    out["coverage_all"], out["detected_all"] = cover["coverage"], cover["detected"]
+    out.update({f"coverage_{name}": value for name, value in cover["coverage_by_size"].items()})
+    out.update({f"detected_{name}": value for name, value in cover["detected_by_size"].items()})
+    small = [d < 10.0 for d, _ in cover["lesions"]]
+    covered = np.asarray([c for d, c in cover["lesions"] if d < 10.0])
+    out["coverage_under_10mm"] = float(covered.mean()) if any(small) else None
+    return out
+
+
 # ----------------------------------------------------------------------------- table
 COLUMNS = ["detector", "schedule", "slice AUROC", "pixel AUROC (liver)", "AUPRO@0.3 (liver)", "Dice @cal",
            "sens ≤1 FP/scan", "sens ≤1 FP/scan ≥10 mm", "FP regions/scan @cal", "sens @cal", "train s",
@@ -237,9 +264,32 @@ KEYS = {"slice AUROC": "slice_auroc", "pixel AUROC (liver)": "pixel_auroc_liver"
         "score s/volume": "score_s_per_volume", "slices/s": "slices_per_s"}  # fmt: skip
 
 
+SIZE_NAMES = metrics.size_bin_names()
+SIZE_COLUMNS = ["detector", "lesions (<5 / 5-10 / 10-20 / >=20 mm)", "coverage <10 mm @5% FPR",
+                *[f"coverage {n}" for n in SIZE_NAMES], *[f"detected {n}" for n in SIZE_NAMES],
+                *[f"FROC ≤1 FP {n}" for n in SIZE_NAMES]]  # fmt: skip
+SIZE_KEYS = {"coverage <10 mm @5% FPR": "coverage_under_10mm", **{f"coverage {n}": f"coverage_{n}" for n in SIZE_NAMES},
+             **{f"detected {n}": f"detected_{n}" for n in SIZE_NAMES},
+             **{f"FROC ≤1 FP {n}": f"froc_{n}" for n in SIZE_NAMES}}  # fmt: skip
+
+
+def size_rows(results: dict[str, dict]) -> list[dict]:
+    """The lesion-size table: per detector, each size class's coverage and detection at 5 % FPR and its FROC
+    sensitivity (means over folds), with the number of lesions of each class over all folds."""
+    rows = []
+    for name, r in results.items():
+        counts = [sum(f.get(f"n_{n}", 0) for f in r["folds"]) for n in SIZE_NAMES]
+        row = {"detector": name, "lesions (<5 / 5-10 / 10-20 / >=20 mm)": " / ".join(str(c) for c in counts)}
+        for column, key in SIZE_KEYS.items():
+            value = r["mean"].get(key)
+            row[column] = "n/a" if value is None else value
+        rows.append(row)
+    return rows
+
+
 def mean_over_folds(folds: list[dict]) -> dict[str, Any]:
     out = {}
-    for key in set(KEYS.values()) | {"flagged_normal_slices"}:
+    for key in set(KEYS.values()) | set(SIZE_KEYS.values()) | {"flagged_normal_slices"}:
         values = [f[key] for f in folds if f.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
     return out
@@ -313,6 +363,8 @@ def main() -> None:
                         help="a training config (sample_configs/): its hparams and preprocessing replace its "
                              "detector's schedule here (e.g. sample_configs/synthetic_anomaly_gpu.json on a GPU)")
     parser.add_argument("--data", nargs="+", choices=["phantoms", "real"], default=["phantoms", "real"])
+    parser.add_argument("--lesions", nargs="+", choices=list(REAL_TITLES), default=list(REAL_TITLES),
+                        help="the lesion models inserted into the real scans (lesion_insertion.LESION_MODELS)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny phantoms, one lesion set, shortest schedules")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -347,11 +399,12 @@ def main() -> None:
     if "phantoms" in args.data:
         datasets["phantoms"] = phantom_datasets(work, args.quick, args.seed)
     if "real" in args.data:
-        folds = real_datasets(work, args.real_ct, args.quick, args.seed, args.sets)
-        if folds:
-            datasets["real CT, inserted lesions"] = folds
-        else:
-            notes.append(f"real set skipped: the real CT samples are not in {args.real_ct} (pass --real-ct DIR)")
+        for model in args.lesions:
+            folds = real_datasets(work, args.real_ct, args.quick, args.seed, args.sets, model)
+            if not folds:
+                notes.append(f"real set skipped: the real CT samples are not in {args.real_ct} (pass --real-ct DIR)")
+                break
+            datasets[REAL_TITLES[model]] = folds
 
     tables, data = [], {}
     try:
@@ -379,6 +432,7 @@ def main() -> None:
             data[title] = results
             tables.append(f"**{title}** ({'; '.join(f['describe'] for f in folds)})\n\n"
                           + format_table(table_rows(results), COLUMNS))  # fmt: skip
+            tables.append(f"{title}, lesions by size (equivalent diameter):\n\n" + format_table(size_rows(results), SIZE_COLUMNS))
             if len(folds) > 1:
                 rows = [{"detector": n, "fold": f["fold"], **{c: ("n/a" if f.get(k) is None else f[k]) for c, k in KEYS.items()},
                          "normal slices flagged @cal": "n/a" if f.get("flagged_normal_slices") is None else f["flagged_normal_slices"]}

@@ -5,7 +5,8 @@ Pixel level: AUROC over all pixels or within an ROI, AUPRO (anomalib/BMAD varian
 precision / recall at a threshold.
 Lesion level (3-D volumes): which ground-truth lesions a thresholded map finds and how many false regions it
 marks (:func:`detect_lesions`); the FROC curve over thresholds and the sensitivity at a given number of false
-regions per scan (:func:`lesion_froc`).
+regions per scan (:func:`lesion_froc`), both also by lesion size (:data:`SIZE_BINS_MM`); how much of each
+lesion a map covers at a fixed voxel false-positive rate in normal liver (:func:`lesion_coverage`).
 
 Inputs are numpy arrays or torch tensors. Pixel-level inputs are stacks of 2-D slices ``[N, H, W]`` (a single
 ``[H, W]`` slice also works), or a list of such stacks when the in-plane size differs between cases; masks,
@@ -43,7 +44,14 @@ __all__ = [
     "detect_lesions",
     "lesion_froc",
     "match_regions",
+    "lesion_coverage",
+    "size_bin_names",
+    "SIZE_BINS_MM",
 ]
+
+# Lesion size classes by equivalent diameter (mm): < 5, 5–10, 10–20 and ≥ 20 mm. Lesions under 10 mm are the
+# ones a reader misses most often, and the ones that patch features several millimetres wide blur away.
+SIZE_BINS_MM: tuple[float, ...] = (5.0, 10.0, 20.0)
 
 # 8-connectivity inside each axial slice, no connection between slices: one ndimage.label call labels every
 # slice of a stack with labels unique over the stack.
@@ -447,6 +455,24 @@ def _voxel_mm3(spacing: Sequence[float] | None) -> float:
     return float(np.prod(spacing))
 
 
+def size_bin_names(edges_mm: Sequence[float] = SIZE_BINS_MM) -> list[str]:
+    """Names of the size classes that ``edges_mm`` cut: ``["<5 mm", "5-10 mm", "10-20 mm", ">=20 mm"]``."""
+    edges = [float(e) for e in edges_mm]
+    if not edges or edges != sorted(edges) or edges[0] <= 0:
+        raise ValueError(f"size bin edges must be increasing positive diameters in mm, got {list(edges_mm)}")
+    inner = [f"{a:g}-{b:g} mm" for a, b in zip(edges[:-1], edges[1:])]
+    return [f"<{edges[0]:g} mm", *inner, f">={edges[-1]:g} mm"]
+
+
+def _size_classes(diameters: np.ndarray, edges_mm: Sequence[float]) -> np.ndarray:
+    """Each diameter's size class (0 for the smallest), the classes of :func:`size_bin_names`."""
+    return np.digitize(np.asarray(diameters, dtype=np.float64), np.asarray(edges_mm, dtype=np.float64), right=False)
+
+
+def _mean_by_class(values: np.ndarray, classes: np.ndarray, names: Sequence[str]) -> dict[str, float | None]:
+    return {name: (float(values[classes == i].mean()) if (classes == i).any() else None) for i, name in enumerate(names)}
+
+
 def lesion_components(lesion: Any, spacing: Sequence[float] | None = None) -> tuple[np.ndarray, int, np.ndarray]:
     """The 3-D (26-connected) components of a lesion mask.
 
@@ -576,6 +602,7 @@ def lesion_froc(
     min_diameter_mm: float = 10.0,
     min_region_mm3: float = 0.0,
     min_region_overlap: float = 0.0,
+    size_bins_mm: Sequence[float] = SIZE_BINS_MM,
 ) -> dict[str, Any]:
     """FROC over scans: lesion sensitivity against false regions per scan as the threshold sweeps.
 
@@ -590,8 +617,12 @@ def lesion_froc(
     Returns ``curve`` (a list of ``{"threshold", "fp_per_scan", "sensitivity", "sensitivity_large"}``, highest
     threshold first), ``sensitivity`` / ``sensitivity_large`` (the best at ``fp_per_scan <= max_fp_per_scan``,
     each maximised on its own), ``threshold`` / ``threshold_large`` (where), ``n_scans``, ``n_lesions``,
-    ``n_lesions_large``, and the settings. A sensitivity over no lesions is ``None``.
+    ``n_lesions_large``, and the settings. A sensitivity over no lesions is ``None``. By size
+    (``size_bins_mm``, the classes of :func:`size_bin_names`): each curve point's ``sensitivity_by_size``, and
+    ``sensitivity_by_size`` / ``n_lesions_by_size``, the best sensitivity of each class at ``max_fp_per_scan``
+    (maximised per class, as ``sensitivity_large`` is) and its number of lesions.
     """
+    names = size_bin_names(size_bins_mm)
     heatmaps, lesions = list(heatmaps), list(lesions)
     n_scans = len(heatmaps)
     if n_scans == 0 or len(lesions) != n_scans:
@@ -601,7 +632,7 @@ def lesion_froc(
     if len(rois) != n_scans or len(spacings) != n_scans:
         raise ValueError("rois and spacings need one entry per scan")
     scans = []
-    peaks, large, steps = [], [], []
+    peaks, large, steps, classes = [], [], [], []
     for heat, lesion, roi, spacing in zip(heatmaps, lesions, rois, spacings):
         heat = _volume3d(heat, "heatmap")
         _check_no_nan(heat)
@@ -619,8 +650,9 @@ def lesion_froc(
         if smallest > 1:
             steps.append(_kth_highest(scored, labels, n, smallest))
         large.append(diameters >= min_diameter_mm)
+        classes.append(_size_classes(diameters, size_bins_mm))
         scans.append((heat, labels, n, region, voxel))
-    all_peaks, all_large = np.concatenate(peaks), np.concatenate(large)
+    all_peaks, all_large, all_classes = np.concatenate(peaks), np.concatenate(large), np.concatenate(classes)
     n_lesions, n_large = int(all_peaks.size), int(all_large.sum())
     top = max((float(np.max(h)) for h, *_ in scans), default=0.0)
     candidates = np.concatenate([all_peaks, *steps])
@@ -643,18 +675,23 @@ def lesion_froc(
             "fp_per_scan": n_false / n_scans,
             "sensitivity": float(found.mean()) if n_lesions else None,
             "sensitivity_large": float(found[all_large].mean()) if n_large else None,
+            "sensitivity_by_size": _mean_by_class(found, all_classes, names),
         })  # fmt: skip
 
-    def best(key: str) -> tuple[float | None, float | None]:
-        ok = [p for p in curve if p["fp_per_scan"] <= max_fp_per_scan and p[key] is not None]
+    def best(read) -> tuple[float | None, float | None]:
+        ok = [p for p in curve if p["fp_per_scan"] <= max_fp_per_scan and read(p) is not None]
         if not ok:  # no lesion of this kind (the first point, above every score, has no region at all)
             return None, None
-        point = max(ok, key=lambda p: (p[key], p["threshold"]))
-        return point[key], point["threshold"]
+        point = max(ok, key=lambda p: (read(p), p["threshold"]))
+        return read(point), point["threshold"]
 
-    sensitivity, threshold = best("sensitivity")
-    sensitivity_large, threshold_large = best("sensitivity_large")
+    sensitivity, threshold = best(lambda p: p["sensitivity"])
+    sensitivity_large, threshold_large = best(lambda p: p["sensitivity_large"])
+    by_size = {name: best(lambda p, name=name: p["sensitivity_by_size"][name])[0] for name in names}
     return {
+        "sensitivity_by_size": by_size,
+        "n_lesions_by_size": {name: int((all_classes == i).sum()) for i, name in enumerate(names)},
+        "size_bins_mm": [float(e) for e in size_bins_mm],
         "sensitivity": sensitivity,
         "threshold": threshold,
         "sensitivity_large": sensitivity_large,
@@ -667,4 +704,77 @@ def lesion_froc(
         "min_diameter_mm": float(min_diameter_mm),
         "min_region_mm3": float(min_region_mm3),
         "min_region_overlap": float(min_region_overlap),
+    }
+
+
+def lesion_coverage(
+    heatmaps: Sequence[Any],
+    lesions: Sequence[Any],
+    rois: Sequence[Any],
+    spacings: Sequence[Sequence[float] | None] | None = None,
+    fpr: float = 0.05,
+    min_coverage: float = 0.5,
+    size_bins_mm: Sequence[float] = SIZE_BINS_MM,
+) -> dict[str, Any]:
+    """How much of each lesion a map covers at a fixed voxel false-positive rate, by lesion size.
+
+    The threshold is the one that ``fpr`` of the normal liver voxels (``roi`` and not lesion, pooled over all
+    scans) reach. A lesion's *coverage* is the share of its voxels inside the ROI at or above it; a lesion is
+    *detected* when its coverage is at least ``min_coverage``. Unlike the FROC this reading does not depend on
+    how regions merge: a lesion beside another, or in a liver half full of tumour, is read by its own voxels.
+
+    Returns ``threshold``, ``fpr``, ``min_coverage``, per size class (:func:`size_bin_names`)
+    ``coverage_by_size`` (mean coverage), ``detected_by_size`` (share detected) and ``n_lesions_by_size``, the
+    same over all lesions (``coverage``, ``detected``, ``n_lesions``), and ``lesions``: ``(equivalent diameter
+    mm, coverage)`` per lesion, in scan order.
+    """
+    if not 0 < fpr < 1:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    heatmaps, lesions, rois = list(heatmaps), list(lesions), list(rois)
+    n_scans = len(heatmaps)
+    if n_scans == 0 or len(lesions) != n_scans or len(rois) != n_scans:
+        raise ValueError(f"need one lesion mask and one roi per heatmap, got {len(lesions)}, {len(rois)} and {n_scans}")
+    spacings = [None] * n_scans if spacings is None else list(spacings)
+    scans, normal = [], []
+    for heat, lesion, roi, spacing in zip(heatmaps, lesions, rois, spacings):
+        heat = _volume3d(heat, "heatmap")
+        _check_no_nan(heat)
+        region = _volume3d(roi, "roi") > 0
+        labels, n, diameters = lesion_components(lesion, spacing)
+        if labels.shape != heat.shape or region.shape != heat.shape:
+            raise ValueError(f"heatmap {heat.shape}, lesion mask {labels.shape} and roi {region.shape} differ in shape")
+        labels = np.where(region, labels, 0)
+        normal.append(heat[region & (labels == 0)])
+        scans.append((heat, labels, n, diameters))
+    normal_values = np.concatenate(normal)
+    if normal_values.size == 0:
+        raise UndefinedMetricError("no normal voxel in the ROI to set the false-positive rate on")
+    threshold = float(np.quantile(normal_values, 1.0 - fpr))
+    coverage, diameters = [], []
+    for heat, labels, n, diam in scans:
+        if n == 0:
+            continue
+        inside = labels > 0
+        total = np.bincount(labels[inside], minlength=n + 1)[1:]
+        above = np.bincount(labels[inside], weights=(heat[inside] >= threshold).astype(np.float64), minlength=n + 1)[1:]
+        kept = total > 0  # a lesion wholly outside the ROI is not scored here
+        coverage.append(above[kept] / total[kept])
+        diameters.append(diam[kept])
+    coverage_all = np.concatenate(coverage) if coverage else np.zeros(0)
+    diameters_all = np.concatenate(diameters) if diameters else np.zeros(0)
+    names = size_bin_names(size_bins_mm)
+    classes = _size_classes(diameters_all, size_bins_mm)
+    detected = (coverage_all >= min_coverage).astype(np.float64)
+    return {
+        "threshold": threshold,
+        "fpr": float(fpr),
+        "min_coverage": float(min_coverage),
+        "coverage": float(coverage_all.mean()) if coverage_all.size else None,
+        "detected": float(detected.mean()) if detected.size else None,
+        "n_lesions": int(coverage_all.size),
+        "coverage_by_size": _mean_by_class(coverage_all, classes, names),
+        "detected_by_size": _mean_by_class(detected, classes, names),
+        "n_lesions_by_size": {name: int((classes == i).sum()) for i, name in enumerate(names)},
+        "size_bins_mm": [float(e) for e in size_bins_mm],
+        "lesions": [(float(d), float(c)) for d, c in zip(diameters_all, coverage_all)],
     }

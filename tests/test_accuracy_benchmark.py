@@ -93,6 +93,45 @@ def test_sampled_lesions_stay_in_the_liver_within_the_ranges_and_apart():
     assert [x.diameter_mm for x in again] == [x.diameter_mm for x in lesions]
 
 
+def test_metastatic_burden_is_many_mostly_small_lesions_inside_the_liver():
+    image, liver, affine = _scan()
+    seen_small, seen_kinds, burdens = [], set(), []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        lesions = li.sample_metastases(image, liver, affine, rng)
+        assert 8 <= len(lesions) <= 80  # 10-80 drawn; a lesion with no room left is dropped
+        out, label = li.insert_lesions(image, liver, affine, lesions, rng, reference_normal=True)
+        assert not label[~liver].any() and (label[liver] > 0).all()
+        np.testing.assert_array_equal(out[~liver], image[~liver])
+        labels, n, diameters = metrics.lesion_components(label == 2, SPACING)
+        burdens.append((label == 2).sum() / liver.sum())
+        seen_small.append(np.mean([l.diameter_mm < 10.0 for l in lesions]))
+        seen_kinds |= {l.kind for l in lesions}
+        assert all(3.0 * 0.85 <= l.diameter_mm <= 80.0 for l in lesions)
+        # hypodense mostly: the lesions' mean density lies below the liver's
+        assert out[label == 2].mean() < image[liver].mean() - 10.0
+    assert all(0.005 < b <= 0.35 for b in burdens)
+    assert np.mean(seen_small) >= 0.5 and seen_kinds >= {"uniform", "rim", "target"}
+    # its parameters are its own: a changed model changes the draw, the same seed repeats it
+    again = li.sample_metastases(image, liver, affine, np.random.default_rng(0))
+    first = li.sample_metastases(image, liver, affine, np.random.default_rng(0))
+    assert [l.diameter_mm for l in again] == [l.diameter_mm for l in first]
+    few = li.MetastaticModel(n_lesions=(10, 10), burden=(0.01, 0.01))
+    assert len(li.sample_metastases(image, liver, affine, np.random.default_rng(0), few)) <= 10
+
+
+def test_a_necrotic_core_is_darker_than_the_lesion_around_it():
+    image, liver, affine = _scan()
+    lesion = li.Lesion(**{**li.asdict(_lesion((60, 50, 20), 30.0, -40.0)), "core_hu": -30.0, "core_fraction": 0.5,
+                          "kind": "necrotic"})  # fmt: skip
+    out, label = li.insert_lesions(image, liver, affine, [lesion], np.random.default_rng(0))
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in image.shape], indexing="ij"), -1) * np.asarray(SPACING)
+    distance = np.linalg.norm(grid - np.asarray(lesion.center_voxel) * np.asarray(SPACING), axis=-1)
+    core, shell = distance < 5.0, (distance > 9.0) & (distance < 12.0)
+    assert out[core].mean() - 60.0 == pytest.approx(-70.0, abs=8.0)
+    assert out[shell].mean() - 60.0 == pytest.approx(-40.0, abs=8.0)
+
+
 def test_organ_map_on_another_grid_is_refused(tmp_path):
     image, liver, affine = _scan()
     nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "ct.nii.gz"))

@@ -29,6 +29,7 @@ FAST = {"patchcore_liver_ct": ["--network_def#image_size", "64"],
                                          "--network_def#epochs", "1", "--network_def#prompt_length", "4"],
         "dpa_liver_ct": [],
         "intensity_liver_ct": [],
+        "density_liver_ct": [],
         "fused_liver_ct": ["--network_def#image_size", "64"],
         "simplenet_liver_ct": ["--network_def#image_size", "64", "--network_def#meta_epochs", "2", "--network_def#gan_epochs", "1"],
         "synthetic_anomaly_liver_ct": ["--network_def#image_size", "64", "--network_def#steps", "5", "--network_def#crop_size", "32"]}  # fmt: skip
@@ -148,7 +149,7 @@ def test_evaluating_writes_metrics_that_agree_with_its_volumes(trained_bundle):
 
 
 # bundles whose quick training (FAST) already puts an inserted 12 mm hypodense sphere above the rest of the liver
-LOCALISES = {"intensity_liver_ct", "fused_liver_ct", "patchcore_liver_ct", "padim_liver_ct"}
+LOCALISES = {"density_liver_ct", "intensity_liver_ct", "fused_liver_ct", "patchcore_liver_ct", "padim_liver_ct"}
 
 
 def with_inserted_lesion(data: Path, case: dict, radius_mm: float = 12.0) -> dict:

@@ -36,7 +36,8 @@ def test_hyper_parameters_are_recorded_once_from_the_signature():
     assert _ByName(width=3.0).hparams == {"image_size": 32, "in_channels": 1, "width": 3}  # the old way still works
 
 
-# every detector, cheaply: a second fit must leave what one fit on the second data leaves
+# every detector that learns from its normals (the density floor learns nothing), cheaply: a second fit must
+# leave what one fit on the second data leaves
 REFIT = {
     "patchcore": {"image_size": 64, "coreset_ratio": 0.5},
     "padim": {"image_size": 64},

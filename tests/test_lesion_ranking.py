@@ -49,6 +49,7 @@ CASES: dict[str, Case] = {
     "dpa": Case(32, {"start_resolution": 16, "transition_iters": 15, "stable_iters": 15, "final_iters": 40, "batch_size": 8},
                 slices="smooth"),  # fmt: skip
     "intensity": Case(96, {"pixel_mm": 1.5}),
+    "density": Case(96, {"pixel_mm": 1.5}),
     "fused": Case(96, {"detector": "patchcore", "detector_hparams": {"coreset_ratio": 0.1}, "intensity_hparams": {"pixel_mm": 1.5}}),
     "synthetic_anomaly": Case(64, {"width": 8, "steps": 200, "batch_size": 8, "crop_size": 32, "lr": 5e-3, "kinds": {"density": 1.0}}),
     "winclip": Case(240, CLIP, needs_clip_weights=True),

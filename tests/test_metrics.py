@@ -283,6 +283,52 @@ def test_lesion_froc_hand_computed():
         metrics.lesion_froc([heat], [])
 
 
+def test_lesion_froc_by_size_hand_computed():
+    heat, lesion, roi = _two_lesion_case()
+    assert metrics.size_bin_names() == ["<5 mm", "5-10 mm", "10-20 mm", ">=20 mm"]
+    out = metrics.lesion_froc([heat], [lesion], [roi], spacings=[(2.0, 2.0, 2.0)], max_fp_per_scan=0.0)
+    # A (7.4 mm) is found at 0.9 with no false region; B (2.5 mm) only at 0.4, where the 0.7 region is false
+    assert out["n_lesions_by_size"] == {"<5 mm": 1, "5-10 mm": 1, "10-20 mm": 0, ">=20 mm": 0}
+    assert out["sensitivity_by_size"] == {"<5 mm": 0.0, "5-10 mm": 1.0, "10-20 mm": None, ">=20 mm": None}
+    assert [p["sensitivity_by_size"]["<5 mm"] for p in out["curve"]] == [0.0, 0.0, 1.0]
+    out = metrics.lesion_froc([heat], [lesion], [roi], spacings=[(2.0, 2.0, 2.0)], max_fp_per_scan=1.0, size_bins_mm=(2.0,))
+    assert out["sensitivity_by_size"] == {"<2 mm": None, ">=2 mm": 1.0}
+    with pytest.raises(ValueError, match="increasing positive"):
+        metrics.lesion_froc([heat], [lesion], [roi], size_bins_mm=(10.0, 5.0))
+
+
+def test_lesion_coverage_hand_computed():
+    lesion = np.zeros((10, 10, 10), np.uint8)
+    lesion[1:4, 1:4, 1:4] = 1  # 27 voxels at 1 mm: 3.7 mm equivalent diameter
+    lesion[6:9, 6:9, 6] = 1  # 9 voxels, 2.6 mm
+    roi = np.zeros(lesion.shape, bool)
+    roi[:, :, 1:8] = True
+    heat = np.zeros(lesion.shape, np.float32)
+    normal = roi & (lesion == 0)
+    ramp = np.linspace(0.0, 1.0, int(normal.sum()), dtype=np.float32)
+    heat[normal] = ramp
+    heat[1:4, 1:4, 1:4] = 2.0
+    heat[1, 1:4, 1:4] = 0.0  # a third of the first lesion stays below any threshold
+    heat[6, 6:9, 6] = 2.0  # a third of the second one is above
+    heat[0, 0, 0] = 9.0  # outside the ROI: neither sets the threshold nor counts
+    out = metrics.lesion_coverage([heat], [lesion], [roi], spacings=[(1.0, 1.0, 1.0)], fpr=0.05)
+    assert out["threshold"] == pytest.approx(np.quantile(ramp, 0.95))
+    assert [c for _, c in out["lesions"]] == pytest.approx([2 / 3, 1 / 3])
+    assert out["coverage"] == pytest.approx(0.5) and out["detected"] == 0.5 and out["n_lesions"] == 2
+    assert out["coverage_by_size"] == {"<5 mm": pytest.approx(0.5), "5-10 mm": None, "10-20 mm": None, ">=20 mm": None}
+    assert out["detected_by_size"]["<5 mm"] == 0.5 and out["n_lesions_by_size"]["<5 mm"] == 2
+    # a stricter reading: neither lesion is three quarters covered
+    assert metrics.lesion_coverage([heat], [lesion], [roi], min_coverage=0.75)["detected"] == 0.0
+    # a scan without lesions only adds normal voxels; its own bright liver raises the threshold
+    bright = np.where(roi, 5.0, 0.0).astype(np.float32)
+    two = metrics.lesion_coverage([heat, bright], [lesion, np.zeros_like(lesion)], [roi, roi], fpr=0.05)
+    assert two["threshold"] == 5.0 and two["coverage"] == 0.0
+    with pytest.raises(ValueError, match="fpr"):
+        metrics.lesion_coverage([heat], [lesion], [roi], fpr=0.0)
+    with pytest.raises(UndefinedMetricError, match="no normal voxel"):
+        metrics.lesion_coverage([heat], [lesion], [lesion > 0])
+
+
 def test_lesion_froc_sweeps_where_a_lesion_first_makes_a_region_large_enough():
     # at 1 mm³ voxels a region needs 8 voxels to count: at its own peak (one voxel) the lesion is not found yet
     lesion = np.zeros((12, 12, 12), bool)

@@ -20,6 +20,7 @@ from monai_ad.detectors.dpa import DeepPerceptualAutoencoder  # noqa: F401  (reg
 from monai_ad.detectors.synthetic_anomaly import SyntheticAnomaly  # noqa: F401  (registers "synthetic_anomaly")
 from monai_ad.detectors.intensity import IntensityDeviation
 from monai_ad.detectors.fused import DensityFused
+from monai_ad.detectors.density import PlainDensity
 
 __all__ = [
     "DETECTORS",
@@ -27,6 +28,7 @@ __all__ = [
     "DensityFused",
     "IntensityDeviation",
     "PaDiM",
+    "PlainDensity",
     "PatchCore",
     "RD4AD",
     "SimpleNet",

@@ -57,6 +57,16 @@ def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Te
     return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
 
 
+def pixel_mm(hparam: float | None, preprocessing: dict, image_size: int) -> float:
+    """mm per pixel of a slice: the detector's own ``pixel_mm``, else the pipeline's fixed resolution, else a
+    typical liver box (about 200 mm across after the crop) over ``image_size`` pixels."""
+    if hparam is not None:
+        return float(hparam)
+    if preprocessing.get("pixel_mm"):
+        return float(preprocessing["pixel_mm"])
+    return 200.0 / image_size
+
+
 def gaussian_kernel(sigma_px: float) -> torch.Tensor:
     radius = max(1, int(math.ceil(3.0 * sigma_px)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -117,13 +127,7 @@ class IntensityDeviation(AnomalyDetector):
 
     # ------------------------------------------------------------------ what the slices hold
     def _pixel_mm(self) -> float:
-        """mm per pixel: the hyper-parameter, else the pipeline's fixed resolution, else a typical liver box
-        (about 200 mm across after the crop) over ``image_size`` pixels."""
-        if self.hparams["pixel_mm"] is not None:
-            return float(self.hparams["pixel_mm"])
-        if self.preprocessing.get("pixel_mm"):
-            return float(self.preprocessing["pixel_mm"])
-        return 200.0 / self.image_size
+        return pixel_mm(self.hparams["pixel_mm"], self.preprocessing, self.image_size)
 
     def _density(self, image: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` → ``[B, 1, H, W]``: the slice (with its neighbours, for 2.5-D input)."""
