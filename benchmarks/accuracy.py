@@ -1,4 +1,4 @@
-"""Detection accuracy as a reader would judge it, per detector, on two data sets, against the intensity floor.
+"""Detection accuracy as a reader would judge it, per detector, on two data sets, against the plain density floor.
 
     python benchmarks/accuracy.py                                   # every default detector, both data sets
     python benchmarks/accuracy.py --detectors intensity patchcore   # only these rows
@@ -8,7 +8,8 @@ Data sets:
 - phantoms: the project's CT phantoms (``small`` preset; 8 normal + 6 abnormal: 4 normal volumes to fit on,
   2 to calibrate on, 2 normal + 6 abnormal to test);
 - real: the real normal CT samples (``--real-ct DIR``) with lesions inserted by ``lesion_insertion.py``, a
-  generator written for this evaluation only. Leave-one-scan-out: the held-out scan is tested (itself, normal,
+  generator written for this evaluation only, once per lesion model (``--lesions``: ``sparse``, a few lesions
+  of every size; ``metastatic``, heavy burden, mostly under 10 mm). Leave-one-scan-out: the held-out scan is tested (itself, normal,
   plus ``--sets`` copies with differently seeded lesions); the detector is fitted on the other scan(s) and
   calibrated on a contiguous slab of them (the third quarter of the liver's extent) that it was not fitted on.
   Metrics are computed per held-out scan and averaged over the folds.
@@ -16,8 +17,10 @@ Data sets:
 Per detector: slice AUROC; in-liver pixel AUROC; AUPRO up to FPR 0.3 inside the liver; Dice of the model's own
 label map (calibrated pixel threshold); lesion sensitivity at ≤ 1 false region per scan from the FROC sweep, for
 all lesions and for lesions of ≥ 10 mm equivalent diameter; false regions per scan and lesion sensitivity of the
-label map at the calibrated threshold; training seconds and scoring seconds per volume. Each row says whether it
-beats the intensity floor on in-liver pixel AUROC. The calibrated operating point: the thresholds are the
+label map at the calibrated threshold; training seconds and scoring seconds per volume. By lesion size (< 5,
+5–10, 10–20, ≥ 20 mm): FROC sensitivity, and each lesion's coverage and detection at the threshold 5 % of
+normal liver voxels reach (``monai_ad.evaluation.lesion_figures``). Each row says whether it beats the plain
+density floor (``density``: |HU − the liver's level|, no learning) on in-liver pixel AUROC. The calibrated operating point: the thresholds are the
 quantile of held-out normal slices' scores that about ``--false-regions-per-scan`` slices of a normal scan
 exceed (``monai_ad.training.train``).
 
@@ -48,7 +51,7 @@ from common import REAL_CT, RESULTS, format_table, record, resolve  # noqa: E402
 from lesion_insertion import build_leave_one_out  # noqa: E402
 
 import monai_ad.postprocess as postprocess  # noqa: E402
-from monai_ad import metrics  # noqa: E402
+from monai_ad import evaluation, metrics  # noqa: E402
 from monai_ad.data.phantom import write_phantom_dataset  # noqa: E402
 from monai_ad.cli import load_run_config  # noqa: E402
 from monai_ad.detectors import available_detectors  # noqa: E402
@@ -83,13 +86,9 @@ QUICK_SCHEDULES: dict[str, dict[str, Any]] = {
 }
 # Pre-processing options per detector (``preprocessing=`` of ``training.train``); empty: the library defaults.
 PREPROCESSING: dict[str, dict[str, Any]] = {}
-MIN_DIAMETER_MM = 10.0
 FPR_LIMIT = 0.3
-# A predicted region counts as a hit only when at least this fraction of it lies in lesions: a region that
-# covers half the liver and touches a lesion is a false region, not a detection.
-MIN_REGION_OVERLAP = 0.05
-COVERAGE_FPR = 0.05  # lesion coverage is read at the threshold 5 % of normal liver voxels reach
-MIN_COVERAGE = 0.5  # ... and a lesion counts as detected there when half of it is covered
+# the lesion reading's settings are evaluate's (monai_ad.evaluation.lesion_figures)
+MIN_DIAMETER_MM, MIN_REGION_OVERLAP = evaluation.LARGE_LESION_MM, evaluation.MIN_REGION_OVERLAP
 MIN_LESION_MM3 = float(getattr(postprocess, "MIN_LESION_MM3", 20.0))  # the label map's smallest region, as infer uses
 TS_LIVER = 5  # the liver's label in the real scans' organ maps
 
@@ -167,7 +166,7 @@ def run_fold(name: str, hparams: dict, preprocessing: dict, fold: dict, work: Pa
         liver, lesion = label > 0, label == LESION_LABEL
         pred = result.label_map > 0
         # everything below works on the liver's bounding box (one voxel of margin), axial axis first
-        box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(liver))
+        box = evaluation.liver_box(liver)
         crop = lambda a: np.moveaxis(a[box], axis, 0)  # noqa: E731
         slice_scores = result.summary["slice_scores"]
         scored_z = [z for z, s in enumerate(slice_scores) if s is not None]
@@ -194,12 +193,15 @@ def run_fold(name: str, hparams: dict, preprocessing: dict, fold: dict, work: Pa
     return out
 
 
+def cases_lesion_figures(cases: list[dict], min_region_mm3: float = MIN_LESION_MM3) -> dict[str, Any]:
+    """The lesion reading of a fold's test scans (``evaluation.lesion_figures``: FROC at ≤ 1 false region per
+    scan, coverage at 5 % FPR, both by size)."""
+    return evaluation.lesion_figures([c["heat"] for c in cases], [c["lesion"] for c in cases], [c["liver"] for c in cases],
+                                     [c["spacing"] for c in cases], min_region_mm3)  # fmt: skip
+
+
 def cases_froc(cases: list[dict], min_region_mm3: float = MIN_LESION_MM3) -> dict[str, Any]:
-    """The lesion FROC of a fold's test scans (``metrics.lesion_froc``) at this benchmark's settings: ≤ 1 false
-    region per scan, lesions ≥ ``MIN_DIAMETER_MM`` as the large ones, ``MIN_REGION_OVERLAP`` for a hit."""
-    return metrics.lesion_froc([c["heat"] for c in cases], [c["lesion"] for c in cases], [c["liver"] for c in cases],
-                               [c["spacing"] for c in cases], max_fp_per_scan=1.0, min_diameter_mm=MIN_DIAMETER_MM,
-                               min_region_mm3=min_region_mm3, min_region_overlap=MIN_REGION_OVERLAP)  # fmt: skip
+    return cases_lesion_figures(cases, min_region_mm3)["froc"]
 
 
 def fold_metrics(cases: list[dict], min_region_mm3: float) -> dict[str, Any]:
@@ -218,10 +220,11 @@ def fold_metrics(cases: list[dict], min_region_mm3: float) -> dict[str, Any]:
     attempt("aupro_liver", metrics.aupro, masks, maps, FPR_LIMIT, roi=rois)
     tp, fp, fn = (sum(c[k] for c in cases) for k in ("tp", "fp", "fn"))
     out["dice"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else None
-    froc = cases_froc(cases, min_region_mm3)
+    figures = cases_lesion_figures(cases, min_region_mm3)
+    froc = figures["froc"]
     out.update(sens_1fp=froc["sensitivity"], sens_1fp_large=froc["sensitivity_large"], n_lesions=froc["n_lesions"],
                n_lesions_large=froc["n_lesions_large"], n_scans=froc["n_scans"])  # fmt: skip
-    out.update(by_size(cases, froc))
+    out.update(by_size(figures))
     found = n_false = 0
     for c in cases:  # the label map as the user gets it (components below the size limit already removed)
         d = metrics.detect_lesions(c["pred"], c["lesion"], 0.5, roi=c["liver"], spacing=c["spacing"],
@@ -235,22 +238,12 @@ def fold_metrics(cases: list[dict], min_region_mm3: float) -> dict[str, Any]:
     return out
 
 
-def by_size(cases: list[dict], froc: dict[str, Any]) -> dict[str, Any]:
-    """Lesion figures per size class: FROC sensitivity at ≤ 1 false region per scan, and coverage / detection at
-    ``COVERAGE_FPR`` of normal liver voxels (``metrics.lesion_coverage``)."""
-    out: dict[str, Any] = {f"froc_{name}": value for name, value in froc["sensitivity_by_size"].items()}
-    out.update({f"n_{name}": value for name, value in froc["n_lesions_by_size"].items()})
-    if not froc["n_lesions"]:
-        return out
-    cover = metrics.lesion_coverage([c["heat"] for c in cases], [c["lesion"] for c in cases],
-                                    [c["liver"] for c in cases], [c["spacing"] for c in cases], fpr=COVERAGE_FPR,
-                                    min_coverage=MIN_COVERAGE)  # fmt: skip
-    out["coverage_all"], out["detected_all"] = cover["coverage"], cover["detected"]
-    out.update({f"coverage_{name}": value for name, value in cover["coverage_by_size"].items()})
-    out.update({f"detected_{name}": value for name, value in cover["detected_by_size"].items()})
-    small = [d < 10.0 for d, _ in cover["lesions"]]
-    covered = np.asarray([c for d, c in cover["lesions"] if d < 10.0])
-    out["coverage_under_10mm"] = float(covered.mean()) if any(small) else None
+def by_size(figures: dict[str, Any]) -> dict[str, Any]:
+    """``evaluation.lesion_figures``' size classes as this benchmark's flat keys (``froc_<5 mm``, ...)."""
+    out: dict[str, Any] = {"coverage_under_10mm": figures["coverage_small"]}
+    for name, values in figures["by_size"].items():
+        out.update({f"n_{name}": values["n_lesions"], f"froc_{name}": values["sensitivity"],
+                    f"coverage_{name}": values["coverage"], f"detected_{name}": values["detected"]})  # fmt: skip
     return out
 
 
@@ -458,9 +451,14 @@ def main() -> None:
         "is fitted on one scan's slices only; its thresholds come from a contiguous slab of that same training "
         "scan (the third quarter of its liver's extent) that it was not fitted on — held out from fitting, not "
         "from the patient",
-        "lesions inserted by benchmarks/lesion_insertion.py (evaluation only): density −80…+60 HU relative to the "
-        "surrounding liver (|Δ| ≥ 15 HU), equivalent diameter 5–80 mm (log-uniform, capped by the liver), sharp or "
-        "soft margins, rim enhancement on some hypodense ones, 2–6 per scan",
+        "lesions inserted by benchmarks/lesion_insertion.py (evaluation only). sparse: density −80…+60 HU relative "
+        "to the surrounding liver (|Δ| ≥ 15 HU), equivalent diameter 5–80 mm (log-uniform, capped by the liver), "
+        "sharp or soft margins, rim enhancement on some hypodense ones, 2–6 per scan. metastatic: 10–80 lesions, "
+        "3–30 % of the liver, 70 % of them 3–10 mm, clustered, hypodense (−70…−20 HU) or hyperdense, uniform, "
+        "necrotic, rim or target, some at the capsule and against vessels",
+        f"lesions by size: 'coverage': the mean share of each lesion's voxels at or above the threshold that "
+        f"{evaluation.COVERAGE_FPR:.0%} of normal liver voxels reach, 'detected': the share of lesions covered at "
+        f"least {evaluation.MIN_COVERAGE:g}; 'FROC ≤1 FP': the FROC sensitivity of that size class",
         "train s: training.train (pre-processing, fit, calibration); score s/volume: Predictor end to end "
         "(load to label map, nothing written); slices/s: scored slices over the inference stage",
         *([f"load average at the start: {load:.1f} on {os.cpu_count()} cores (times are slower when the CPU is "

@@ -292,10 +292,20 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
 def _print_metrics(values: dict[str, Any]) -> None:
     keys = ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auroc_roi", "aupro", "aupro_roi", "dice", "dice_label_map",
-            "slice_f1", "lesion_sensitivity", "lesion_sensitivity_10mm", "false_regions_per_scan")  # fmt: skip
+            "slice_f1", "lesion_sensitivity", "lesion_sensitivity_10mm", "false_regions_per_scan", "lesion_froc_1fp",
+            "lesion_coverage_under_10mm")  # fmt: skip
+    number = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731
     for key in keys:
-        value = values.get(key)
-        print(f"  {key:24s} {'n/a' if value is None else f'{value:.4f}'}")
+        print(f"  {key:26s} {number(values.get(key))}")
+    by_size = values.get("lesions_by_size")
+    if by_size:
+        reading = values.get("lesion_reading", {})
+        print(f"  lesions by size: FROC sensitivity at <= {reading.get('fp_per_scan', 1):g} false region per scan; coverage "
+              f"and detected at {reading.get('coverage_fpr', 0.05):.0%} FPR of normal liver voxels")  # fmt: skip
+        print(f"    {'size':10s} {'lesions':>8s} {'FROC':>8s} {'coverage':>9s} {'detected':>9s}")
+        for name, figures in by_size.items():
+            print(f"    {name:10s} {figures['n_lesions']:8d} {number(figures['sensitivity']):>8s} "
+                  f"{number(figures['coverage']):>9s} {number(figures['detected']):>9s}")  # fmt: skip
     for kind, path in values.get("files", {}).items():
         print(f"  {kind}: {path}")
 

@@ -21,6 +21,48 @@ from monai_ad.transforms.array import HUWindow
 from monai_ad.transforms.pipeline import IMAGE, ROI, LoadVolumed
 
 LARGE_LESION_MM = 10.0  # lesions of at least this equivalent diameter are also counted on their own
+FP_PER_SCAN = 1.0  # the lesion FROC is read at this many false regions per scan
+# A predicted region counts as a hit only when at least this fraction of it lies in lesions: a region that
+# covers half the liver and touches a lesion is a false region, not a detection.
+MIN_REGION_OVERLAP = 0.05
+COVERAGE_FPR = 0.05  # lesion coverage is read at the threshold 5 % of normal liver voxels reach
+MIN_COVERAGE = 0.5  # ... and a lesion counts as detected there when half of it is covered
+SMALL_LESION_MM = 10.0  # "small": under this equivalent diameter
+
+
+def lesion_figures(
+    heatmaps: Sequence[np.ndarray], lesions: Sequence[np.ndarray], rois: Sequence[np.ndarray],
+    spacings: Sequence[Sequence[float]], min_region_mm3: float = 0.0,
+) -> dict[str, Any]:
+    """The lesion-level reading of scans' heatmaps, overall and by size (``metrics.SIZE_BINS_MM``).
+
+    ``froc``: :func:`metrics.lesion_froc` at ``FP_PER_SCAN`` (regions below ``min_region_mm3`` do not count,
+    a hit needs ``MIN_REGION_OVERLAP``); ``coverage``: :func:`metrics.lesion_coverage` at ``COVERAGE_FPR`` of
+    normal liver voxels, detected from ``MIN_COVERAGE``; ``by_size``: per size class its ``n_lesions``,
+    ``sensitivity`` (FROC), ``coverage`` and ``detected``; ``coverage_small``: the mean coverage of the lesions
+    under ``SMALL_LESION_MM``.
+    """
+    from monai_ad import metrics
+
+    froc = metrics.lesion_froc(heatmaps, lesions, rois, spacings, max_fp_per_scan=FP_PER_SCAN, min_diameter_mm=LARGE_LESION_MM,
+                               min_region_mm3=min_region_mm3, min_region_overlap=MIN_REGION_OVERLAP)  # fmt: skip
+    out: dict[str, Any] = {"froc": froc, "coverage": None, "coverage_small": None}
+    out["by_size"] = {name: {"n_lesions": n, "sensitivity": froc["sensitivity_by_size"][name], "coverage": None, "detected": None}
+                      for name, n in froc["n_lesions_by_size"].items()}  # fmt: skip
+    if not froc["n_lesions"]:
+        return out
+    cover = metrics.lesion_coverage(heatmaps, lesions, rois, spacings, fpr=COVERAGE_FPR, min_coverage=MIN_COVERAGE)
+    out["coverage"] = cover
+    for name, figures in out["by_size"].items():
+        figures.update(coverage=cover["coverage_by_size"][name], detected=cover["detected_by_size"][name])
+    small = [c for d, c in cover["lesions"] if d < SMALL_LESION_MM]
+    out["coverage_small"] = float(np.mean(small)) if small else None
+    return out
+
+
+def liver_box(liver: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
+    """The bounding box of a (non-empty) mask, ``margin`` voxels wider on each side."""
+    return tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in np.nonzero(liver))
 
 
 def evaluate(
@@ -49,6 +91,7 @@ def evaluate(
     montage_pool, curves = [], []
     tp = fp = fn = 0
     lesions_found, lesions_large, false_regions = [], [], 0
+    volumes: dict[str, list] = {"heat": [], "lesion": [], "liver": [], "spacing": []}  # liver boxes, for lesion figures
     for item in tqdm(items, desc="evaluation", disable=not progress, unit="volume"):
         if not item.get("label"):
             raise InputError(f"test case {item.get(IMAGE)} has no 'label' to evaluate against", datalist)
@@ -74,9 +117,14 @@ def evaluate(
         gt_slices.append(gt), map_slices.append(heat), roi_slices.append(roi)
         slice_labels.append(labels), slice_scores.append(scores)
         slice_ids += [(result.case, z) for z in scored]
-        reading = metrics.detect_lesions(
-            result.label_map, lesion, threshold=1, roi=liver, spacing=np.linalg.norm(result.affine[:3, :3], axis=0)
-        )  # the label map's regions: thresholded and cleaned as the user gets them
+        spacing = np.linalg.norm(result.affine[:3, :3], axis=0)
+        reading = metrics.detect_lesions(result.label_map, lesion, threshold=1, roi=liver, spacing=spacing)
+        # ^ the label map's regions: thresholded and cleaned as the user gets them
+        if liver.any():
+            box = liver_box(liver)
+            for name, volume in (("heat", result.heatmap), ("lesion", lesion), ("liver", liver)):
+                volumes[name].append(volume[box])
+            volumes["spacing"].append(tuple(float(v) for v in spacing))
         lesions_found.append(reading["found"])
         lesions_large.append(reading["diameters_mm"] >= LARGE_LESION_MM)
         false_regions += reading["n_false_regions"]
@@ -107,6 +155,7 @@ def evaluate(
     values["lesion_sensitivity"] = float(found.mean()) if found.size else None
     values[f"lesion_sensitivity_{LARGE_LESION_MM:g}mm"] = float(found[large].mean()) if large.any() else None
     values["false_regions_per_scan"] = false_regions / len(items)
+    values.update(_heatmap_lesion_values(volumes, predictor.min_lesion_mm3))
     values.update(
         {
             "detector": predictor.detector.name,
@@ -134,8 +183,33 @@ def evaluate(
     return values
 
 
+def _heatmap_lesion_values(volumes: dict[str, list], min_region_mm3: float) -> dict[str, Any]:
+    """``evaluate``'s lesion figures read from the heatmaps (not the label map), by size."""
+    if not volumes["heat"]:
+        return {}
+    figures = lesion_figures(volumes["heat"], volumes["lesion"], volumes["liver"], volumes["spacing"], min_region_mm3)
+    return {
+        f"lesion_froc_{FP_PER_SCAN:g}fp": figures["froc"]["sensitivity"],
+        f"lesion_coverage_under_{SMALL_LESION_MM:g}mm": figures["coverage_small"],
+        "lesions_by_size": figures["by_size"],
+        "lesion_reading": {"fp_per_scan": FP_PER_SCAN, "coverage_fpr": COVERAGE_FPR, "min_coverage": MIN_COVERAGE,
+                           "min_region_overlap": MIN_REGION_OVERLAP, "min_region_mm3": float(min_region_mm3)},
+    }  # fmt: skip
+
+
+def _flat(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for k, v in values.items():
+        if isinstance(v, Mapping):
+            rows += _flat(v, f"{prefix}{k}/")
+        elif v is None or isinstance(v, (int, float, str)):
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
 def write_metrics_csv(path: str | os.PathLike, values: Mapping[str, Any]) -> None:
-    rows = [(k, v) for k, v in values.items() if v is None or isinstance(v, (int, float, str))]
+    """One ``metric,value`` row per number or text; nested figures as ``outer/inner`` (``lesions_by_size/<5 mm/coverage``)."""
+    rows = [(k, v) for k, v in _flat(values) if k.split("/")[0] not in ("thresholds", "lesion_reading", "files")]
     with atomic_path(path) as tmp:
         tmp.write_text("metric,value\n" + "".join(f"{k},{'' if v is None else v}\n" for k, v in rows))
 

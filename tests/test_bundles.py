@@ -129,6 +129,7 @@ def test_evaluating_writes_metrics_that_agree_with_its_volumes(trained_bundle):
     cases = json.loads((data / "datalist.json").read_text())["test"]
     assert metrics["n_volumes"] == len(cases)
     slice_truth, slice_scores, pixel_truth, pixel_scores = [], [], [], []
+    volumes = {"heat": [], "lesion": [], "liver": [], "spacing": []}
     for case in cases:
         summary = json.loads((out / "volumes" / f"{case['case_id']}_summary.json").read_text())
         heatmap = nib.load(str(out / "volumes" / f"{case['case_id']}_heatmap.nii.gz"))
@@ -143,9 +144,25 @@ def test_evaluating_writes_metrics_that_agree_with_its_volumes(trained_bundle):
         liver = truth[scored] > 0
         pixel_truth.append(truth[scored][liver] == LESION_LABEL)
         pixel_scores.append(heat[scored][liver])
+        volumes["heat"].append(np.asarray(heatmap.dataobj, dtype=np.float64))
+        volumes["lesion"].append(np.asarray(label.dataobj) == LESION_LABEL)
+        volumes["liver"].append(np.asarray(label.dataobj) > 0)
+        volumes["spacing"].append(np.linalg.norm(label.affine[:3, :3], axis=0))
     assert metrics["slice_auroc"] == pytest.approx(roc_auc_score(slice_truth, slice_scores), abs=1e-9)
     pixel = roc_auc_score(np.concatenate(pixel_truth), np.concatenate(pixel_scores))
     assert metrics["pixel_auroc_roi"] == pytest.approx(pixel, abs=1e-4)
+    # each lesion's coverage at 5 % FPR of normal liver, by size, again from the written heatmaps
+    from monai_ad.metrics import lesion_coverage
+
+    cover = lesion_coverage(volumes["heat"], volumes["lesion"], volumes["liver"], volumes["spacing"], fpr=0.05)
+    by_size = metrics["lesions_by_size"]
+    assert sum(v["n_lesions"] for v in by_size.values()) == cover["n_lesions"] > 0
+    for name, figures in by_size.items():
+        expected = cover["coverage_by_size"][name]
+        assert (figures["coverage"] is None) == (expected is None), name
+        if expected is not None:
+            assert figures["coverage"] == pytest.approx(expected, abs=0.02), name
+            assert float(rows[f"lesions_by_size/{name}/coverage"]) == pytest.approx(figures["coverage"], rel=1e-9)
 
 
 # bundles whose quick training (FAST) already puts an inserted 12 mm hypodense sphere above the rest of the liver

@@ -46,6 +46,32 @@ def test_normalize_liver_hu_moves_roi_median():
     assert torch.allclose(out, torch.full_like(img, 110.0))
 
 
+def test_the_liver_mode_and_its_width_ignore_a_fifth_of_dark_tumour():
+    from monai_ad.transforms.array import NormalizeLiverSpread, liver_level
+
+    g = torch.Generator().manual_seed(0)
+    parenchyma = 100 + 15 * torch.randn(200_000, generator=g)
+    vessels = 150 + 15 * torch.randn(20_000, generator=g)
+    tumour = 50 + 15 * torch.randn(55_000, generator=g)  # a fifth of the liver, 50 HU darker
+    liver = torch.cat([parenchyma, vessels, tumour])
+    mad = 0.6745 * 15  # the parenchyma's own median absolute deviation
+    median, median_spread = liver_level(liver, "median")
+    mode, mode_spread = liver_level(liver, "mode")
+    assert median < 98.0 and median_spread > 1.4 * mad  # the median and MAD follow the tumour
+    assert mode == pytest.approx(100.0, abs=1.0) and mode_spread == pytest.approx(mad, rel=0.1)
+    assert liver_level(parenchyma, "mode") == pytest.approx(liver_level(parenchyma, "median"), rel=0.03)
+    # the transforms read the same level: the parenchyma lands on the reference, its spread on the reference spread
+    img, roi = liver.view(1, -1, 1, 1), torch.ones(1, liver.numel(), 1, 1)
+    shifted = NormalizeLiverHU(110.0, level="mode")(img, roi)
+    assert float(shifted[0, :200_000].median()) == pytest.approx(110.0, abs=1.0)
+    scaled = NormalizeLiverSpread(10.0, level="mode")(shifted, roi)
+    parenchyma_out = scaled[0, :200_000].flatten()
+    assert float((parenchyma_out - parenchyma_out.median()).abs().median()) == pytest.approx(10.0, rel=0.1)
+    assert liver_level(torch.full((100,), 7.0), "mode") == (7.0, 0.0)  # a constant liver: nothing to estimate
+    with pytest.raises(ValueError, match="estimator"):
+        liver_level(liver, "mean")
+
+
 def test_histogram_equalize_flattens_roi_histogram_and_keeps_outside():
     rng = np.random.default_rng(0)
     img = torch.as_tensor(rng.beta(8, 2, size=(1, 32, 32, 3)).astype(np.float32))

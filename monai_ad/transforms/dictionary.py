@@ -72,9 +72,10 @@ class SelectROId(_Applyd):
 
 
 class NormalizeLiverHUd(_Applyd):
-    def __init__(self, keys: KeysCollection, roi_key: str = "roi", reference_hu: float = 110.0, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, roi_key: str = "roi", reference_hu: float = 110.0, level: str = "median",
+                 allow_missing_keys: bool = False):  # fmt: skip
         super().__init__(keys, allow_missing_keys)
-        self.transform, self.roi_key = NormalizeLiverHU(reference_hu), roi_key
+        self.transform, self.roi_key = NormalizeLiverHU(reference_hu, level), roi_key
 
 
 class HUWindowd(_Applyd):
@@ -161,9 +162,9 @@ class PadToSquared(_InvertibleApplyd):
 
 
 class FillOutsideROIWithLiverd(_Applyd):
-    def __init__(self, keys: KeysCollection, roi_key: str = "roi", allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, roi_key: str = "roi", level: str = "median", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.transform, self.roi_key = FillOutsideROIWithLiver(), roi_key
+        self.transform, self.roi_key = FillOutsideROIWithLiver(level), roi_key
 
 
 class HUWindowsd(_Applyd):
@@ -206,6 +207,7 @@ class CheckLiverROId(_Applyd):
 
 
 class NormalizeLiverSpreadd(_Applyd):
-    def __init__(self, keys: KeysCollection, roi_key: str = "roi", reference_mad_hu: float = 10.0, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, roi_key: str = "roi", reference_mad_hu: float = 10.0, level: str = "median",
+                 allow_missing_keys: bool = False):  # fmt: skip
         super().__init__(keys, allow_missing_keys)
-        self.transform, self.roi_key = NormalizeLiverSpread(reference_mad_hu), roi_key
+        self.transform, self.roi_key = NormalizeLiverSpread(reference_mad_hu, level), roi_key

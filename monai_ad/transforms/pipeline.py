@@ -29,7 +29,7 @@ from monai.transforms import (
 from monai_ad.errors import InputError
 from monai_ad.io import NiftiReader, unreadable_message
 from monai_ad.postprocess import HEATMAP_CHANNEL, MIN_LESION_MM3, AnomalyOutputsd
-from monai_ad.transforms.array import ABDOMEN_WINDOW
+from monai_ad.transforms.array import ABDOMEN_WINDOW, LIVER_LEVELS
 from monai_ad.transforms.dictionary import (
     AxialContextd,
     FillOutsideROIWithLiverd,
@@ -71,8 +71,11 @@ class PreprocessConfig:
     - ``pixel_mm``: a fixed in-plane resolution (mm per pixel) instead of resizing each liver's box to
       ``image_size``: a patch then covers the same tissue in every scan. The liver's box is centred in an
       ``image_size`` square (``image_size * pixel_mm`` mm across); liver beyond it is not scored.
-    - ``outside_fill``: ``"zero"`` (black outside the liver, as BMAD) or ``"liver"`` (the liver's own median
+    - ``outside_fill``: ``"zero"`` (black outside the liver, as BMAD) or ``"liver"`` (the liver's own typical
       value, so the mask's border is no artificial edge).
+    - ``liver_level``: how the liver's typical value and spread are read for the three steps above: ``"median"``
+      (median and MAD) or ``"mode"`` (the parenchyma's histogram peak and its width, which heavy tumour burden
+      does not move; ``transforms.array.liver_level``).
     """
 
     image_size: int = 224
@@ -87,6 +90,7 @@ class PreprocessConfig:
     windows: list[list[float]] | None = None
     pixel_mm: float | None = None
     outside_fill: str = "zero"
+    liver_level: str = "median"
 
     @property
     def in_channels(self) -> int:
@@ -138,6 +142,8 @@ class PreprocessConfig:
         _check_number("context_mm", self.context_mm, None, None)
         if self.pixel_mm is not None:
             _check_number("pixel_mm", self.pixel_mm, None, None)
+        if self.liver_level not in LIVER_LEVELS:
+            raise InputError(f"liver_level must be one of {', '.join(LIVER_LEVELS)}, got {self.liver_level!r}")
         if self.outside_fill not in ("zero", "liver"):
             raise InputError(f"outside_fill must be 'zero' or 'liver', got {self.outside_fill!r}")
         if self.context_mm and self.windows:
@@ -266,9 +272,9 @@ def build_preprocessing(
         CropROId(keys, source_key=ROI, margin_mm=cfg.margin_mm),
     ]
     if cfg.normalize_liver_hu is not None:
-        steps.append(NormalizeLiverHUd(IMAGE, roi_key=ROI, reference_hu=cfg.normalize_liver_hu))
+        steps.append(NormalizeLiverHUd(IMAGE, roi_key=ROI, reference_hu=cfg.normalize_liver_hu, level=cfg.liver_level))
     if cfg.normalize_liver_spread is not None:
-        steps.append(NormalizeLiverSpreadd(IMAGE, roi_key=ROI, reference_mad_hu=cfg.normalize_liver_spread))
+        steps.append(NormalizeLiverSpreadd(IMAGE, roi_key=ROI, reference_mad_hu=cfg.normalize_liver_spread, level=cfg.liver_level))
     steps.append(HUWindowsd(IMAGE, windows=cfg.windows) if cfg.windows else HUWindowd(IMAGE, window=cfg.window))
     if cfg.histogram_equalization:
         steps.append(HistogramEqualized(IMAGE, roi_key=ROI))
@@ -285,7 +291,7 @@ def build_preprocessing(
     else:
         steps += [PadToSquared(keys), Resized(keys, spatial_size=square, mode=modes)]
     if fill_liver:  # after resampling, so padding and interpolation leave no edge either
-        steps.append(FillOutsideROIWithLiverd(IMAGE, roi_key=ROI))
+        steps.append(FillOutsideROIWithLiverd(IMAGE, roi_key=ROI, level=cfg.liver_level))
     if cfg.context_mm > 0:
         steps.append(AxialContextd(IMAGE, offset_mm=cfg.context_mm))
     if concat:
