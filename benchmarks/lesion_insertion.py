@@ -156,12 +156,12 @@ class MetastaticModel:
 
     The ranges follow what is published and measured of metastatic livers: LiTS (Bilic et al., Med. Image
     Anal. 84, 2023) holds primary and secondary tumours, hypo- and hyperdense, many per volume and of widely
-    varied size; small lesions (≤ 15 mm) are frequent on portal-venous CT and are where readers and detectors
-    miss most (Jones et al., AJR 158, 1992: "The frequency and significance of small (≤ 15 mm) hepatic
-    lesions detected by CT"); metastases are mostly hypodense, 20–70 HU below the parenchyma in the portal
-    venous phase, some hypervascular ones brighter, with necrotic centres, enhancing rims and target
-    appearance; a real metastatic scan read for this project held dozens of lesions, most under 10 mm, about a
-    fifth of the liver, about 50 HU below the parenchyma.
+    varied size; small lesions (≤ 15 mm) are frequent on contrast-enhanced CT, multiple ones more often
+    malignant (Jones et al., AJR 158, 1992; Schwartz et al., Radiology 210, 1999); metastases are mostly
+    hypodense, 20–70 HU below the parenchyma in the portal venous phase, some hypervascular ones brighter, with
+    necrotic centres, enhancing rims and target appearance (Baron, AJR 163, 1994); a real metastatic scan held
+    dozens of lesions, most under 10 mm, about a fifth of the liver, about 50 HU below the parenchyma. Full
+    citations: docs/methods.md, "Evaluation lesion models".
     """
 
     n_lesions: tuple[int, int] = (10, 80)

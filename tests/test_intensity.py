@@ -42,8 +42,62 @@ def test_intensity_saves_and_loads_whole(fitted, tmp_path):
     assert torch.equal(loaded.score(image, roi).pixel, fitted.score(image, roi).pixel)
 
 
+def _as_saved_before_several_scales(payload: dict, prefix: str = "") -> None:
+    """A saved model as the single-scale version wrote it: tables without the scale axis."""
+    for name in ("centre", "tail_distance"):
+        payload["state"][prefix + name] = payload["state"][prefix + name][0]
+
+
+def test_a_model_saved_with_one_scale_before_there_were_several_still_loads(tmp_path):
+    image, roi, _ = synthetic_slices(24, seed=0, size=SIZE)
+    old = create_detector("intensity", image_size=SIZE, pixel_mm=1.5, sigma_mm=2.0, min_width_mm=6.0)
+    old.fit([{"image": image, "roi": roi}], progress=False)
+    old.save(tmp_path / "intensity.pt")
+    payload = torch.load(tmp_path / "intensity.pt", weights_only=True)
+    _as_saved_before_several_scales(payload)
+    torch.save(payload, tmp_path / "old.pt")
+    test, test_roi, _ = synthetic_slices(3, seed=4, lesion=True)
+    assert torch.equal(AnomalyDetector.load(tmp_path / "old.pt").score(test, test_roi).pixel, old.score(test, test_roi).pixel)
+    # a fused model's intensity settings were recorded as given: the single-scale defaults fill them in
+    from test_lesion_ranking import fitted_detector
+
+    fused = fitted_detector("fused")
+    assert "sigma_mm" not in fused.hparams["intensity_hparams"]
+    fused.save(tmp_path / "fused.pt")
+    payload = torch.load(tmp_path / "fused.pt", weights_only=True)
+    payload["state"]["density.centre"] = old.centre[0].clone()
+    payload["state"]["density.tail_distance"] = old.tail_distance[0].clone()
+    torch.save(payload, tmp_path / "old_fused.pt")
+    loaded = AnomalyDetector.load(tmp_path / "old_fused.pt")
+    assert loaded.density.scales == [2.0] and loaded.density.hparams["min_width_mm"] == 6.0
+    assert torch.equal(loaded.density.score(test, test_roi).pixel, old.score(test, test_roi).pixel)
+    # tables of another number of scales than the settings ask for are refused, not misread
+    two = create_detector("intensity", image_size=SIZE, pixel_mm=1.5, sigma_mm=[1.0, 2.0])
+    two.fit([{"image": image, "roi": roi}], progress=False)
+    two.hparams["sigma_mm"], two.scales = [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]
+    with pytest.raises(RuntimeError, match="fitted at 2 scale"):
+        two.score(test, test_roi)
+
+
+def test_several_scales_read_a_small_lesion_at_the_small_one_and_keep_their_own_tables():
+    image, roi, _ = synthetic_slices(24, seed=0, size=SIZE)
+    single = create_detector("intensity", image_size=SIZE, pixel_mm=1.5, sigma_mm=3.0, min_width_mm=0)
+    both = create_detector("intensity", image_size=SIZE, pixel_mm=1.5, sigma_mm=[0.75, 3.0], min_width_mm=0)
+    for detector in (single, both):
+        detector.fit([{"image": image, "roi": roi}], progress=False)
+    assert both.centre.shape[0] == 2 and torch.equal(both.tail_distance[1], single.tail_distance[0])
+    test, test_roi, _ = synthetic_slices(2, seed=5, size=SIZE)
+    y, x = (int(v) for v in torch.nonzero(test_roi[0, 0]).float().mean(0))
+    small = test.clone()
+    small[:, :, y - 1 : y + 2, x - 1 : x + 2] -= 0.15  # a 4.5 mm dark lesion (60 HU in the abdominal window)
+    lesion_single = single.score(small, test_roi).pixel[:, y, x]
+    lesion_both = both.score(small, test_roi).pixel[:, y, x]
+    # the pixel takes the rarer reading: never below the wide scale's, and the small scale lifts it further
+    assert (lesion_both >= lesion_single - 1e-5).all() and (lesion_both > lesion_single + 0.5).all()
+
+
 def test_intensity_rejects_bad_hyper_parameters():
-    for bad in ({"sigma_mm": 0}, {"min_tail": 0.7}, {"depth_bands_mm": [4, 2]}, {"in_channels": 2}):
+    for bad in ({"sigma_mm": 0}, {"sigma_mm": [1.0, -2.0]}, {"sigma_mm": []}, {"min_tail": 0.7}, {"depth_bands_mm": [4, 2]}, {"in_channels": 2}):
         with pytest.raises(InputError):
             create_detector("intensity", **bad)
 

@@ -383,8 +383,9 @@ class AnomalyDetector(nn.Module, ABC):
             raise InputError(f"model is a {name!r} detector, which this version does not know", path)
         if not issubclass(DETECTORS[name], cls):
             raise InputError(f"model is a {name!r} detector, not {cls.name!r}", path)
+        kind = DETECTORS[name]
         try:
-            detector = DETECTORS[name](**dict(payload.get("hparams") or {}))
+            detector = kind(**kind.saved_hparams(dict(payload.get("hparams") or {}), payload.get("state") or {}))
         except TypeError as exc:  # hyper-parameters this version's constructor does not take
             raise InputError(f"model hyper-parameters do not fit the {name} detector: {exc}", path) from None
         try:
@@ -397,6 +398,12 @@ class AnomalyDetector(nn.Module, ABC):
         if device is not None:
             detector.to(device)
         return detector.eval()
+
+    @classmethod
+    def saved_hparams(cls, hparams: dict[str, Any], state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The hyper-parameters a saved model was fitted with: those it recorded, completed with the defaults of
+        the version that saved it where a default has changed since (read from the shape of its state)."""
+        return hparams
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Also accepts a whole saved detector file's content, as frameworks that ``torch.load`` a checkpoint and

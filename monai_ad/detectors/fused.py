@@ -33,6 +33,7 @@ from monai_ad.detectors.base import (
     register_detector,
 )
 from monai_ad.detectors.intensity import (
+    SINGLE_SCALE_DEFAULTS,
     IntensityDeviation,
     batch_roi,
     interpolate,
@@ -50,7 +51,9 @@ class DensityFused(AnomalyDetector):
     """``detector``'s map (by registry name, with ``detector_hparams``) plus the intensity baseline's, both as
     rarities among normal liver (see the module docstring)."""
 
-    default_preprocessing = IntensityDeviation.default_preprocessing
+    # measured (benchmarks/RESULTS.md): the feature map gains from 2.5-D input and the liver's spread as the
+    # unit, and the sum with them, on real CT with sparse and with heavy metastatic lesions
+    default_preprocessing = {"outside_fill": "liver", "context_mm": 3.0, "normalize_liver_spread": 10.0}
 
     def __init__(
         self,
@@ -74,6 +77,12 @@ class DensityFused(AnomalyDetector):
         self.register_buffer("rarity", -torch.log10(levels).float())  # one-sided: a feature score is high or not
         self.register_buffer("feature_tail", torch.linspace(0, 1, len(levels)))  # score at each tail probability
         self.register_buffer("tabulated", torch.zeros((), dtype=torch.bool))
+
+    @classmethod
+    def saved_hparams(cls, hparams, state):
+        if "density.centre" in state and state["density.centre"].dim() == 1:
+            return {**hparams, "intensity_hparams": {**SINGLE_SCALE_DEFAULTS, **dict(hparams.get("intensity_hparams") or {})}}
+        return hparams
 
     @property
     def unsaved_prefixes(self) -> tuple[str, ...]:  # the feature detector's frozen backbone is rebuilt, not saved
