@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from monai_ad.detectors import AnomalyDetector, create_detector
 from monai_ad.detectors.fused import log_beyond
+from monai_ad.detectors.intensity import MIN_TAIL_COUNT, exponential_beyond_sample, tail_probabilities
 from monai_ad.errors import InputError
 from monai_ad.transforms.array import AxialContext, FillOutsideROIWithLiver, HUWindows, NormalizeLiverSpread
 from monai_ad.transforms.pipeline import PreprocessConfig, build_preprocessing, run_pipeline
@@ -94,6 +95,19 @@ def test_several_scales_read_a_small_lesion_at_the_small_one_and_keep_their_own_
     lesion_both = both.score(small, test_roi).pixel[:, y, x]
     # the pixel takes the rarer reading: never below the wide scale's, and the small scale lifts it further
     assert (lesion_both >= lesion_single - 1e-5).all() and (lesion_both > lesion_single + 0.5).all()
+
+
+def test_tail_levels_a_small_sample_cannot_have_measured_continue_the_last_measured_decade():
+    levels = tail_probabilities(1e-4)
+    exponential = -torch.log10(levels)[None].repeat(2, 1)  # distance grows linearly in log10 of the tail
+    n = 2000  # holds MIN_TAIL_COUNT values beyond 1.5e-3, not beyond 1e-4
+    resolved = int((levels * n >= MIN_TAIL_COUNT).sum())
+    assert 4 < resolved < len(levels)
+    tied = exponential.clone()
+    tied[:, resolved:] = tied[:, resolved - 1, None]  # the sample's maximum repeated: the cliff
+    restored = exponential_beyond_sample(tied, levels, n)
+    torch.testing.assert_close(restored, exponential)
+    torch.testing.assert_close(exponential_beyond_sample(tied, levels, 10**6), tied)  # a large sample is left alone
 
 
 def test_intensity_rejects_bad_hyper_parameters():

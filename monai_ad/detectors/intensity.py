@@ -18,7 +18,9 @@ compared with.
 - Rarity, not distance: a pixel's score is how rare its smoothed density is among normal liver pixels at the same
   depth, ``-log10`` of the two-sided tail probability (0 at the median, 2 for a density that 1 % of normal liver
   pixels reach on that side). The tails are tabulated on normal scans down to a probability of ``min_tail``
-  and extended beyond it along the table's last slope (an exponential tail). Vessels make the bright tail of a
+  and extended beyond it along the table's last slope (an exponential tail); levels a depth band's sample is too
+  small to have measured (fewer than ``MIN_TAIL_COUNT`` values beyond them) continue the last measured decade's
+  slope instead of ending at the sample's maximum. Vessels make the bright tail of a
   normal liver heavy, so a bright vessel scores lower than an equally large dark change, which no normal liver
   holds.
 - The liver's border has its own reference: partial volume with the fat around it darkens the outermost
@@ -48,6 +50,9 @@ CONTEXT_WEIGHTS = (0.25, 0.5, 0.25)
 # the defaults of models saved with one scale, before there could be several (their tables lack the scale axis)
 SINGLE_SCALE_DEFAULTS = {"sigma_mm": 2.0, "min_width_mm": 6.0}
 FIT_SAMPLE = 4_000_000  # liver values kept for the tail tables (a random subsample beyond this)
+# values a sample needs beyond a tail level to have measured it (fewer: the level is the sample's maximum, and
+# a normal pixel just past it would rise along the steep last step of the table)
+MIN_TAIL_COUNT = 3
 MIN_BAND_PIXELS = 1000  # a depth band with fewer normal pixels takes the whole liver's tables
 
 
@@ -214,8 +219,9 @@ class IntensityDeviation(AnomalyDetector):
 
         def tails(chosen: torch.Tensor) -> torch.Tensor:
             # strictly increasing distances (ties where a tail is flat) keep the interpolation defined
-            q = torch.quantile(chosen.double(), quantiles, dim=-1).T.float()  # [2, K]
-            return torch.stack([strictly_increasing(side.clamp_min(0.0)) for side in q])
+            q = torch.quantile(chosen.double(), quantiles, dim=-1).T  # [2, K]
+            q = exponential_beyond_sample(q, levels, chosen.shape[-1])
+            return torch.stack([strictly_increasing(side.clamp_min(0.0)) for side in q.float()])
 
         for scale in range(len(self.scales)):
             sides = values[2 * scale : 2 * scale + 2]
@@ -301,6 +307,21 @@ def open_within(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Grey opening of ``[B, 1, H, W]`` by an octagon of ``radius`` pixels: each pixel keeps the highest value
     that a whole octagon containing it reaches (dilation as the negated erosion of the negated map)."""
     return -_erode(-_erode(x, radius), radius)
+
+
+def exponential_beyond_sample(quantiles: torch.Tensor, levels: torch.Tensor, n: int) -> torch.Tensor:
+    """Tail quantiles ``[..., K]`` at one-sided tail probabilities ``levels`` (decreasing), where the levels a
+    sample of ``n`` values cannot resolve (fewer than ``MIN_TAIL_COUNT`` values beyond them) continue the last
+    resolved decade's slope per decade of tail probability: an exponential tail, not the sample's maximum."""
+    resolved = int((levels * n >= MIN_TAIL_COUNT).sum())  # levels decrease: the first ``resolved`` are measured
+    span = 4  # about one decade of levels (tail_probabilities)
+    if resolved >= len(levels) or resolved <= span:
+        return quantiles
+    last = resolved - 1
+    log_levels = torch.log10(levels).to(quantiles)
+    slope = (quantiles[..., last] - quantiles[..., last - span]) / (log_levels[last - span] - log_levels[last])
+    beyond = quantiles[..., last, None] + slope[..., None] * (log_levels[last] - log_levels[resolved:])
+    return torch.cat([quantiles[..., :resolved], beyond], -1)
 
 
 def strictly_increasing(values: torch.Tensor, step: float = 1e-6) -> torch.Tensor:
