@@ -132,7 +132,7 @@ def main() -> None:
     real = args.real_ct / "example_ct.nii.gz"
     for name in args.detectors:
         overrides = {"amp": True} if args.amp else {}
-        detector = fitted_detector(name, {k: v[: args.fit_slices] for k, v in slices.items()}, device, args.batch, **overrides)
+        detector = fitted_detector(name, {k: v[: args.fit_slices] for k, v in slices.items()}, device, **overrides)
         core_rows.append({"detector": name, "batch": args.batch, **throughput(detector, slices, args.batch, args.repeats)})
         row = volume_latency(detector, volume, volume_label, work / "out", args.repeats, batch_size=args.batch)
         e2e_rows.append({"detector": name, "volume": f"phantom 512×512×{row['slices']}", **row})

@@ -109,15 +109,14 @@ def build_detector(name: str, device: torch.device, image_size: int = 224, **ove
 
 
 def fitted_detector(
-    name: str, slices: dict[str, torch.Tensor], device: torch.device, batch_size: int = 32, **overrides: Any
+    name: str, slices: dict[str, torch.Tensor], device: torch.device, **overrides: Any
 ) -> AnomalyDetector:
-    from monai_ad.data.slices import SliceBatches
+    """A detector fitted and calibrated on ``phantom_training_slices`` (for the speed benchmarks)."""
+    from monai_ad.training import fit_and_calibrate
 
     detector = build_detector(name, device, int(slices["image"].shape[-1]), **overrides)
-    detector.fit(SliceBatches(slices, batch_size=batch_size), progress=False)
-    detector.calibrate(SliceBatches(slices, batch_size=batch_size))
-    detector.preprocessing = PreprocessConfig(image_size=detector.image_size).to_dict()
-    return detector
+    config = PreprocessConfig(image_size=detector.image_size)  # the settings phantom_training_slices uses
+    return fit_and_calibrate(detector, slices, slices, config, progress=False)
 
 
 def realistic_volume(work: Path, n_slices: int, seed: int = 7) -> tuple[Path, Path]:

@@ -34,13 +34,12 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from monai_ad.data.datalists import LESION_LABEL, load_datalist, roi_source
-from monai_ad.data.slices import SliceBatches, collect_slices
-from monai_ad.detectors.base import create_detector
+from monai_ad.data.slices import collect_slices
 from monai_ad.errors import InputError
 from monai_ad.io import atomic_path, write_json
 from monai_ad.postprocess import axial_axis
 from monai_ad.prediction import Predictor
-from monai_ad.training import resolve_device
+from monai_ad.training import detector_for, detector_preprocessing, fit_and_calibrate, resolve_device
 from monai_ad.transforms.pipeline import IMAGE, LoadVolumed, PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -178,12 +177,13 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 class _SliceCache:
     """Pre-processed liver slices per (image size, case), so candidates and folds share them."""
 
-    def __init__(self, preprocessing: Mapping[str, Any] | None, roi_labels):
-        self.preprocessing, self.roi_labels = dict(preprocessing or {}), roi_labels
+    def __init__(self, detector: str, preprocessing: Mapping[str, Any] | None, roi_labels):
+        self.detector, self.preprocessing, self.roi_labels = detector, dict(preprocessing or {}), roi_labels
         self._slices: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
 
-    def config(self, image_size: int) -> PreprocessConfig:
-        return PreprocessConfig.from_dict({**self.preprocessing, "image_size": int(image_size)})
+    def config(self, image_size: int | None = None) -> PreprocessConfig:
+        """The settings ``train`` would fit the detector with: the given ones over the detector's defaults."""
+        return detector_preprocessing(self.detector, self.preprocessing, image_size)
 
     def slices(self, items: Sequence[Mapping[str, Any]], image_size: int) -> dict[str, torch.Tensor]:
         parts = []
@@ -216,10 +216,8 @@ def validation_auroc(
     """Fit ``detector`` on the split's training normals and return its slice AUROC on validation normals +
     validation anomalies."""
     size = detector.image_size
-    train = cache.slices(split["train"], size)
-    detector.fit(SliceBatches(train, batch_size=int(detector.hparams.get("batch_size", 16))), progress=False)
-    detector.calibrate(SliceBatches(cache.slices(split["validation"], size), batch_size=32), quantile=quantile)
-    detector.preprocessing = cache.config(size).to_dict()
+    valid = cache.slices(split["validation"], size)
+    fit_and_calibrate(detector, cache.slices(split["train"], size), valid, cache.config(size), quantile, progress=False)
     predictor = Predictor(detector, roi_labels=roi_labels)
     scores, labels = [], []
     for items, abnormal in ((split["validation"], False), (split["anomalies"], True)):
@@ -265,8 +263,8 @@ def select_hyperparameters(
     anomalies = one_kind_anomalies(anomalies, lesion_kind, datalist)
     splits = fold_splits(normals, anomalies, folds, validation_fraction, seed)
     base = dict(base_hparams or {})
-    create_detector(detector, **{**base, **candidates[0]})  # bad names or values fail before any training
-    cache = _SliceCache(preprocessing, roi_labels)
+    cache = _SliceCache(detector, preprocessing, roi_labels)
+    detector_for(detector, cache.config(), {**base, **candidates[0]})  # bad names or values fail before any training
     dev = resolve_device(device)
     rows = []
     bar = tqdm(total=len(candidates) * len(splits), desc="selection", disable=not progress, unit="fit")
@@ -274,7 +272,8 @@ def select_hyperparameters(
         for index, candidate in enumerate(candidates):
             aucs = []
             for split in splits:
-                model = create_detector(detector, **{**base, **candidate, "seed": int(base.get("seed", seed))}).to(dev)
+                hparams = {**base, **candidate, "seed": int(base.get("seed", seed))}
+                model = detector_for(detector, cache.config(), hparams).to(dev)
                 aucs.append(validation_auroc(model, split, cache, roi_labels))
                 bar.update()
             rows.append({"index": index, "hparams": candidate, "fold_auroc": aucs,
@@ -291,7 +290,7 @@ def select_hyperparameters(
         f"(slice AUROC {best['mean_auroc']:.4f} ± {best['std_auroc']:.4f}); use with monai-ad train --config",
         "detector": detector,
         "hparams": {**base, **best["hparams"]},
-        "preprocessing": cache.config(create_detector(detector, **{**base, **best["hparams"]}).image_size).to_dict(),
+        "preprocessing": cache.config(detector_for(detector, cache.config(), {**base, **best["hparams"]}).image_size).to_dict(),
     }
     report = {
         "detector": detector,

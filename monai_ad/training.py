@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -36,17 +37,9 @@ def train(
     The operating thresholds allow about ``false_regions_per_scan`` false alarms per normal validation scan
     (``AnomalyDetector.calibrate``); ``quantile`` sets them as a plain quantile of normal slices instead."""
     kind = type(detector) if isinstance(detector, AnomalyDetector) else detector_class(detector)
-    config = PreprocessConfig.with_defaults(kind.default_preprocessing, preprocessing)
-    if isinstance(detector, str):
-        detector = create_detector(detector, **{"in_channels": config.in_channels, **dict(hparams or {})})
-    if detector.in_channels != config.in_channels:
-        raise InputError(
-            f"the {detector.name} detector takes {detector.in_channels}-channel slices but the pre-processing gives "
-            f"{config.in_channels} (set the detector's in_channels to match)"
-        )
-    detector.to(resolve_device(device))
+    config = detector_preprocessing(kind, preprocessing)
+    detector = detector_for(detector, config, hparams).to(resolve_device(device))
     config.image_size = detector.image_size
-    detector.preprocessing = config.to_dict()  # before fitting: a detector may read it (pixel size, normalisation)
     training = load_datalist(datalist, "training")
     try:
         validation = load_datalist(datalist, "validation")
@@ -54,16 +47,63 @@ def train(
         n_hold = max(1, len(training) // 5) if len(training) > 1 else 0
         validation, training = training[:n_hold], training[n_hold:] or training
     train_slices = collect_slices(distributed.shard(training), config, roi_labels, progress, desc="training volumes")
-    logger.info("fitting %s on %d normal slices", detector.name, train_slices["image"].shape[0])
-    detector.fit(SliceBatches(train_slices, batch_size=int(detector.hparams.get("batch_size", 16))), progress=progress)
-    valid_slices = collect_slices(validation, config, roi_labels, progress, desc="validation volumes")
-    detector.calibrate(
-        SliceBatches(valid_slices, batch_size=32), quantile=quantile,
-        false_regions_per_scan=false_regions_per_scan, n_scans=len(validation),
+    valid_slices = functools.partial(collect_slices, validation, config, roi_labels, progress, desc="validation volumes")
+    fit_and_calibrate(
+        detector, train_slices, valid_slices, config, quantile=quantile,
+        false_regions_per_scan=false_regions_per_scan, n_scans=len(validation), progress=progress,
     )  # fmt: skip
     if distributed.is_main_process():
         detector.save(output)
     distributed.barrier()
+    return detector
+
+
+def detector_preprocessing(
+    detector: str | type[AnomalyDetector], preprocessing: Mapping[str, Any] | None, image_size: int | None = None
+) -> PreprocessConfig:
+    """The pipeline settings a detector is fitted and scored with: ``preprocessing`` over its defaults."""
+    kind = detector_class(detector) if isinstance(detector, str) else detector
+    config = PreprocessConfig.with_defaults(kind.default_preprocessing, preprocessing)
+    if image_size is not None:
+        config.image_size = int(image_size)
+    return config
+
+
+def detector_for(
+    detector: str | AnomalyDetector, config: PreprocessConfig, hparams: Mapping[str, Any] | None = None
+) -> AnomalyDetector:
+    """``detector`` (a registry name, built with ``hparams``, or a detector) taking the slices ``config`` makes."""
+    if isinstance(detector, str):
+        detector = create_detector(detector, **{"in_channels": config.in_channels, **dict(hparams or {})})
+    if detector.in_channels != config.in_channels:
+        raise InputError(
+            f"the {detector.name} detector takes {detector.in_channels}-channel slices but the pre-processing gives "
+            f"{config.in_channels} (set the detector's in_channels to match)"
+        )
+    return detector
+
+
+def fit_and_calibrate(
+    detector: AnomalyDetector,
+    train_slices: Mapping[str, torch.Tensor],
+    valid_slices: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]],
+    config: PreprocessConfig,
+    quantile: float | None = None,
+    false_regions_per_scan: float = 1.0,
+    n_scans: int | None = None,
+    progress: bool = True,
+) -> AnomalyDetector:
+    """The one fitting path (``train``, ``select``, the bundles, the app and the benchmarks): fit on the normal
+    ``train_slices`` with the pipeline settings that made them, then set the operating thresholds on the
+    held-out normal ``valid_slices`` (or a function that collects them, called after fitting)."""
+    logger.info("fitting %s on %d normal slices", detector.name, train_slices["image"].shape[0])
+    batch_size = int(detector.hparams.get("batch_size", 16))
+    detector.fit(SliceBatches(train_slices, batch_size=batch_size), progress=progress, preprocessing=config.to_dict())
+    valid = valid_slices() if callable(valid_slices) else valid_slices
+    detector.calibrate(
+        SliceBatches(valid, batch_size=32), quantile=quantile,
+        false_regions_per_scan=false_regions_per_scan, n_scans=n_scans,
+    )  # fmt: skip
     return detector
 
 

@@ -111,3 +111,29 @@ def test_select_bad_input_is_one_line_and_writes_nothing(phantom, tmp_path, caps
                  "--lesion-kind", "hypodense", "--grid", "latent_dim=2", "--set", "image_size=48", "--quiet"])  # fmt: skip
     assert code == 2 and "powers of two" in capsys.readouterr().err
     assert not (out / "selection.json").exists() and not (out / "config.json").exists()
+
+
+
+def test_select_fits_with_the_settings_train_fits_and_scores_with(phantom, tmp_path, monkeypatch, capsys):
+    """A detector that reads its pre-processing while fitting (the intensity detector: pixel size, liver fill)
+    sees, in every selection fit, the settings ``train`` fits it with, and the chosen config records them."""
+    from monai_ad.detectors.intensity import IntensityDeviation
+    from monai_ad.training import detector_preprocessing
+
+    seen = []
+    fit = IntensityDeviation._fit
+
+    def recording_fit(self, batches, progress):
+        seen.append(dict(self.preprocessing))
+        return fit(self, batches, progress)
+
+    monkeypatch.setattr(IntensityDeviation, "_fit", recording_fit)
+    out = tmp_path / "selection"
+    args = ["select", "--detector", "intensity", "--datalist", str(phantom), "--out", str(out), "--folds", "2",
+            "--phantom-anomalies", "2", "--lesion-kind", "hypodense", "--grid", "min_width_mm=0,3",
+            "--set", "image_size=32", "--quiet"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    expected = detector_preprocessing("intensity", None, 32).to_dict()
+    assert expected["outside_fill"] == "liver"  # the detector's own default, which the bare pipeline lacks
+    assert len(seen) == 4 and all(s == expected for s in seen)  # 2 candidates x 2 folds
+    assert load_run_config(str(out / "config.json"))["preprocessing"] == expected

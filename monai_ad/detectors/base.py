@@ -203,8 +203,13 @@ class AnomalyDetector(nn.Module, ABC):
         return torch.device("cpu")
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, data: Any, *, batch_size: int = 16, progress: bool = True) -> "AnomalyDetector":
+    def fit(
+        self, data: Any, *, batch_size: int = 16, progress: bool = True, preprocessing: Mapping[str, Any] | None = None
+    ) -> "AnomalyDetector":
         """Learn from normal slices (see ``iter_slice_batches`` for the accepted forms). Returns ``self``.
+
+        ``preprocessing``: the pipeline settings (``PreprocessConfig.to_dict()``) that made the slices; the
+        detector keeps them, reads them while fitting (pixel size, normalisation) and saves them with its state.
 
         Every call starts over, for every detector (as scikit-learn's ``fit``): a detector fitted before, loaded
         from a file or whose fit failed part-way first returns to the state its constructor gives (learned
@@ -213,6 +218,8 @@ class AnomalyDetector(nn.Module, ABC):
         """
         if self._fit_started or self.is_fitted:
             self._start_over()
+        if preprocessing is not None:
+            self.preprocessing = dict(preprocessing)
         self._fit_started = True
         self._fit(ReiterableBatches(data, batch_size), progress=progress)
         self._fitted.fill_(True)
