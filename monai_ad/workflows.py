@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from monai.data import Dataset
+from monai.transforms import Compose
 
 from monai_ad import distributed
 from monai_ad.allocator import keep_freed_memory
@@ -21,7 +23,7 @@ from monai_ad.errors import InputError
 from monai_ad.evaluation import evaluate
 from monai_ad.prediction import Predictor, infer
 from monai_ad.training import train
-from monai_ad.transforms.pipeline import IMAGE
+from monai_ad.transforms.pipeline import IMAGE, ROI
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,12 @@ def phantom_datalist(
     return str(datalist)
 
 
+def volume_dataset(items: Sequence[Mapping[str, Any]], transform: Any = None) -> Dataset:
+    """A datalist section's volumes as a MONAI ``Dataset`` of ``{"image", "roi"}`` (the liver mask, or the
+    label it comes from): what a bundle's ``dataset`` / ``train_dataset`` property names."""
+    return Dataset([{IMAGE: item[IMAGE], ROI: roi_source(item)} for item in items], transform=transform)
+
+
 def load_detector(path: str | os.PathLike, device: str | torch.device | None = None) -> AnomalyDetector:
     """A trained detector from its file, on ``device`` (the bundle's ``network_def``)."""
     with one_line_errors():
@@ -78,10 +86,21 @@ class DetectorTrainer:
         quantile: float | None = None,
         device: str | torch.device | None = None,
         progress: bool = True,
+        max_epochs: int | None = None,
     ):
+        epochs = int(detector.hparams.get("epochs", 1))
+        if max_epochs is not None and int(max_epochs) != epochs:
+            raise InputError(f"max_epochs {max_epochs} disagrees with the detector's epochs {epochs}: set network_def#epochs")
+        self.max_epochs = epochs  # what MONAI's trainer property reads; the schedule itself is the detector's
         self.detector, self.datalist, self.output = detector, datalist, output
         self.preprocessing, self.roi_labels, self.quantile = preprocessing, roi_labels, quantile
         self.device, self.progress = None if device is None else str(device), progress
+
+    @property
+    def dataset(self) -> Dataset:
+        """The normal volumes it fits on (the datalist's ``training`` section)."""
+        with one_line_errors():
+            return volume_dataset(load_datalist(self.datalist, "training"))
 
     def run(self) -> AnomalyDetector:
         with one_line_errors():
@@ -119,6 +138,12 @@ class BatchInference:
             images, rois = [item[IMAGE] for item in items], [roi_source(item) for item in items]
         self.images, self.rois = list(images), list(rois or [None] * len(images))
 
+    @property
+    def dataset(self) -> Dataset:
+        """The volumes it reads, through the predictor's loading and pre-processing."""
+        items = [{IMAGE: image, ROI: roi} for image, roi in zip(self.images, self.rois)]
+        return volume_dataset(items, Compose(self.predictor.pre_transforms()))
+
     def run(self) -> list[dict[str, Any]]:
         with one_line_errors():
             return self._run()
@@ -143,6 +168,19 @@ class DetectorEvaluator:
     ):
         self.network, self.datalist, self.output_dir, self.key, self.progress = network, datalist, output_dir, key, progress
         self.roi_labels = roi_labels
+        with one_line_errors():
+            self.predictor = Predictor(network, roi_labels=roi_labels)
+
+    @property
+    def inferer(self):
+        """How it scores a pre-processed volume (its predictor's slice inferer)."""
+        return self.predictor.inferer
+
+    @property
+    def dataset(self) -> Dataset:
+        """The labelled volumes it measures (the datalist's ``key`` section)."""
+        with one_line_errors():
+            return volume_dataset(load_datalist(self.datalist, self.key))
 
     def run(self) -> dict[str, Any]:
         with one_line_errors():
@@ -150,6 +188,6 @@ class DetectorEvaluator:
 
     def _run(self) -> dict[str, Any]:
         keep_freed_memory()
-        values = evaluate(self.network, self.datalist, self.output_dir, key=self.key, progress=self.progress, roi_labels=self.roi_labels)
+        values = evaluate(self.predictor, self.datalist, self.output_dir, key=self.key, progress=self.progress)
         logger.info("metrics: %s", {k: v for k, v in values.items() if isinstance(v, float)})
         return values

@@ -254,7 +254,7 @@ def test_training_overrides_are_limited_to_named_hyper_parameters():
         "network_def#image_size": 64, "preprocessing_config#window": [-100.0, 200.0]}  # fmt: skip
     own = bundle_hyper_parameters(label_server.PROJECT_ROOT / "bundles" / MODEL)
     assert {"network_def#image_size", "network_def#coreset_ratio"} <= own and "network_def#epochs" not in own
-    for key in ("trainer#output", "network_def#_target_", "network_def#config_file", "network_def#backbone"):
+    for key in ("train#trainer#output", "network_def#_target_", "network_def#config_file", "network_def#backbone"):
         with pytest.raises(ValueError, match="cannot be set from a request"):
             config_overrides({key: "monai.bundle.run"})
     for value in ("$__import__('os').getcwd()", "@x", True, 10**9, 2.5, [64]):

@@ -35,9 +35,10 @@ FAST = {"patchcore_liver_ct": ["--network_def#image_size", "64"],
         "synthetic_anomaly_liver_ct": ["--network_def#image_size", "64", "--network_def#steps", "5", "--network_def#crop_size", "32"]}  # fmt: skip
 
 
-def bundle_run(bundle: Path, run_id: str, configs: list[str], *extra: str) -> subprocess.CompletedProcess:
+def bundle_run(bundle: Path, run_id: str | None, configs: list[str], *extra: str) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run [run_id] ...`` in the bundle's folder (no ``run_id``: MONAI's default, ``run``)."""
     config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--meta_file", "configs/metadata.json",
+    cmd = [sys.executable, "-m", "monai.bundle", "run", *([run_id] if run_id else []), "--meta_file", "configs/metadata.json",
            "--config_file", config_file, "--logging_file", "configs/logging.conf", *extra]  # fmt: skip
     return subprocess.run(cmd, cwd=bundle, capture_output=True, text=True)
 
@@ -89,6 +90,31 @@ def test_bundle_layout_configs_and_metadata_agree(trained_bundle):
     assert pred["num_channels"] == 1 and pred["channel_def"] == {"0": "background", "1": "anomaly"}
     model = AnomalyDetector.load(trained_bundle / "models" / "model.pt")  # what training wrote
     assert model.name == network["name"] and model.in_channels == channels and model.is_fitted
+
+
+def test_train_infer_and_eval_workflows_have_the_properties_monai_requires(trained_bundle, monkeypatch):
+    """``ConfigWorkflow(...).check_properties()``, the check MONAI's tools run on a bundle, finds nothing missing."""
+    from monai.bundle import ConfigWorkflow
+
+    monkeypatch.chdir(trained_bundle)  # bundle_root is "."
+    flags = FAST[trained_bundle.name]
+    overrides = {flags[i].lstrip("-"): _literal(flags[i + 1]) for i in range(0, len(flags), 2)}
+    for workflow, files in (("train", ["configs/train.json"]), ("infer", ["configs/inference.json"]),
+                            ("eval", ["configs/train.json", "configs/evaluate.json"])):  # fmt: skip
+        own = overrides if workflow != "infer" else {k: v for k, v in overrides.items() if not k.startswith("network_def#")}
+        flow = ConfigWorkflow(config_file=files, meta_file="configs/metadata.json", workflow_type=workflow, **own)
+        flow.initialize()
+        assert flow.check_properties() == [], workflow
+    assert len(flow.dataset) == len(json.loads((trained_bundle / "data" / "phantom" / "datalist.json").read_text())["test"])
+
+
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def test_metadata_verifies_offline(trained_bundle, tmp_path):
@@ -209,7 +235,7 @@ def test_inference_writes_outputs_in_input_geometry_where_the_lesion_is(trained_
     for key in ("image", "label"):
         nib.save(reoriented(nib.load(str(data / case[key])), ("S", "P", "L")), str(data / flipped[key]))
     (data / "inserted.json").write_text(json.dumps({**datalist, "test": [case, flipped]}))
-    proc = bundle_run(trained_bundle, "inference", ["configs/inference.json"], "--datalist", str(data / "inserted.json"))
+    proc = bundle_run(trained_bundle, None, ["configs/inference.json"], "--datalist", str(data / "inserted.json"))  # as in the zoo
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     volumes = trained_bundle / "eval" / "volumes"
@@ -251,7 +277,7 @@ def test_monai_label_bundle_infer_task_returns_a_label_map(trained_bundle):
 
 @pytest.mark.parametrize("name", BUNDLES)
 def test_inference_config_keeps_the_library_min_lesion_size(name):
-    """The configs import no monai_ad module, so they state the smallest lesion kept as a number: the library's."""
+    """The smallest lesion kept is the library's constant, by reference."""
     from monai.bundle import ConfigParser
 
     from monai_ad.postprocess import MIN_LESION_MM3

@@ -123,7 +123,7 @@ def test_training_cannot_reach_config_targets_or_expressions(server):
     attacks = [
         {"network_def#_target_": "monai.bundle.run", "network_def#config_file": str(payload)},
         {"network_def#config_file": str(payload)},
-        {"trainer#output": str(server["victims"] / "model.pt")},
+        {"train#trainer#output": str(server["victims"] / "model.pt")},
         {"network_def#image_size": "$__import__('os').getcwd()"},
         {"network_def#image_size": "@network_def"},
         {"network_def#image_size": 10**9},

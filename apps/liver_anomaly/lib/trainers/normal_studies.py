@@ -168,7 +168,7 @@ class NormalStudiesTrain(TrainTask):
             parser.read_config(self.bundle / "configs" / "train.json")
             parser["bundle_root"] = str(self.bundle)
             parser["datalist"] = str(datalist)
-            parser["trainer"]["output"] = str(self.model_path)
+            parser["train"]["trainer"]["output"] = str(self.model_path)
             device = str(request.get("device") or "auto")
             if device not in DEVICES:
                 raise InputError(f"training option 'device' must be auto, cpu, cuda or cuda:N, got {device[:40]!r}")
@@ -177,11 +177,11 @@ class NormalStudiesTrain(TrainTask):
                 parser["roi_labels"] = [self.roi_label]
             for key, value in config_overrides(request, bundle_hyper_parameters(self.bundle)).items():
                 parser[key] = value
-            if "quantile" in request and "quantile" in parser["trainer"]:
-                parser["trainer"]["quantile"] = _plain(request["quantile"], FLOAT, 0.5, 0.9999, "quantile")
+            if "quantile" in request and "quantile" in parser["train"]["trainer"]:
+                parser["train"]["trainer"]["quantile"] = _plain(request["quantile"], FLOAT, 0.5, 0.9999, "quantile")
             parser.parse()
             logger.info("[%s] fitting on %d normal studies (device %s)", self.name, len(normals), parser["device"])
-            detector = parser.get_parsed_content("trainer").run()
+            detector = parser.get_parsed_content("train#trainer").run()
         result: dict[str, Any] = {
             "model": self.name,
             "path": str(self.model_path),
