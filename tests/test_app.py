@@ -266,3 +266,26 @@ def test_training_overrides_are_limited_to_named_hyper_parameters():
         check_request({"bundle_root": "/elsewhere"}, own)
     with pytest.raises(ValueError, match="device"):
         check_request({"device": "$x"}, own)
+
+
+def test_a_training_request_is_refused_exactly_where_the_library_refuses_the_value():
+    from lib.trainers.normal_studies import config_overrides
+
+    from monai_ad.detectors.base import check_hparams
+    from monai_ad.transforms.pipeline import PreprocessConfig
+
+    for key, values in {"image_size": [7, 8, 1024, 1025, 2.5], "coreset_ratio": [0, 1e-4, 1.0, 1.5], "epochs": [0, 1, 10**9]}.items():
+        for value in values:
+            library = _accepted(lambda: check_hparams("patchcore" if key != "epochs" else "rd4ad", {key: value}))
+            assert _accepted(lambda: config_overrides({f"network_def#{key}": value})) == library, (key, value)
+    for value in ([-160, 240], [240, -160], [-2000, 0], "soft"):
+        library = _accepted(lambda: PreprocessConfig.from_dict({"window": value}))
+        assert _accepted(lambda: config_overrides({"preprocessing_config#window": value})) == library, value
+
+
+def _accepted(call) -> bool:
+    try:
+        call()
+    except ValueError:
+        return False
+    return True

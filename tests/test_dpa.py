@@ -173,11 +173,11 @@ def test_bad_input_raises_input_error(fitted, tmp_path):
         create_detector("dpa", image_size=8, start_resolution=8, feature_layer="relu5_3")
     with pytest.raises(InputError, match="slice_score"):
         create_detector("dpa", image_size=32, slice_score="median")
-    with pytest.raises(InputError, match="final_iters must be an integer of at least 1"):
+    with pytest.raises(InputError, match="final_iters must be a whole number from 1 to"):
         create_detector("dpa", image_size=32, final_iters=0)
-    with pytest.raises(InputError, match="transition_iters must be an integer"):
+    with pytest.raises(InputError, match="transition_iters must be a whole number"):
         create_detector("dpa", image_size=32, transition_iters="many")
-    with pytest.raises(InputError, match="lr must be positive"):
+    with pytest.raises(InputError, match="lr must be a number above 0"):
         create_detector("dpa", image_size=32, lr=-1.0)
     with pytest.raises(InputError, match="not fitted"):
         create_detector("dpa", image_size=32).score(torch.zeros(1, 1, 32, 32))

@@ -80,9 +80,9 @@ def test_channel_subset_is_drawn_from_the_seed():
     [
         ({"regularization": 0.0}, "regularization must be positive"),
         ({"dim": 177}, "dim must be between 1 and the layers' 176 channels"),
-        ({"dim": 0}, "dim must be between"),
+        ({"dim": 0}, "dim must be a whole number from 1"),
         ({"sigma": -1.0}, "sigma must be"),
-        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"batch_size": 0}, "batch_size must be a whole number from 1 to"),
         ({"backbone": "alexnet"}, "unknown backbone"),
         ({"backbone": "resnet18"}, "needs its ImageNet weights file"),
     ],

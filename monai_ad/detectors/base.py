@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from monai_ad.errors import InputError
+from monai_ad.settings import HPARAM_RANGES, check_setting, check_settings
 from monai_ad.io import atomic_write
 
 FILE_FORMAT = "monai_ad.detector/1"
@@ -59,22 +60,9 @@ def create_detector(name: str, **hparams: Any) -> "AnomalyDetector":
     return kind(**hparams)
 
 
-# Hyper-parameters that mean the same in every detector: (whole number, lowest, highest, lowest excluded)
-HPARAM_RANGES: dict[str, tuple[bool, float, float | None, bool]] = {
-    "image_size": (True, 8, 1024, False),
-    "batch_size": (True, 1, 65536, False),
-    "epochs": (True, 1, None, False),
-    "meta_epochs": (True, 1, None, False),
-    "num_neighbors": (True, 1, None, False),
-    "patch_size": (True, 1, None, False),
-    "coreset_ratio": (False, 0, 1, True),
-    "sigma": (False, 0, None, False),
-}
-
-
 def check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
     """Check hyper-parameters before any work: each must be a parameter of the detector's constructor, and the
-    common ones (``HPARAM_RANGES``: image_size, batch_size, epochs, ...) numbers in range. ``InputError`` names
+    common ones (``monai_ad.settings.HPARAM_RANGES``: image_size, batch_size, epochs, ...) numbers in range. ``InputError`` names
     the detector, the parameter and the accepted values."""
     _import_builtin_detectors()
     if name not in DETECTORS:
@@ -88,18 +76,7 @@ def check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
                 f"{name}: unknown hyper-parameter(s) {', '.join(unknown)}; the {name} detector takes {', '.join(known)}"
             )
     for key, value in hparams.items():
-        if key not in HPARAM_RANGES:
-            continue
-        integer, low, high, open_low = HPARAM_RANGES[key]
-        number = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-        within = number and math.isfinite(value) and (value > low if open_low else value >= low)
-        if not (within and (high is None or value <= high)):
-            kind = "a whole number" if integer else "a number"
-            if high is None:
-                bounds = f"of at least {low:g}"
-            else:
-                bounds = f"above {low:g} and at most {high:g}" if open_low else f"from {low:g} to {high:g}"
-            raise InputError(f"{name}: {key} must be {kind} {bounds}, got {value!r}")
+        check_setting(key, value, HPARAM_RANGES, name)
 
 
 def constructor_arguments() -> dict[str, Any]:
@@ -178,6 +155,7 @@ class AnomalyDetector(nn.Module, ABC):
 
     def __init__(self, image_size: int = 224, in_channels: int = 1, **hparams: Any):
         super().__init__()
+        check_settings(self.name, image_size=image_size, **hparams)
         if int(in_channels) not in self.supported_channels:
             raise InputError(
                 f"the {self.name} detector takes {' or '.join(map(str, self.supported_channels))} input channel(s), "

@@ -50,6 +50,7 @@ from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_ar
 from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
 from monai_ad.detectors.feature_training import FrozenFeatureTrainer, cache_budget
 from monai_ad.errors import InputError
+from monai_ad.settings import check_settings
 from monai_ad.networks.clip import FrozenCLIP, evenly_spaced_layers
 
 DEFAULT_CACHE_BYTES = 2 << 30
@@ -115,8 +116,9 @@ class CLIPReconstruction(AnomalyDetector):
     ):
         # absolute, so that a saved detector finds its CLIP weights from any working directory
         clip_checkpoint = None if clip_checkpoint in (None, "") else os.path.abspath(os.fspath(clip_checkpoint))
-        if prompt_length < 1 or bottleneck < 1 or epochs < 1 or batch_size < 1:
-            raise InputError("clip_reconstruction: prompt_length, bottleneck, epochs and batch_size must be at least 1")
+        check_settings("clip_reconstruction", prompt_length=prompt_length, epochs=epochs, batch_size=batch_size, lr=lr)
+        if bottleneck < 1:
+            raise InputError("clip_reconstruction: bottleneck must be at least 1")
         prompt_length, bottleneck, laplacian_levels = int(prompt_length), int(bottleneck), int(laplacian_levels)
         epochs, batch_size, lr = int(epochs), int(batch_size), float(lr)
         detail_gain, sigma = float(detail_gain), float(sigma)

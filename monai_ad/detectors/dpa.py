@@ -57,6 +57,7 @@ from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_ar
 from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
 from monai_ad.distributed import all_reduce_sum_, optimizer_step
 from monai_ad.errors import InputError
+from monai_ad.settings import check_settings
 from monai_ad.networks.perceptual_autoencoder import (
     ProgressiveAutoencoder,
     RelativePerceptualL1,
@@ -133,17 +134,13 @@ class DeepPerceptualAutoencoder(AnomalyDetector):
         seed: int = 0,
     ):
         start_resolution = image_size if start_resolution in (None, 0) else start_resolution
-        for name, value, least in (
-            ("image_size", image_size, 1), ("start_resolution", start_resolution, 1), ("latent_dim", latent_dim, 1),
-            ("latent_resolution", latent_resolution, 1), ("transition_iters", transition_iters, 0),
-            ("stable_iters", stable_iters, 0), ("final_iters", final_iters, 1), ("batch_size", batch_size, 1),
-        ):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise InputError(f"dpa: {name} must be an integer of at least {least}, got {value!r}")
+        check_settings(
+            "dpa", image_size=image_size, start_resolution=start_resolution, latent_dim=latent_dim,
+            latent_resolution=latent_resolution, transition_iters=transition_iters, stable_iters=stable_iters,
+            final_iters=final_iters, batch_size=batch_size, lr=lr,
+        )  # fmt: skip
         if slice_score not in SLICE_SCORES:
             raise InputError(f"dpa: slice_score must be one of {', '.join(SLICE_SCORES)}, got {slice_score!r}")
-        if lr is not None and (not isinstance(lr, (int, float)) or not lr > 0):
-            raise InputError(f"dpa: lr must be positive, got {lr}")
         if not isinstance(feature_stats, (str, os.PathLike)):  # a file is read at fit time (a saved model needs none)
             raise InputError(f"dpa: feature_stats must be {' or '.join(FEATURE_STATS)} or a statistics file")
         if not isinstance(inner_dims, int):

@@ -41,6 +41,7 @@ from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_ar
 from monai_ad.detectors.components import LAYER1_TO_3, PatchScoreMap, cuda_autocast, max_in_roi_map
 from monai_ad.distributed import all_reduce_sum_
 from monai_ad.errors import InputError
+from monai_ad.settings import check_settings
 from monai_ad.networks.backbones import build_backbone
 
 # the random channel subset d of each backbone
@@ -81,10 +82,7 @@ class PaDiM(AnomalyDetector):
     ):
         if not regularization > 0:
             raise InputError(f"padim: regularization must be positive (the paper adds 0.01·I), got {regularization}")
-        if sigma < 0:
-            raise InputError(f"padim: sigma must be 0 (no smoothing) or positive, got {sigma}")
-        if batch_size < 1:
-            raise InputError(f"padim: batch_size must be at least 1, got {batch_size}")
+        check_settings("padim", sigma=sigma, batch_size=batch_size)
         if layers is None and backbone in LAYER1_TO_3:
             layers = LAYER1_TO_3[backbone]
         layers = None if layers is None else list(layers)

@@ -100,10 +100,8 @@ class PatchCore(AnomalyDetector):
     ):
         layers = None if layers is None else list(layers)
         super().__init__(**constructor_arguments())
-        if not 0 < coreset_ratio <= 1:
-            raise InputError(f"patchcore: coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        if num_neighbors < 1 or reweight_neighbors < 1:
-            raise InputError("patchcore: num_neighbors and reweight_neighbors must be at least 1")
+        if reweight_neighbors < 1:
+            raise InputError("patchcore: reweight_neighbors must be at least 1")
         self.features = PatchFeatures(
             backbone, layers, weights, allow_random_weights, pre_dim, target_dim,
             paper_dim=1024, patch_size=patch_size, amp=amp,

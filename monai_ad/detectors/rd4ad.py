@@ -39,6 +39,7 @@ from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_ar
 from monai_ad.detectors.components import LAYER1_TO_3, GaussianBlur2d, cuda_autocast, max_in_roi_map
 from monai_ad.detectors.feature_training import FrozenFeatureTrainer, cache_budget
 from monai_ad.errors import InputError
+from monai_ad.settings import check_settings
 from monai_ad.networks.backbones import build_backbone
 from monai_ad.networks.reverse_distillation import MAP_MODES, ReverseDistillation, anomaly_map, distillation_loss
 
@@ -82,16 +83,13 @@ class RD4AD(AnomalyDetector):
         seed: int = 0,
     ):
         decoder_blocks, betas = [int(b) for b in decoder_blocks], [float(b) for b in betas]
-        if epochs < 1 or batch_size < 1:
-            raise InputError(f"rd4ad: epochs and batch_size must be at least 1, got {epochs} and {batch_size}")
+        check_settings("rd4ad", image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, sigma=sigma)
         if oce_blocks < 1 or width_factor < 1 or len(decoder_blocks) != 3 or min(decoder_blocks) < 1:
             raise InputError("rd4ad: oce_blocks, width_factor and three decoder_blocks counts must be at least 1")
-        if not lr > 0 or len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise InputError(f"rd4ad: lr must be positive and betas two numbers in [0, 1), got {lr} and {betas}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise InputError(f"rd4ad: betas must be two numbers in [0, 1), got {betas}")
         if map_mode not in MAP_MODES:
             raise InputError(f"rd4ad: map_mode must be one of {', '.join(MAP_MODES)}, got {map_mode!r}")
-        if sigma < 0:
-            raise InputError(f"rd4ad: sigma must be 0 (no smoothing) or positive, got {sigma}")
         if layers is None and backbone in LAYER1_TO_3:
             layers = LAYER1_TO_3[backbone]
         layers = None if layers is None else list(layers)

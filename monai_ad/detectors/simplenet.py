@@ -44,6 +44,7 @@ from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, max_in_r
 from monai_ad.detectors.feature_training import FrozenFeatureTrainer, cache_budget
 from monai_ad.distributed import all_reduce_sum_
 from monai_ad.errors import InputError
+from monai_ad.settings import check_settings
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,7 @@ class SimpleNet(AnomalyDetector):
             feature_norm = "global" if feature_norm else "none"
         if feature_norm not in FEATURE_NORMS:
             raise InputError(f"simplenet: feature_norm must be one of {', '.join(FEATURE_NORMS)}, got {feature_norm!r}")
-        if meta_epochs < 1 or gan_epochs < 1 or batch_size < 1:
-            raise InputError("simplenet: meta_epochs, gan_epochs and batch_size must be at least 1")
+        check_settings("simplenet", meta_epochs=meta_epochs, gan_epochs=gan_epochs, batch_size=batch_size)
         layers = None if layers is None else list(layers)
         super().__init__(**constructor_arguments())
         self.features = PatchFeatures(

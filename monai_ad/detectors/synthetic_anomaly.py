@@ -43,6 +43,7 @@ from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_ar
 from monai_ad.detectors.components import GaussianBlur2d, cuda_autocast, max_in_roi_map
 from monai_ad.distributed import average_batchnorm_statistics, optimizer_step, rank
 from monai_ad.errors import InputError
+from monai_ad.settings import check_settings
 from monai_ad.networks.anomaly_segmenter import AnomalySegmenter
 from monai_ad.synthesis import DEFAULT_HU_WIDTH, KINDS, SynthesisConfig, hu_scale_for, roi_centers, synthesize
 
@@ -84,25 +85,17 @@ class SyntheticAnomaly(AnomalyDetector):
         amp: bool = False,
         seed: int = 0,
     ):
-        for name, value, least in (
-            ("image_size", image_size, 8), ("width", width, 1), ("levels", levels, 2), ("res_units", res_units, 0),
-            ("steps", steps, 1), ("batch_size", batch_size, 1), ("crop_size", crop_size, 0),
-            ("pii_iterations", pii_iterations, 0), ("seed", seed, 0),
-        ):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise InputError(f"synthetic_anomaly: {name} must be an integer of at least {least}, got {value!r}")
+        check_settings(
+            "synthetic_anomaly", image_size=image_size, width=width, levels=levels, res_units=res_units, steps=steps,
+            batch_size=batch_size, crop_size=crop_size, pii_iterations=pii_iterations, seed=seed, lr=lr,
+            field_mm=field_mm, weight_decay=weight_decay, dice_weight=dice_weight, sigma=sigma,
+        )  # fmt: skip
         multiple = 2 ** (levels - 1)
         for name, value in (("image_size", image_size), ("crop_size", crop_size)):
             if value % multiple:
                 raise InputError(f"synthetic_anomaly: {name} must be a multiple of {multiple} ({levels} levels), got {value}")
         if crop_size > image_size:
             raise InputError(f"synthetic_anomaly: crop_size {crop_size} is larger than image_size {image_size}")
-        for name, value in (("lr", lr), ("field_mm", field_mm)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise InputError(f"synthetic_anomaly: {name} must be positive, got {value!r}")
-        for name, value in (("weight_decay", weight_decay), ("dice_weight", dice_weight), ("sigma", sigma)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise InputError(f"synthetic_anomaly: {name} must be 0 or positive, got {value!r}")
         if not 0 < p_anomaly <= 1:
             raise InputError(f"synthetic_anomaly: p_anomaly must be in (0, 1], got {p_anomaly}")
         diameter_mm, delta_hu = [float(v) for v in diameter_mm], [float(v) for v in delta_hu]

@@ -49,6 +49,7 @@ from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_ar
 from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
 from monai_ad.distributed import all_gather_rows
 from monai_ad.errors import InputError
+from monai_ad.settings import check_settings
 from monai_ad.networks.clip import FrozenCLIP
 
 NORMAL_STATES = (
@@ -134,8 +135,9 @@ class WinCLIP(AnomalyDetector):
         window_sizes = [int(s) for s in window_sizes]
         if not window_sizes or min(window_sizes) < 1:
             raise InputError("winclip: window_sizes must be positive patch counts, e.g. [2, 3]")
-        if memory_size < 1 or temperature <= 0:
-            raise InputError("winclip: memory_size must be at least 1 and temperature positive")
+        check_settings("winclip", memory_size=memory_size)
+        if temperature <= 0:
+            raise InputError("winclip: temperature must be positive")
         states = {
             "normal_states": list(normal_states or NORMAL_STATES),
             "anomalous_states": list(anomalous_states or ANOMALOUS_STATES),

@@ -7,7 +7,6 @@ on the slices back to the scan's own shape, orientation and affine.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -27,6 +26,7 @@ from monai.transforms import (
 )
 
 from monai_ad.errors import InputError
+from monai_ad.settings import PREPROCESS_RANGES, check_setting
 from monai_ad.io import NiftiReader, unreadable_message
 from monai_ad.postprocess import HEATMAP_CHANNEL, MIN_LESION_MM3, AnomalyOutputsd
 from monai_ad.transforms.array import ABDOMEN_WINDOW, LIVER_LEVELS
@@ -129,19 +129,9 @@ class PreprocessConfig:
         return config
 
     def check(self) -> None:
-        _check_number("image_size", self.image_size, *IMAGE_SIZES, integer=True)
-        _check_number("margin_mm", self.margin_mm, 0.0, 200.0)
-        _check_number("min_roi_pixels", self.min_roi_pixels, 0, None, integer=True)
-        if self.normalize_liver_hu is not None:
-            _check_number("normalize_liver_hu", self.normalize_liver_hu, -1000.0, 1000.0)
-        if self.normalize_liver_spread is not None:
-            _check_number("normalize_liver_spread", self.normalize_liver_spread, 0.1, 200.0)
-        for name in ("histogram_equalization", "mask_outside_roi"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        _check_number("context_mm", self.context_mm, None, None)
-        if self.pixel_mm is not None:
-            _check_number("pixel_mm", self.pixel_mm, None, None)
+        for name in PREPROCESS_RANGES:
+            if name != "window":  # read and checked in HU by from_dict
+                check_setting(name, getattr(self, name), PREPROCESS_RANGES)
         if self.liver_level not in LIVER_LEVELS:
             raise InputError(f"liver_level must be one of {', '.join(LIVER_LEVELS)}, got {self.liver_level!r}")
         if self.outside_fill not in ("zero", "liver"):
@@ -152,10 +142,6 @@ class PreprocessConfig:
             raise InputError(f"windows: give 1 or 3 HU windows, got {len(self.windows)}")
         if self.windows and self.histogram_equalization:
             raise InputError("histogram_equalization works on one HU window, not on several")
-        if self.pixel_mm is not None and not 0 < self.pixel_mm <= 10:
-            raise InputError(f"pixel_mm must be in (0, 10] mm, got {self.pixel_mm}")
-        if self.context_mm < 0:
-            raise InputError(f"context_mm must be 0 (off) or positive, got {self.context_mm}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -163,28 +149,11 @@ class PreprocessConfig:
         return d
 
 
-IMAGE_SIZES = (8, 1024)  # slice sizes (pixels) the pipeline accepts, as a detector does (detectors.base.HPARAM_RANGES)
-
-
 def _hu_window(value: Any, name: str) -> tuple[float, float]:
-    """``[low, high]`` in HU with high > low, or an ``InputError`` naming the option."""
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be [low, high] in HU (e.g. [-160, 240]), got {value!r}") from None
-    if not (math.isfinite(low) and math.isfinite(high) and high > low):
-        raise InputError(f"{name} must be [low, high] in HU with high > low, got {value!r}")
+    """``[low, high]`` in HU with low < high (``PREPROCESS_RANGES["window"]``), or an ``InputError`` naming the option."""
+    pair = list(value) if isinstance(value, (list, tuple)) else value
+    low, high = check_setting(name, pair, {name: PREPROCESS_RANGES["window"]})
     return low, high
-
-
-def _check_number(name: str, value: Any, low: float | None, high: float | None, integer: bool = False) -> None:
-    """An option that must be a (whole) number within ``[low, high]`` (None: no bound)."""
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-        raise InputError(f"{name} must be {'a whole number' if integer else 'a number'}, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"{low:g}..{high:g}" if low is not None and high is not None else (f">= {low:g}" if low is not None else f"<= {high:g}")
-        raise InputError(f"{name} must be {bounds}, got {value!r}")
 
 
 class LoadVolumed(LoadImaged):

@@ -27,6 +27,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from monai_ad.errors import InputError
 from monai_ad.io import write_json
+from monai_ad.settings import HPARAM_RANGES, PREPROCESS_RANGES, Range, check_setting
 
 from lib import studies as study_rules
 
@@ -35,58 +36,30 @@ logger = logging.getLogger(__name__)
 MIN_NORMAL_STUDIES = 2  # one to fit on, one held out to calibrate the thresholds
 
 
-# The hyper-parameters a request may set: (type, lowest, highest). A key must also be in the bundle's train.json.
-# Nothing else of the config can be reached from a request (no ``_target_``, no other ``#`` path, no expression).
-INT, FLOAT, BOOL = "int", "float", "bool"
-HYPER_PARAMETERS: dict[str, tuple[str, float, float]] = {
-    "network_def#image_size": (INT, 16, 1024),
-    "network_def#coreset_ratio": (FLOAT, 1e-4, 1.0),
-    "network_def#num_neighbors": (INT, 1, 64),
-    "network_def#dim": (INT, 1, 4096),
-    "network_def#epochs": (INT, 1, 10_000),
-    "network_def#batch_size": (INT, 1, 1024),
-    "network_def#lr": (FLOAT, 1e-8, 1.0),
-    "network_def#meta_epochs": (INT, 1, 10_000),
-    "network_def#gan_epochs": (INT, 1, 1000),
-    "network_def#start_resolution": (INT, 4, 1024),
-    "network_def#latent_dim": (INT, 1, 4096),
-    "network_def#latent_resolution": (INT, 1, 64),
-    "network_def#inner_dims": (INT, 1, 4096),
-    "network_def#transition_iters": (INT, 0, 1_000_000),
-    "network_def#stable_iters": (INT, 0, 1_000_000),
-    "network_def#final_iters": (INT, 0, 1_000_000),
-    "network_def#prompt_length": (INT, 1, 256),
-    "network_def#bottleneck": (INT, 1, 4096),
-    "network_def#memory_size": (INT, 1, 10_000_000),
-    "preprocessing_config#margin_mm": (FLOAT, 0.0, 200.0),
-    "preprocessing_config#normalize_liver_hu": (FLOAT, -1000.0, 3000.0),
-    "preprocessing_config#histogram_equalization": (BOOL, 0, 1),
-    "preprocessing_config#mask_outside_roi": (BOOL, 0, 1),
-    "preprocessing_config#window": ("window", -1024.0, 3071.0),
+# The hyper-parameters a request may set, with the library's own ranges (monai_ad.settings): a key must also be
+# in the bundle's train.json. Nothing else of the config can be reached from a request (no ``_target_``, no other
+# ``#`` path, no expression).
+REQUEST_HPARAMS = (
+    "image_size", "coreset_ratio", "num_neighbors", "dim", "epochs", "batch_size", "lr", "meta_epochs", "gan_epochs",
+    "start_resolution", "latent_dim", "latent_resolution", "transition_iters", "stable_iters", "final_iters",
+    "prompt_length", "memory_size", "steps",
+)  # fmt: skip
+REQUEST_PREPROCESSING = ("margin_mm", "normalize_liver_hu", "histogram_equalization", "mask_outside_roi", "window")
+HYPER_PARAMETERS: dict[str, Range] = {
+    **{f"network_def#{name}": HPARAM_RANGES[name] for name in REQUEST_HPARAMS},
+    **{f"preprocessing_config#{name}": PREPROCESS_RANGES[name] for name in REQUEST_PREPROCESSING},
 }
+QUANTILE = Range(0.5, 0.9999)
 REQUEST_OPTIONS = ("model", "device", "select_threshold", "quantile", "client_id")  # besides the hyper-parameters
 DEVICES = ("auto", "cpu", "cuda") + tuple(f"cuda:{i}" for i in range(16))
 
 
-def _plain(value, kind: str, low: float, high: float, key: str):
-    def fail(what: str):
-        raise InputError(f"training option {key!r}: {what}, got {str(value)[:60]!r}")
-
-    if kind == BOOL:
-        if not isinstance(value, bool):
-            fail("true or false")
-        return value
-    if kind == "window":
-        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-            fail("a [low, high] pair of numbers")
-        if not (low <= value[0] < value[1] <= high):
-            fail(f"low < high, within [{low:g}, {high:g}] HU")
-        return [float(v) for v in value]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == INT and not float(value).is_integer()):
-        fail("an integer" if kind == INT else "a number")
-    if not (low <= value <= high):
-        fail(f"within [{low:g}, {high:g}]")
-    return int(value) if kind == INT else float(value)
+def _plain(value: Any, accepted: Range, key: str) -> Any:
+    """A plain JSON value the range accepts, as the library would take it; else a one-line error naming the option."""
+    try:
+        return check_setting(key, value, {key: accepted})
+    except InputError as exc:
+        raise InputError(f"training option {exc}") from None
 
 
 def config_overrides(request: dict[str, Any], bundle_keys: set[str] | None = None) -> dict[str, Any]:
@@ -100,7 +73,7 @@ def config_overrides(request: dict[str, Any], bundle_keys: set[str] | None = Non
             raise InputError(f"training option {str(key)[:80]!r} cannot be set from a request: only named hyper-parameters can (e.g. network_def#image_size)")
         if bundle_keys is not None and key not in bundle_keys:
             raise InputError(f"training option {key!r} is not a hyper-parameter of this detector (its own: {', '.join(sorted(bundle_keys)) or 'none'})")
-        overrides[key] = _plain(value, *HYPER_PARAMETERS[key], key)
+        overrides[key] = _plain(value, HYPER_PARAMETERS[key], key)
     return overrides
 
 
@@ -114,7 +87,7 @@ def check_request(request: dict[str, Any], bundle_keys: set[str] | None = None, 
     if str(request.get("device", "auto")) not in DEVICES:
         raise InputError(f"training option 'device' must be auto, cpu, cuda or cuda:N, got {str(request.get('device'))[:40]!r}")
     if "quantile" in request:
-        _plain(request["quantile"], FLOAT, 0.5, 0.9999, "quantile")
+        _plain(request["quantile"], QUANTILE, "quantile")
     if "select_threshold" in request and not isinstance(request["select_threshold"], (bool, str)):
         raise InputError("training option 'select_threshold' must be true or false")
     return config_overrides(request, bundle_keys)
@@ -178,7 +151,7 @@ class NormalStudiesTrain(TrainTask):
             for key, value in config_overrides(request, bundle_hyper_parameters(self.bundle)).items():
                 parser[key] = value
             if "quantile" in request and "quantile" in parser["train"]["trainer"]:
-                parser["train"]["trainer"]["quantile"] = _plain(request["quantile"], FLOAT, 0.5, 0.9999, "quantile")
+                parser["train"]["trainer"]["quantile"] = _plain(request["quantile"], QUANTILE, "quantile")
             parser.parse()
             logger.info("[%s] fitting on %d normal studies (device %s)", self.name, len(normals), parser["device"])
             detector = parser.get_parsed_content("train#trainer").run()
