@@ -10,12 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 import pytest
 
 from monai_ad import label_server
 from monai_ad.training import train
 
-from conftest import REAL_CT
+from conftest import REAL_CT, with_inserted_lesion
+from monai_ad.data.datalists import LESION_LABEL
 
 BUNDLES = sorted(p.name for p in label_server.PROJECT_ROOT.joinpath("bundles").iterdir()
                  if (p / "configs" / "inference.json").is_file() and (p / "configs" / "train.json").is_file())
@@ -87,15 +89,36 @@ def _check_result(app, case, label_file, params):
     assert all(isinstance(i, int) for i in params["abnormal_slices"])
     for lesion in params["lesions"]:
         assert {"centroid_mm", "volume_mm3", "peak_score"} <= set(lesion)
+    regions, n_regions = ndimage.label(values > 0)
+    assert n_regions == len(params["lesions"])  # the reported regions are the label map's, one for one
+    voxel_mm3 = float(np.prod(label.header.get_zooms()[:3]))
+    assert sum(r["volume_mm3"] for r in params["lesions"]) == pytest.approx(float((values > 0).sum()) * voxel_mm3, rel=1e-3)
     return values
 
 
 def test_infer_by_image_id(app):
     client, case = app["client"], _abnormal_case(app)
     label_file, params = client.infer(MODEL, case, {})
-    _check_result(app, case, label_file, params)
+    values = _check_result(app, case, label_file, params)
     assert params["thresholds"]["pixel"] == pytest.approx(params["operating_point"]["pixel"])  # the model's own
     assert any(s is not None for s in params["slice_scores"])
+
+
+def test_infer_marks_a_clear_lesion(app, tmp_path):
+    """A normal test scan with a 12 mm, -60 HU sphere inserted, uploaded with its liver mask: the label map marks
+    a good part of the sphere (not an empty map), and every region it reports is the label map's."""
+    data = app["root"] / "phantom"
+    normal = next(i for i in app["datalist"]["test"] if not i["abnormal"])
+    item = with_inserted_lesion(data, normal)
+    truth = np.asarray(nib.load(str(data / item["label"])).dataobj)
+    mask = tmp_path / "liver.nii.gz"
+    label = nib.load(str(data / item["label"]))
+    nib.save(nib.Nifti1Image((truth > 0).astype(np.uint8), label.affine), str(mask))
+    label_file, params = app["client"].infer(MODEL, "", {}, label_in=str(mask), file=str(data / item["image"]))
+    values = nib.load(label_file).get_fdata() > 0
+    lesion = truth == LESION_LABEL
+    assert (values & lesion).sum() >= 0.25 * lesion.sum(), "the sphere is not marked"
+    assert len(params["lesions"]) == ndimage.label(values)[1] >= 1 and params["abnormal_slices"]
 
 
 def test_infer_by_upload_with_the_liver_mask(app):

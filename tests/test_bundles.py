@@ -13,7 +13,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+
+from conftest import check_metrics_against_written_volumes, with_inserted_lesion
 
 import monai_ad
 from monai_ad.data.datalists import LESION_LABEL
@@ -131,12 +132,6 @@ def test_metadata_verifies_offline(trained_bundle, tmp_path):
         verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(trained_bundle.parent / "meta_schema.json"))
 
 
-def axial_first(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """``array`` with its head-foot axis first (the axis the predictor scores slices along)."""
-    codes = nib.aff2axcodes(affine)
-    return np.moveaxis(array, [i for i, c in enumerate(codes) if c in "SI"][0], 0)
-
-
 def test_evaluating_writes_metrics_that_agree_with_its_volumes(trained_bundle):
     proc = bundle_run(trained_bundle, "evaluating", ["configs/train.json", "configs/evaluate.json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -150,69 +145,12 @@ def test_evaluating_writes_metrics_that_agree_with_its_volumes(trained_bundle):
         assert float(rows[key]) == pytest.approx(metrics[key], rel=1e-9), key
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # the same slice and in-liver pixel AUROC again, independently, from the volumes and summaries it wrote
     data = trained_bundle / "data" / "phantom"
-    cases = json.loads((data / "datalist.json").read_text())["test"]
-    assert metrics["n_volumes"] == len(cases)
-    slice_truth, slice_scores, pixel_truth, pixel_scores = [], [], [], []
-    volumes = {"heat": [], "lesion": [], "liver": [], "spacing": []}
-    for case in cases:
-        summary = json.loads((out / "volumes" / f"{case['case_id']}_summary.json").read_text())
-        heatmap = nib.load(str(out / "volumes" / f"{case['case_id']}_heatmap.nii.gz"))
-        label = nib.load(str(data / case["label"]))
-        assert np.allclose(heatmap.affine, label.affine, atol=1e-4)
-        heat = axial_first(np.asarray(heatmap.dataobj, dtype=np.float64), heatmap.affine)
-        truth = axial_first(np.asarray(label.dataobj), label.affine)
-        scored = [z for z, s in enumerate(summary["slice_scores"]) if s is not None]
-        assert len(summary["slice_scores"]) == truth.shape[0] and scored
-        slice_truth += [bool((truth[z] == LESION_LABEL).any()) for z in scored]
-        slice_scores += [summary["slice_scores"][z] for z in scored]
-        liver = truth[scored] > 0
-        pixel_truth.append(truth[scored][liver] == LESION_LABEL)
-        pixel_scores.append(heat[scored][liver])
-        volumes["heat"].append(np.asarray(heatmap.dataobj, dtype=np.float64))
-        volumes["lesion"].append(np.asarray(label.dataobj) == LESION_LABEL)
-        volumes["liver"].append(np.asarray(label.dataobj) > 0)
-        volumes["spacing"].append(np.linalg.norm(label.affine[:3, :3], axis=0))
-    assert metrics["slice_auroc"] == pytest.approx(roc_auc_score(slice_truth, slice_scores), abs=1e-9)
-    pixel = roc_auc_score(np.concatenate(pixel_truth), np.concatenate(pixel_scores))
-    assert metrics["pixel_auroc_roi"] == pytest.approx(pixel, abs=1e-4)
-    # each lesion's coverage at 5 % FPR of normal liver, by size, again from the written heatmaps
-    from monai_ad.metrics import lesion_coverage
-
-    cover = lesion_coverage(volumes["heat"], volumes["lesion"], volumes["liver"], volumes["spacing"], fpr=0.05)
-    by_size = metrics["lesions_by_size"]
-    assert sum(v["n_lesions"] for v in by_size.values()) == cover["n_lesions"] > 0
-    for name, figures in by_size.items():
-        expected = cover["coverage_by_size"][name]
-        assert (figures["coverage"] is None) == (expected is None), name
-        if expected is not None:
-            assert figures["coverage"] == pytest.approx(expected, abs=0.02), name
-            assert float(rows[f"lesions_by_size/{name}/coverage"]) == pytest.approx(figures["coverage"], rel=1e-9)
+    check_metrics_against_written_volumes(metrics, rows, out, data, json.loads((data / "datalist.json").read_text())["test"])
 
 
 # bundles whose quick training (FAST) already puts an inserted 12 mm hypodense sphere above the rest of the liver
 LOCALISES = {"density_liver_ct", "intensity_liver_ct", "fused_liver_ct", "patchcore_liver_ct", "padim_liver_ct"}
-
-
-def with_inserted_lesion(data: Path, case: dict, radius_mm: float = 12.0) -> dict:
-    """A copy of a normal phantom case with a hypodense sphere (-60 HU, label 2) at the deepest point of its liver."""
-    from scipy import ndimage
-
-    image, label = nib.load(str(data / case["image"])), nib.load(str(data / case["label"]))
-    hu, lab = np.asarray(image.dataobj).copy(), np.asarray(label.dataobj).copy()
-    spacing = np.linalg.norm(image.affine[:3, :3], axis=0)
-    depth = ndimage.distance_transform_edt(lab > 0, sampling=spacing)
-    centre = np.unravel_index(np.argmax(depth), depth.shape)
-    assert depth[centre] > radius_mm + 2 * spacing.max()  # the sphere lies inside the liver, with a margin
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in hu.shape], indexing="ij"), -1)
-    sphere = (((grid - np.array(centre)) * spacing) ** 2).sum(-1) <= radius_mm**2
-    hu[sphere] -= 60
-    lab[sphere] = LESION_LABEL
-    item = {"case_id": f"{case['case_id']}_lesion", "image": f"{case['case_id']}_lesion.nii.gz", "label": f"{case['case_id']}_lesion_label.nii.gz"}
-    nib.save(nib.Nifti1Image(hu, image.affine, image.header), str(data / item["image"]))
-    nib.save(nib.Nifti1Image(lab, label.affine, label.header), str(data / item["label"]))
-    return item
 
 
 def reoriented(image: nib.Nifti1Image, codes) -> nib.Nifti1Image:

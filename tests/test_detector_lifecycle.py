@@ -76,3 +76,22 @@ def test_a_second_fit_starts_over(name):
     assert [k for k in expected if not torch.equal(after[k], expected[k])] == []
     # the check means something: the first data had left a different state
     assert any(before[k].shape != after[k].shape or not torch.equal(before[k], after[k]) for k in after)
+
+
+@pytest.mark.parametrize("name", sorted(REFIT) + ["density"])
+def test_a_fitted_and_calibrated_detector_scores_the_same_after_save_and_load(name, tmp_path):
+    hparams = dict(REFIT.get(name, {"image_size": 64, "pixel_mm": 1.5}))
+    if "clip" in name:
+        hparams.update(clip_model=TINY_MODEL, allow_random_weights=True)
+    size = hparams["image_size"]
+    train, train_roi, _ = synthetic_slices(4, seed=3, size=size)
+    held, held_roi, _ = synthetic_slices(4, seed=4, size=size)
+    test, test_roi, _ = synthetic_slices(3, seed=5, lesion=True, size=size)
+    torch.manual_seed(0)
+    detector = create_detector(name, **hparams).fit([{"image": train, "roi": train_roi}], progress=False)
+    detector.calibrate([{"image": held, "roi": held_roi}])
+    loaded = AnomalyDetector.load(detector.save(tmp_path / f"{name}.pt"))
+    assert loaded.is_fitted and loaded.thresholds == detector.thresholds and loaded.thresholds
+    before, after = detector.score(test, test_roi), loaded.score(test, test_roi)
+    assert torch.allclose(before.pixel, after.pixel, atol=1e-6) and torch.allclose(before.slice, after.slice, atol=1e-6)
+    assert before.pixel.std() > 0  # a map, not a constant
