@@ -24,7 +24,8 @@ density floor (``density``: |HU − the liver's level|, no learning) on in-liver
 quantile of held-out normal slices' scores that about ``--false-regions-per-scan`` slices of a normal scan
 exceed (``monai_ad.training.train``).
 
-Trained detectors use short CPU schedules (``SCHEDULES``, printed with the table). The CLIP detectors (winclip,
+Trained detectors use their short CPU schedules (each detector's ``schedule("cpu")``; ``--quick``: ``"quick"``;
+printed with the table). The CLIP detectors (winclip,
 clip_reconstruction) need CLIP weights that are not installed with the project: they are left out by default
 (name them with ``--detectors`` and pass ``--set winclip:clip_checkpoint=FILE``). A detector that is not
 registered is skipped with a note. Prints one markdown table per data set and appends them, with machine, date
@@ -55,6 +56,7 @@ from monai_ad import evaluation, metrics  # noqa: E402
 from monai_ad.data.phantom import write_phantom_dataset  # noqa: E402
 from monai_ad.cli import load_run_config  # noqa: E402
 from monai_ad.detectors import available_detectors  # noqa: E402
+from monai_ad.detectors.base import detector_class  # noqa: E402
 from monai_ad.errors import InputError  # noqa: E402
 from monai_ad.postprocess import axial_axis  # noqa: E402
 
@@ -68,22 +70,6 @@ REAL_TITLES = {"sparse": "real CT, sparse inserted lesions", "metastatic": "real
 DEFAULT_DETECTORS = ["density", "intensity", "fused", "synthetic_anomaly", "patchcore", "padim", "simplenet"]
 CLIP_DETECTORS = ("winclip", "clip_reconstruction")
 # Hyper-parameter overrides per detector for a 2-core CPU (the rest are the library defaults).
-SCHEDULES: dict[str, dict[str, Any]] = {
-    "density": {},
-    "intensity": {},
-    "synthetic_anomaly": {"steps": 2000},  # at 200 its in-liver pixel AUROC on real CT was below the floor's
-    "patchcore": {"coreset_ratio": 0.1},
-    "fused": {"detector": "patchcore", "detector_hparams": {"coreset_ratio": 0.1}},
-    "padim": {},
-    "simplenet": {"image_size": 224, "meta_epochs": 4, "gan_epochs": 2},
-    "rd4ad": {"epochs": 100},  # at 10 its student had not learnt: pixel AUROC below 0.5 on both data sets
-    "dpa": {"transition_iters": 10, "stable_iters": 10, "final_iters": 40},
-}
-QUICK_SCHEDULES: dict[str, dict[str, Any]] = {
-    "synthetic_anomaly": {"steps": 40},
-    "simplenet": {"image_size": 224, "meta_epochs": 1, "gan_epochs": 1},
-    "rd4ad": {"epochs": 2},
-}
 # Pre-processing options per detector (``preprocessing=`` of ``training.train``); empty: the library defaults.
 PREPROCESSING: dict[str, dict[str, Any]] = {}
 FPR_LIMIT = 0.3
@@ -330,7 +316,7 @@ def parse_assignments(values: list[str], what: str) -> dict[str, dict[str, Any]]
 
 
 def config_schedules(paths: list[str]) -> dict[str, tuple[dict, dict]]:
-    """Each training config's detector → its (hparams, preprocessing), in place of ``SCHEDULES`` and
+    """Each training config's detector → its (hparams, preprocessing), in place of its ``cpu`` schedule and
     ``PREPROCESSING`` for that detector."""
     out = {}
     for path in paths:
@@ -349,7 +335,7 @@ def main() -> None:
     parser.add_argument("--false-regions-per-scan", type=float, default=1.0,
                         help="calibration: about this many slices of a normal scan exceed the thresholds")
     parser.add_argument("--set", dest="hparams", action="append", default=[], metavar="DETECTOR:KEY=VALUE",
-                        help="a hyper-parameter override on top of SCHEDULES")
+                        help="a hyper-parameter override on top of the detector's cpu schedule")
     parser.add_argument("--preprocess", action="append", default=[], metavar="DETECTOR:KEY=VALUE",
                         help="a pre-processing option for one detector")
     parser.add_argument("--config", action="append", default=[], metavar="JSON",
@@ -386,7 +372,7 @@ def main() -> None:
     optional = [n for n in ("rd4ad", "dpa") if n in registered and n not in detectors]
     if optional:
         notes.append(f"not in this run: {', '.join(optional)} (longer CPU training; `--detectors {' '.join(optional)}` "
-                     "runs them with the schedules in SCHEDULES)")
+                     "runs them with their cpu schedules)")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     datasets: dict[str, list[dict]] = {}
     if "phantoms" in args.data:
@@ -404,9 +390,9 @@ def main() -> None:
         for title, folds in datasets.items():
             results: dict[str, dict] = {}
             for name in detectors:
-                schedule, pre = configured.get(name, (SCHEDULES.get(name, {}), PREPROCESSING.get(name, {})))
-                hparams = {**schedule, **(QUICK_SCHEDULES.get(name, {}) if args.quick else {}),
-                           **extra_hparams.get(name, {})}  # fmt: skip
+                own = detector_class(name).schedule("quick" if args.quick else "cpu")
+                schedule, pre = configured.get(name, (own, PREPROCESSING.get(name, {})))
+                hparams = {**schedule, **extra_hparams.get(name, {})}
                 preprocessing = {**pre, **extra_pre.get(name, {})}
                 per_fold = []
                 try:

@@ -224,7 +224,7 @@ def main() -> None:
     if args.top < 1:
         raise SystemExit("--top must be at least 1")
     name, device = args.detector, resolve(args.device)
-    hparams = {**accuracy.SCHEDULES.get(name, {}), **(accuracy.QUICK_SCHEDULES.get(name, {}) if args.quick else {}),
+    hparams = {**accuracy.detector_class(name).schedule("quick" if args.quick else "cpu"),
                **accuracy.parse_assignments(args.hparams, "--set").get(name, {})}  # fmt: skip
     preprocessing = {**accuracy.PREPROCESSING.get(name, {}),
                      **accuracy.parse_assignments(args.preprocess, "--preprocess").get(name, {})}  # fmt: skip

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 from monai_ad.allocator import keep_freed_memory
 from monai_ad import DEFAULT_DETECTOR
 from monai_ad.errors import InputError
+from monai_ad.settings import SCHEDULE_NAMES
 
 
 class _LazyHelp(str):
@@ -205,10 +206,13 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from monai_ad.detectors.base import detector_class
     from monai_ad.training import train
 
     config = load_run_config(args.config)
-    hparams = {**config.get("hparams", {}), **_key_values(args.set, "--set")}
+    detector_name = args.detector or config.get("detector", DEFAULT_DETECTOR)
+    schedule = detector_class(detector_name).schedule(args.schedule)
+    hparams = {**schedule, **config.get("hparams", {}), **_key_values(args.set, "--set")}
     if args.backbone:
         hparams["backbone"] = args.backbone
     if args.weights:
@@ -216,7 +220,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.allow_random_weights:
         hparams["allow_random_weights"] = True
     preprocessing = {**config.get("preprocessing", {}), **_key_values(args.preprocess, "--preprocess")}
-    detector_name = args.detector or config.get("detector", DEFAULT_DETECTOR)
     _check_detector_options(detector_name, hparams, preprocessing)
     detector = train(
         detector_name,
@@ -310,18 +313,15 @@ def _print_metrics(values: dict[str, Any]) -> None:
         print(f"  {kind}: {path}")
 
 
-# A few minutes on a 2-core CPU: a 2 % coreset instead of PatchCore's 10 % (the greedy search is the slow part).
-DEMO_HPARAMS = {"patchcore": {"coreset_ratio": 0.02}, "fused": {"detector_hparams": {"coreset_ratio": 0.02}}}
-
-
 def cmd_demo(args: argparse.Namespace) -> None:
     from monai_ad.data.phantom import write_phantom_dataset
+    from monai_ad.detectors.base import detector_class
     from monai_ad.evaluation import evaluate
     from monai_ad.training import train
 
     out = Path(args.out)
-    hparams = {**DEMO_HPARAMS.get(args.detector, {}), **_key_values(args.set, "--set")}
-    if args.detector == "simplenet":
+    hparams = {**detector_class(args.detector).schedule(args.schedule), **_key_values(args.set, "--set")}
+    if args.detector == "simplenet" and args.epochs is not None:
         hparams["meta_epochs"] = args.epochs
     preprocessing = _key_values(args.preprocess, "--preprocess")
     _check_detector_options(args.detector, hparams, preprocessing)
@@ -456,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", help=_LazyHelp("{detectors} (default: %s)" % DEFAULT_DETECTOR))
     p.add_argument("--config", help="JSON with detector, hparams and preprocessing (see sample_configs/)")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default="paper",
+                   help="the detector's named schedule under --config and --set: paper (default: its defaults), "
+                        "cpu (the CPU demonstration the accuracy benchmark measures), quick (a smoke run)")
     p.add_argument("--backbone", help="efficientnet_lite0 (default), vgg16, wide_resnet50_2, resnet18")
     p.add_argument("--weights", help="backbone weights file (needed for wide_resnet50_2 / resnet18)")
     p.add_argument("--allow-random-weights", action="store_true", help="explicitly accept a randomly initialised backbone")
@@ -500,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normal", type=int, default=8)
     p.add_argument("--abnormal", type=int, default=4)
     p.add_argument("--preset", default="small")
-    p.add_argument("--epochs", type=int, default=4, help="SimpleNet meta-epochs (the paper uses 40)")
+    p.add_argument("--epochs", type=int, default=None, help="SimpleNet meta-epochs (the paper uses 40)")
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default="quick",
+                   help="the detector's named schedule: quick (default: a smoke run, minutes), cpu, paper")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="detector hyper-parameter (repeatable)")
     p.add_argument("--preprocess", action="append", metavar="KEY=VALUE", help="pre-processing option (repeatable)")

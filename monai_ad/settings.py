@@ -14,6 +14,10 @@ from typing import Any
 
 from monai_ad.errors import InputError
 
+# a detector's named training schedules (``AnomalyDetector.schedule``): its defaults (the paper's), the CPU
+# demonstration the accuracy benchmark measures, a smoke run
+SCHEDULE_NAMES = ("paper", "cpu", "quick")
+
 
 @dataclass(frozen=True)
 class Range:

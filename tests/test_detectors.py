@@ -474,3 +474,19 @@ def test_full_precision_switches_mixed_precision_off_and_back():
     with detector.full_precision():
         assert not detector.features.amp
     assert detector.features.amp
+
+
+@pytest.mark.parametrize("name", available_detectors())
+def test_every_named_schedule_is_a_valid_setting_of_its_detector(name):
+    from monai_ad.detectors.base import check_hparams
+    from monai_ad.settings import SCHEDULE_NAMES
+
+    kind = DETECTORS[name]
+    assert kind.schedule("paper") == {}  # the constructor's defaults
+    for schedule in SCHEDULE_NAMES:
+        check_hparams(name, kind.schedule(schedule))  # known names, values in range
+    assert set(kind.schedule("cpu")) <= set(kind.schedule("quick"))  # quick runs over cpu
+    kind.schedule("cpu")["_probe"] = 1
+    assert "_probe" not in kind.schedule("cpu")  # a copy, not the class's table
+    with pytest.raises(InputError, match="unknown schedule 'fast'; the schedules are paper, cpu, quick"):
+        kind.schedule("fast")

@@ -82,7 +82,7 @@ def test_progressive_growing_reaches_the_final_resolution(fitted):
     paper = DeepPerceptualAutoencoder.__new__(DeepPerceptualAutoencoder)  # schedule of the paper's defaults
     paper.hparams = {"transition_iters": 20000, "stable_iters": 20000, "final_iters": 10000}
     paper.resolutions = [8, 16, 32, 64]
-    phases = DeepPerceptualAutoencoder.schedule(paper)
+    phases = DeepPerceptualAutoencoder.growth_phases(paper)
     assert [(p.resolution, p.transition) for p in phases] == [
         (8, False), (16, True), (16, False), (32, True), (32, False), (64, True), (64, False)
     ]  # fmt: skip

@@ -14,6 +14,7 @@ in three HU windows; channel ``C // 2`` is always the slice itself.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import os
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from monai_ad.errors import InputError
-from monai_ad.settings import HPARAM_RANGES, check_setting, check_settings
+from monai_ad.settings import HPARAM_RANGES, SCHEDULE_NAMES, check_setting, check_settings
 from monai_ad.io import atomic_write
 
 FILE_FORMAT = "monai_ad.detector/1"
@@ -152,6 +153,22 @@ class AnomalyDetector(nn.Module, ABC):
     supported_channels: ClassVar[tuple[int, ...]] = (1, 3)  # a frozen RGB backbone takes 1 (repeated) or 3
     # the pre-processing options this detector is trained with unless the caller sets them (chosen by measurement)
     default_preprocessing: ClassVar[Mapping[str, Any]] = {}
+    # named schedules, hyper-parameters over the constructor's defaults (which are the paper's, "paper"): "cpu",
+    # the CPU demonstration its bundle trains and the accuracy benchmark measures; "quick", a smoke run over
+    # "cpu" (the demo, ``--quick`` benchmarks). A detector without one uses its defaults.
+    schedules: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    @classmethod
+    def schedule(cls, name: str = "cpu") -> dict[str, Any]:
+        """The hyper-parameters of the named schedule (``SCHEDULE_NAMES``)."""
+        if name not in SCHEDULE_NAMES:
+            raise InputError(f"unknown schedule {name!r}; the schedules are {', '.join(SCHEDULE_NAMES)}")
+        if name == "paper":
+            return {}
+        chosen = dict(cls.schedules.get("cpu", {}))
+        if name == "quick":
+            chosen.update(cls.schedules.get("quick", {}))
+        return copy.deepcopy(chosen)
 
     def __init__(self, image_size: int = 224, in_channels: int = 1, **hparams: Any):
         super().__init__()

@@ -54,6 +54,8 @@ class DensityFused(AnomalyDetector):
     # measured (benchmarks/RESULTS.md): the feature map gains from 2.5-D input and the liver's spread as the
     # unit, and the sum with them, on real CT with sparse and with heavy metastatic lesions
     default_preprocessing = {"outside_fill": "liver", "context_mm": 3.0, "normalize_liver_spread": 10.0}
+    schedules = {"cpu": {"detector": "patchcore", "detector_hparams": {"coreset_ratio": 0.1}},
+                 "quick": {"detector_hparams": {"coreset_ratio": 0.02}}}  # fmt: skip
 
     def __init__(
         self,
