@@ -118,6 +118,25 @@ def _literal(text: str):
         return text
 
 
+@pytest.mark.parametrize("name", BUNDLES)
+def test_a_bundle_names_its_detectors_schedule_and_states_only_what_differs(name):
+    """``network_def`` is a named schedule of the detector (``AnomalyDetector.schedules``, written once on the
+    class) plus the bundle's own choices: nothing it states repeats what the schedule already gives."""
+    import inspect
+
+    from monai_ad.detectors.base import detector_class
+
+    network = json.loads((BUNDLES_DIR / name / "configs" / "train.json").read_text())["network_def"]
+    kind = detector_class(network["name"])
+    defaults = {k: p.default for k, p in inspect.signature(kind.__init__).parameters.items() if k != "self"}
+    effective = {**defaults, **kind.schedule(network["schedule"])}
+    own = {k: v for k, v in network.items()
+           if k not in ("_target_", "name", "schedule", "image_size", "in_channels") and not str(v).startswith("@")}  # fmt: skip
+    assert set(own) <= set(defaults), sorted(set(own) - set(defaults))
+    repeated = [k for k, v in own.items() if effective[k] == v or (isinstance(effective[k], tuple) and list(effective[k]) == v)]
+    assert repeated == [], f"{name} repeats its schedule's {repeated}"
+
+
 def test_metadata_verifies_offline(trained_bundle, tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "../meta_schema.json"]
     proc = subprocess.run(cmd, cwd=trained_bundle, capture_output=True, text=True)

@@ -55,8 +55,11 @@ def detector_class(name: str) -> type["AnomalyDetector"]:
     return DETECTORS[name]
 
 
-def create_detector(name: str, **hparams: Any) -> "AnomalyDetector":
+def create_detector(name: str, schedule: str | None = None, **hparams: Any) -> "AnomalyDetector":
+    """The registered detector ``name`` with ``hparams`` over its named ``schedule`` (``AnomalyDetector.schedule``;
+    ``None``: its defaults), checked before anything is built."""
     kind = detector_class(name)
+    hparams = {**(kind.schedule(schedule) if schedule else {}), **hparams}
     check_hparams(name, hparams)
     return kind(**hparams)
 

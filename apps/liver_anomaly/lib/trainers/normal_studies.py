@@ -13,6 +13,7 @@ After fitting, when corrected studies exist (``final`` labels), the operating th
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from monai_ad.detectors.base import detector_class
 from monai_ad.errors import InputError
 from monai_ad.io import write_json
 from monai_ad.settings import HPARAM_RANGES, PREPROCESS_RANGES, Range, check_setting
@@ -94,13 +96,12 @@ def check_request(request: dict[str, Any], bundle_keys: set[str] | None = None, 
 
 
 def bundle_hyper_parameters(bundle: str | os.PathLike) -> set[str]:
-    """The ``HYPER_PARAMETERS`` the bundle's ``train.json`` has."""
+    """The ``HYPER_PARAMETERS`` the bundle's detector takes (its constructor's parameters) and its pipeline has."""
     config = json.loads((Path(bundle) / "configs" / "train.json").read_text())
-    keys = set()
-    for key in HYPER_PARAMETERS:
-        section, name = key.split("#", 1)
-        if isinstance(config.get(section), dict) and name in config[section]:
-            keys.add(key)
+    takes = set(inspect.signature(detector_class(config["network_def"]["name"]).__init__).parameters)
+    keys = {f"network_def#{name}" for name in REQUEST_HPARAMS if name in takes}
+    if isinstance(config.get("preprocessing_config"), dict):
+        keys |= {f"preprocessing_config#{name}" for name in REQUEST_PREPROCESSING}
     return keys
 
 
