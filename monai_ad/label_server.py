@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,22 +23,54 @@ import numpy as np
 from monai_ad import DEFAULT_DETECTOR
 from monai_ad.errors import InputError
 from monai_ad.io import atomic_write, save_nifti
+from monai_ad.resources import shared_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = PROJECT_ROOT / "apps" / "liver_anomaly"  # in a clone; ``pip install .`` ships only the ``monai_ad`` package
+APP_DIR = shared_dir("apps") / "liver_anomaly"  # inside the installed package, or the clone's apps/
 
 
 def find_app_dir() -> Path:
-    """The MONAI Label app folder: ``$MONAI_AD_APP_DIR``, else ``apps/liver_anomaly`` of the source tree this package
-    runs from. The app (and the bundles it serves) are not part of an installed package."""
+    """The MONAI Label app folder: ``$MONAI_AD_APP_DIR``, else the one installed with the package (or the
+    clone's ``apps/liver_anomaly``)."""
     wanted = os.environ.get("MONAI_AD_APP_DIR")
     app_dir = Path(wanted) if wanted else APP_DIR
     if not (app_dir / "main.py").is_file():
-        raise InputError(
-            "the MONAI Label app is not installed with the package: run from a clone of the repository "
-            "(pip install -e .) or set MONAI_AD_APP_DIR to the clone's apps/liver_anomaly", app_dir
-        )
+        raise InputError("no MONAI Label app here (MONAI_AD_APP_DIR must name an apps/liver_anomaly folder)", app_dir)
     return app_dir
+
+
+def state_dir(studies: str | os.PathLike, sample_dir: str | os.PathLike | None = None) -> Path:
+    """Where the server writes what it makes (models, logs), never inside the app or the installed package:
+    the sample folder, else ``.monai_ad`` in a local studies folder, else ``$MONAI_AD_STATE_DIR`` (default
+    ``~/.monai_ad``) for a DICOMweb store."""
+    if sample_dir is not None:
+        return Path(sample_dir)
+    if not str(studies).startswith(("http://", "https://")):
+        return Path(studies) / ".monai_ad"
+    return Path(os.environ.get("MONAI_AD_STATE_DIR") or Path.home() / ".monai_ad")
+
+
+def working_app(state: Path, app_dir: str | os.PathLike | None = None) -> Path:
+    """A fresh copy of the app under ``state`` for the server to run: MONAI Label creates ``model/``, ``logs/``
+    and ``bin/`` in the app it runs and Python caches its modules there, which must not land in the installed
+    package or a clone's ``apps/``."""
+    source = Path(app_dir) if app_dir is not None else find_app_dir()
+    target = state / "app"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "model", "logs", "bin"))
+    return target
+
+
+def server_log_config(state: Path) -> Path:
+    """MONAI Label's own logging configuration with its log folder under ``state`` (it defaults to the app's)."""
+    import monailabel
+
+    logs = state / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    template = (Path(monailabel.__file__).parent / "logging.json").read_text()
+    text = template.replace("${LOGDIR}", json.dumps(str(logs))[1:-1]).replace("${LOGFILE}", json.dumps(str(logs / "app.log"))[1:-1])
+    return atomic_write(state / "logging.json", lambda tmp: Path(tmp).write_text(text))
 LIVER_TAG = "liver"
 
 
@@ -89,12 +122,15 @@ def server_command(
     conf: Mapping[str, str] | None = None,
     host: str = "127.0.0.1",
     app_dir: str | os.PathLike | None = None,
+    state: str | os.PathLike | None = None,
 ) -> list[str]:
     """``monailabel start_server`` for the app, run with this interpreter (``python -m monailabel.main``), bound to
-    ``host`` (127.0.0.1 unless told otherwise)."""
-    app_dir = app_dir or find_app_dir()
+    ``host`` (127.0.0.1 unless told otherwise); the app runs from a copy under ``state`` (``state_dir``), where
+    its logs go too."""
+    state = Path(state) if state is not None else state_dir(studies)
+    app_dir = working_app(state, app_dir)
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies),
-           "--host", host, "--port", str(port)]  # fmt: skip
+           "--host", host, "--port", str(port), "--log_config", str(server_log_config(state))]  # fmt: skip
     for key, value in (conf or {}).items():
         cmd += ["--conf", key, str(value)]
     return cmd
@@ -181,10 +217,11 @@ def run_app(
     elif not str(studies).startswith(("http://", "https://")) and not Path(studies).is_dir():
         raise InputError("studies folder not found", studies)
     conf = dict(conf or {})
+    state = state_dir(studies, sample_dir)
+    conf.setdefault("model_dir", str(state / "models"))
     if sample_dir is not None:
-        conf.setdefault("model_dir", str(Path(sample_dir) / "models"))
-        # the project's default detector trains at start-up (about a minute on a CPU); the others on request
+        # the project's default detector trains at start-up (seconds on a CPU); the others on request
         conf.setdefault("train_on_start", f"{DEFAULT_DETECTOR}_liver_ct")
-    cmd = server_command(studies, port, conf, host=host)
+    cmd = server_command(studies, port, conf, host=host, state=state)
     print(f"MONAI Label: http://{host}:{port}  (studies {studies}; OHIF at /ohif/ with a DICOMweb store)", flush=True)
     return subprocess.call(cmd, env=server_env())

@@ -4,9 +4,10 @@ Assembles only (the radiology sample app's shape): one ``DetectorConfig`` per bu
 gives an infer task (segmentation, label ``anomaly``) and a training task (fit on studies marked normal); one
 scoring method re-selects operating thresholds from corrected (``final``) labels. Options (``--conf KEY VALUE``):
 
-- ``bundles``: folder of bundles (default: the project's ``bundles/``, or ``$MONAI_AD_BUNDLES``)
+- ``bundles``: folder of bundles (default: those installed with monai_ad, or ``$MONAI_AD_BUNDLES``)
 - ``models``: comma-separated bundle names to serve (default: all)
-- ``model_dir``: where the app's trained models go (default: ``model/`` in this folder)
+- ``model_dir``: where the app's trained models go (default: ``models/`` of ``monai_ad.label_server.state_dir``:
+  ``.monai_ad`` in a local studies folder, else ``$MONAI_AD_STATE_DIR``; never inside the app)
 - ``roi_dir``: folder of liver masks named ``<image id>.nii.gz`` (an ROI source beside the ``liver`` labels)
 - ``roi_label``: the liver's value in the ROI masks (default: any non-zero voxel; 5 for TotalSegmentator)
 - ``train_on_start``: ``true`` (or a comma-separated list of bundle names) trains, at start-up, the detectors that
@@ -35,6 +36,8 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 from monai_ad.allocator import keep_freed_memory
+from monai_ad.label_server import state_dir
+from monai_ad.resources import shared_dir
 
 from lib import security
 from lib import studies as study_rules
@@ -47,7 +50,7 @@ from lib.trainers.normal_studies import bundle_hyper_parameters, check_request
 
 logger = logging.getLogger(__name__)
 
-PROJECT_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+PROJECT_BUNDLES = shared_dir("bundles")  # installed with the package, or the clone's bundles/
 
 
 class LiverAnomalyApp(MONAILabelApp):
@@ -63,7 +66,7 @@ class LiverAnomalyApp(MONAILabelApp):
         self.allow_model_routes = _true(conf.get("allow_model_routes"))
         self.allow_remote = _true(conf.get("allow_remote"))
         bundles_dir = conf.get("bundles") or os.environ.get("MONAI_AD_BUNDLES") or str(PROJECT_BUNDLES)
-        model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
+        model_dir = conf.get("model_dir") or str(state_dir(studies) / "models")
         os.makedirs(model_dir, exist_ok=True)
         wanted = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]
         bundles = find_bundles(bundles_dir)

@@ -1,0 +1,123 @@
+"""The folder datastore the app serves: MONAI Label's ``LocalDatastore`` with ids checked and writes made atomic.
+
+``LocalDatastore`` makes file names from image ids and label tags as given, so ``../x`` reaches outside the
+studies folder, and copies files in place, so a kill during a save leaves a torn file that is served after a
+restart. Here every id and tag must be a plain name whose file resolves inside the studies folder, and images and
+labels are written beside their destination, flushed to disk and renamed over it (a reader sees the old file or
+the new one, never half of one). The hidden ``.*.partial`` files match none of the datastore's patterns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.interfaces.exception import ImageNotFoundException
+
+from lib.security import check_name
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_copy(source: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copy ``source`` onto ``dest`` atomically: a hidden file beside it, fsync, rename, fsync of the folder."""
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        folder = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+class SafeLocalDatastore(LocalDatastore):
+    def _inside(self, path: str, what: str) -> str:
+        root = os.path.realpath(self._datastore_path)
+        real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))  # a link itself, not its target
+        if os.path.commonpath([root, real]) != root or real == root or os.path.basename(path) in ("", ".", ".."):
+            raise HTTPException(400, f"{what} would be outside the studies folder")
+        return real
+
+    def _image_dest(self, image_id: str, ext: str) -> str:
+        check_name(image_id, "image id")
+        return self._inside(os.path.join(self._datastore.image_path(), self._filename(image_id, ext)), f"image {image_id!r}")
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        default_id, ext = self._to_id(os.path.basename(image_filename))
+        image_id = image_id or default_id
+        dest = self._image_dest(image_id, ext)
+        logger.info("adding image %s", image_id)
+        with FileLock(self._lock_file):
+            atomic_copy(image_filename, dest)
+            info = dict(image_info or {})
+            info.update(ts=int(time.time()), name=os.path.basename(dest))
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def remove_image(self, image_id: str) -> None:
+        check_name(image_id, "image id")
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise ImageNotFoundException(f"Image {image_id} not found")
+        self._image_dest(image_id, obj.image.ext)
+        for tag in list(obj.labels):
+            self._label_dest(image_id, tag, obj.labels[tag].ext)
+        super().remove_image(image_id)
+
+    def _label_dest(self, image_id: str, tag: str, ext: str) -> str:
+        check_name(image_id, "image id")
+        check_name(tag, "label tag")
+        path = os.path.join(self._datastore.label_path(tag), self._filename(image_id, ext))
+        return self._inside(path, f"label {tag!r} of {image_id!r}")
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        obj = self._datastore.objects.get(check_name(image_id, "image id"))
+        if not obj:
+            raise ImageNotFoundException(f"Image {image_id} not found")
+        _, ext = self._to_id(os.path.basename(label_filename))
+        folder = self._inside(self._datastore.label_path(check_name(label_tag, "label tag")), f"label tag {label_tag!r}")
+        dest = self._label_dest(image_id, label_tag, ext)
+        logger.info("saving label %s of %s", label_tag, image_id)
+        with FileLock(self._lock_file):
+            os.makedirs(folder, exist_ok=True)
+            atomic_copy(label_filename, dest)
+            info = dict(label_info or {})
+            info.update(ts=int(time.time()), name=os.path.basename(dest))
+            obj.labels[label_tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        check_name(label_id, "label id")
+        check_name(label_tag, "label tag")
+        uri = self.get_label_uri(label_id, label_tag)
+        if uri:
+            self._inside(uri, f"label {label_tag!r} of {label_id!r}")
+        super().remove_label(label_id, label_tag)
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        return super().update_image_info(check_name(image_id, "image id"), info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        return super().update_label_info(check_name(label_id, "label id"), check_name(label_tag, "label tag"), info)

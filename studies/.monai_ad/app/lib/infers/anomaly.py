@@ -1,0 +1,168 @@
+"""One anomaly detector bundle as a MONAI Label infer task.
+
+Each request is read by a ``monai_ad.prediction.Predictor`` (the one the command line and the bundle's own
+``inference`` run use), built from the model with the settings the bundle's ``configs/inference.json`` gives its
+``predictor`` and the request's options; its stages are what ``BasicInferTask`` runs. The study's CT and liver
+ROI in, a label map (1 = ``anomaly``) in the image's geometry out, with per-slice scores, abnormal slices and
+lesions in the result params. Registered as a segmentation task, so the 3D Slicer plugin lists it and names the
+segment from ``label_names``.
+
+Request params (all optional; Slicer shows them as the model's config): ``pixel_threshold`` and
+``slice_threshold`` (empty: the model's stored operating point), ``min_lesion_mm3``, ``roi_label`` (the liver's
+value in the ROI; empty: any non-zero voxel).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import MapTransform, SqueezeDimd
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from monai_ad.detectors.base import AnomalyDetector
+from monai_ad.errors import InputError
+from monai_ad.postprocess import MIN_LESION_MM3
+from monai_ad.prediction import Predictor
+
+from lib.studies import ANOMALY_NAMES
+
+logger = logging.getLogger(__name__)
+
+PREDICTOR = "_anomaly_predictor"  # the request's predictor, carried in the data dict between stages
+BUNDLE_SETTINGS = ("roi_labels", "min_lesion_mm3", "batch_size")  # what a bundle's inference.json may set
+OPTIONS = {"pixel_threshold": "", "slice_threshold": "", "min_lesion_mm3": MIN_LESION_MM3, "roi_label": ""}
+
+
+def _number(value: Any, name: str, kind: Callable = float) -> Any:
+    """A request option: None when empty, else a number (a clear error otherwise)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise InputError(f"option {name} must be a number, got {value!r}") from None
+
+
+def bundle_settings(bundle: str | os.PathLike) -> dict[str, Any]:
+    """The predictor settings the bundle's ``configs/inference.json`` states (its ``predictor`` entry; the model
+    itself is not loaded). Read again only when the file changes."""
+    config = Path(bundle) / "configs" / "inference.json"
+    return dict(_bundle_settings(str(config), os.stat(config).st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=32)
+def _bundle_settings(config: str, stamp: int) -> dict[str, Any]:
+    parser = ConfigParser()
+    parser.read_config(config)
+    parser["bundle_root"] = str(Path(config).parents[1])
+    stated = parser.get("predictor") or {}
+    return {key: parser.get_parsed_content(f"predictor#{key}") for key in BUNDLE_SETTINGS if key in stated}
+
+
+def bundle_predictor(bundle: str | os.PathLike, network: AnomalyDetector, options: dict | None = None) -> Predictor:
+    """The predictor for one request: the loaded detector, the bundle's settings, the request's options
+    (``pixel_threshold``, ``slice_threshold``, ``min_lesion_mm3``, ``roi_label``; empty: not set)."""
+    options = options or {}
+    settings = bundle_settings(bundle)
+    roi_label = _number(options.get("roi_label"), "roi_label", int)
+    if roi_label is not None:
+        settings["roi_labels"] = [roi_label]
+    for key in ("pixel_threshold", "slice_threshold", "min_lesion_mm3"):
+        value = _number(options.get(key), key)
+        if value is not None:
+            settings[key] = value
+    return Predictor(network, **settings)
+
+
+class SummaryToResultd(MapTransform):
+    """Put the post-processing's ``anomaly_summary`` (slice scores, abnormal slices, lesions) and the model's
+    operating point into ``result``, the params MONAI Label returns beside the label file."""
+
+    def __init__(self, summary_key: str = "anomaly_summary", result_key: str = "result", extra: dict | None = None):
+        super().__init__(keys=[summary_key])
+        self.summary_key, self.result_key, self.extra = summary_key, result_key, dict(extra or {})
+
+    def __call__(self, data):
+        d = dict(data)
+        d[self.result_key] = {**dict(d.get(self.result_key) or {}), **d.pop(self.summary_key), **self.extra}
+        d.pop("heatmap", None)  # the label map is the answer; the float heatmap stays on the server
+        return d
+
+
+class AnomalyInfer(BasicInferTask):
+    """Infer task over one bundle; the model file is reloaded whenever training replaces it."""
+
+    def __init__(
+        self, bundle: str | os.PathLike, model_paths: Sequence[str], description: str, defaults: dict | None = None, **kwargs: Any
+    ):
+        super().__init__(
+            path=list(model_paths),  # the last existing path wins: the app's trained model over the bundle's own
+            network=None,
+            type=InferType.SEGMENTATION,
+            labels=dict(ANOMALY_NAMES),
+            dimension=3,
+            description=description,
+            config={**OPTIONS, **dict(defaults or {}), "result_extension": ".nii.gz", "result_dtype": "uint8"},
+            **kwargs,
+        )
+        self.bundle = Path(bundle)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ the model, reloaded when its file changes
+    def _get_network(self, device, data):
+        path = self.get_path()
+        if not path:
+            raise InputError(f"{self.bundle.name} has no trained model yet: train it first (POST /train/{self.bundle.name})")
+        stamp = os.stat(path).st_mtime_ns
+        with self._lock:
+            cached = self._networks.get(str(device))
+            if cached is None or cached[1] != stamp:
+                if cached is not None:
+                    logger.info("model file %s changed: reloading", path)
+                self._networks[str(device)] = (AnomalyDetector.load(path, device=device), stamp)
+            return self._networks[str(device)][0]
+
+    def _predictor(self, data: dict) -> Predictor:
+        """The request's predictor (built once per request, cached in ``data``)."""
+        if PREDICTOR not in data:
+            network = self._get_network(data.get("device", "cpu"), data)
+            data[PREDICTOR] = bundle_predictor(self.bundle, network, data)
+        return data[PREDICTOR]
+
+    # ------------------------------------------------------------------ what BasicInferTask runs: the predictor's stages
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        return self._predictor(data).pre_transforms()
+
+    def inferer(self, data=None):
+        return self._predictor(data).inferer
+
+    def run_inferer(self, data, convert_to_batch=True, device="cuda"):
+        with torch.no_grad():
+            return self._predictor(data).score(data)
+
+    def inverse_transforms(self, data=None):
+        return None  # the predictor's post transforms take the maps back to the scan's geometry
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        predictor = self._predictor(data)
+        network = predictor.detector
+        extra = {
+            "detector": network.name,
+            "bundle": self.bundle.name,
+            "model": {"path": str(self.get_path()), "modified": os.path.getmtime(self.get_path())},
+            "operating_point": network.thresholds,
+        }
+        # the label map without its channel: MONAI Label's writer expects a 3-D array
+        return [*predictor.post_transforms(), SummaryToResultd(extra=extra), SqueezeDimd(self.output_label_key, dim=0)]
+
+    def writer(self, data, extension=None, dtype=None):
+        data.pop(PREDICTOR, None)
+        return super().writer(data, extension, dtype)

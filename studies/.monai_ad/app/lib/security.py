@@ -1,0 +1,461 @@
+"""What a client may send: identifiers, uploads, infer options; and the server-side guard that checks them.
+
+MONAI Label 0.8.5 passes image ids and label tags straight to its datastore as file names, keeps uploads in the
+temp folder when a request fails, runs ``/infer`` on its event loop (one request at a time) and serves model files
+to anyone. The app therefore, once the server has started (``install``):
+
+- puts ``RequestGuard`` (an ASGI middleware) in front of every route: ids and tags in the query must be plain names
+  (``SAFE_NAME``), bodies larger than ``max_upload_mb`` are refused (413), ``/model/<name>`` (download, replace,
+  delete) answers 403 unless ``allow_model_routes`` is set, and ``POST /train`` bodies are checked against the
+  trainer's allow-list before a training process starts;
+- serves its own handlers at MONAI Label's paths for the routes that take files (``POST /infer/<model>``,
+  ``PUT /datastore/image``, ``PUT /datastore/label``): each upload goes to a folder of its own, is checked (size,
+  a readable 3-D image, the study's shape for a label) and is removed on every path; infer options must be the
+  model's own; inference runs in a worker pool so ``/info`` and the datastore keep answering.
+
+The replacement handlers carry MONAI Label's role checks (``RBAC``), so its authentication applies to them as it
+does to its own routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qsl
+
+import numpy as np
+from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from monailabel.endpoints.user.auth import User
+
+logger = logging.getLogger(__name__)
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+ID_PARAMS = ("image", "id", "label", "tag")  # query parameters MONAI Label turns into file names
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+# sent by the Slicer plugin and OHIF's MONAI Label panel beside the model's options (OHIF: label_prompt,
+# result_compress, restore_label_idx and a NRRD result)
+INFER_CLIENT_KEYS = {"device", "label_info", "client_id", "label_prompt", "result_compress", "restore_label_idx"}
+FIXED_VALUES = {"result_extension": (".nii.gz", ".nii", ".nrrd"), "result_dtype": ("uint8",),
+                "result_compress": (True, False), "restore_label_idx": (True, False)}  # fmt: skip
+DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?|auto)$")
+DEFAULT_MAX_UPLOAD_MB = 1024.0
+UPLOAD_PREFIX = "monai_ad_upload_"
+
+
+def first_line(text: Any) -> str:
+    lines = str(text).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def check_name(value: Any, what: str) -> str:
+    """An image id or label tag: a plain name (letters, digits, ``._-``; no path, no ``..``), else 400."""
+    if not isinstance(value, str) or not SAFE_NAME.match(value) or ".." in value:
+        raise HTTPException(400, f"{what} {str(value)[:80]!r} is not a plain name (letters, digits, '.', '_', '-'; no '..' or '/')")
+    return value
+
+
+def image_suffix(filename: str | None, what: str) -> str:
+    name = (filename or "").lower()
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise HTTPException(415, f"{what}: only {', '.join(IMAGE_SUFFIXES)} files are accepted, got {os.path.basename(filename or '')[:80]!r}")
+
+
+def image_shape(path: str | os.PathLike, what: str, full: bool = True) -> tuple[int, ...]:
+    """The shape of a 3-D medical image file; with ``full``, read in full once (a truncated or corrupt file is
+    refused), else from its header."""
+    path = str(path)
+    try:
+        if path.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            img = nib.load(path)
+            shape = tuple(int(s) for s in img.shape)
+            if full and path.endswith(".gz"):
+                expected = int(img.header.get_data_offset()) + int(np.prod(shape)) * img.get_data_dtype().itemsize
+                size = 0
+                with gzip.open(path, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        size += len(chunk)
+                if size < expected:
+                    raise ValueError(f"truncated ({size} of {expected} bytes)")
+        else:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(path)
+            reader.ReadImageInformation()
+            shape = tuple(int(s) for s in reader.GetSize())
+            if full:
+                sitk.ReadImage(path)  # the voxels too
+    except HTTPException:
+        raise
+    except (Exception, zlib.error) as exc:
+        raise HTTPException(422, f"{what}: cannot be read as a medical image ({first_line(exc) or type(exc).__name__})") from None
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3 or min(shape) < 1:
+        raise HTTPException(422, f"{what}: a 3-D image is needed, got shape {shape}")
+    return shape
+
+
+def same_grid(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """The same voxel grid, in any axis order (a mask may be stored in another orientation than its image)."""
+    return sorted(a) == sorted(b)
+
+
+async def receive_upload(upload: Any, folder: Path, stem: str, limit: int, what: str) -> Path:
+    """Copy an uploaded file into ``folder`` (``<stem><suffix>``), refusing an empty or oversized one."""
+    suffix = image_suffix(getattr(upload, "filename", None), what)
+    dest = folder / f"{stem}{suffix}"
+    size = 0
+    with open(dest, "wb") as out:
+        while chunk := await upload.read(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"{what}: larger than the server's upload limit ({limit / 2**20:.0f} MB)")
+            out.write(chunk)
+    if size == 0:
+        raise HTTPException(422, f"{what}: the uploaded file is empty")
+    return dest
+
+
+def upload_folder(root: str | None = None) -> Path:
+    return Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX, dir=root))
+
+
+def is_upload(path: Any) -> bool:
+    """True for a file this module received (inside a ``monai_ad_upload_*`` folder of the temp folder)."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return False
+    real = Path(os.path.realpath(path))
+    return real.parent.name.startswith(UPLOAD_PREFIX) and real.parent.parent == Path(os.path.realpath(tempfile.gettempdir()))
+
+
+def infer_options(params: Any, allowed: dict[str, Any], model: str) -> dict[str, Any]:
+    """The request's infer options: only the model's own (its ``config``) and the clients' usual keys, each a
+    plain value; never a path, an image or a label."""
+    if params in (None, "", b""):
+        return {}
+    if isinstance(params, (str, bytes)):
+        try:
+            params = json.loads(params)
+        except json.JSONDecodeError as exc:
+            raise HTTPException(422, f"params: not valid JSON ({first_line(exc)})") from None
+    if not isinstance(params, dict):
+        raise HTTPException(422, "params: a JSON object is needed")
+    options = {}
+    for key, value in params.items():
+        if key not in allowed and key not in INFER_CLIENT_KEYS:
+            raise HTTPException(422, f"infer option {str(key)[:60]!r} is not accepted by {model} (options: {', '.join(sorted(allowed))})")
+        if key == "label_info":
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise HTTPException(422, "infer option 'label_info' must be a list of objects")
+        elif key == "label_prompt":
+            if not isinstance(value, list) or len(value) > 64 or not all(
+                isinstance(v, (int, str)) and not isinstance(v, bool) and len(str(v)) <= 40 and "/" not in str(v) for v in value
+            ):
+                raise HTTPException(422, "infer option 'label_prompt' must be a short list of label names or numbers")
+        elif key == "device":
+            if not isinstance(value, str) or not DEVICE.match(value):
+                raise HTTPException(422, f"infer option 'device' must be cpu, cuda or cuda:N, got {str(value)[:40]!r}")
+        elif key in FIXED_VALUES:
+            if value not in FIXED_VALUES[key]:
+                raise HTTPException(422, f"infer option {key!r} must be one of {FIXED_VALUES[key]}")
+        elif not (value is None or isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) <= 40 and "/" not in value)):
+            raise HTTPException(422, f"infer option {key!r} must be a number or a short plain value")
+        options[key] = value
+    return options
+
+
+# ---------------------------------------------------------------------------------------------- the ASGI guard
+class RequestGuard:
+    """Checks every request before MONAI Label's routes see it (see the module docstring)."""
+
+    def __init__(self, app: Callable, limit: int, allow_model_routes: bool, check_train: Callable[[str, dict], None] | None = None):
+        self.app, self.limit, self.allow_model_routes, self.check_train = app, limit, allow_model_routes, check_train
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            refusal = self.refusal(scope)
+        except HTTPException as exc:
+            refusal = exc
+        if refusal is None and scope["method"] in ("POST", "PUT") and scope["path"].rstrip("/").startswith("/train"):
+            body, refusal = await self._train_body(scope, receive)
+            if refusal is None:
+                receive = _replay(body)
+        if refusal is not None:
+            return await _answer(send, refusal.status_code, refusal.detail)
+        state = {"size": 0, "over": False, "started": False}
+
+        async def counted_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["size"] += len(message.get("body", b""))
+                if state["size"] > self.limit:
+                    state["over"] = True
+                    raise UploadTooLarge()
+            return message
+
+        async def guarded_send(message):
+            if state["over"]:
+                return  # the 413 below replaces whatever the route made of the cut-off body
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except UploadTooLarge:
+            pass
+        if state["over"] and not state["started"]:
+            await _answer(send, 413, self._too_large())
+
+    def _too_large(self) -> str:
+        return f"request body larger than the server's upload limit ({self.limit / 2**20:.0f} MB; --conf max_upload_mb)"
+
+    def refusal(self, scope) -> HTTPException | None:
+        path, method = scope["path"], scope["method"]
+        for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
+            if key in ID_PARAMS and (value or key != "image"):
+                check_name(value, "label tag" if key == "tag" else f"{key} id")
+        if path.startswith("/model/") and not path.startswith("/model/info/") and not self.allow_model_routes:
+            return HTTPException(403, "model files cannot be downloaded, replaced or deleted through this server (see 'allow_model_routes')")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                too_large = int(length) > self.limit
+            except ValueError:
+                return HTTPException(400, "bad Content-Length")
+            if too_large:
+                return HTTPException(413, self._too_large())
+        return None
+
+    async def _train_body(self, scope, receive) -> tuple[bytes, HTTPException | None]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > 1 << 20:
+                return b"", HTTPException(413, "training request larger than 1 MB")
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        if self.check_train is None:
+            return body, None
+        try:
+            params = json.loads(body) if body.strip() else {}
+            if not isinstance(params, dict):
+                raise HTTPException(422, "training options: a JSON object is needed")
+            parts = [p for p in scope["path"].split("/") if p]
+            models = parts[1:2] or None
+            self.check_train(models[0] if models else "", params)
+        except HTTPException as exc:
+            return body, exc
+        except json.JSONDecodeError as exc:
+            return body, HTTPException(422, f"training options: not valid JSON ({first_line(exc)})")
+        except ValueError as exc:
+            return body, HTTPException(422, first_line(exc))
+        return body, None
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _answer(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+# ------------------------------------------------------------------------------- exposure (where it listens)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def server_host(argv: list[str]) -> str | None:
+    """The ``--host`` of a ``monailabel start_server`` command line (its default 0.0.0.0 when absent); None when
+    ``argv`` is not such a command."""
+    if "start_server" not in argv:
+        return None
+    for i, arg in enumerate(argv):
+        if arg in ("--host", "-i") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return "0.0.0.0"
+
+
+def exposure_error(host: str | None, auth_enabled: bool, allow_remote: bool) -> str | None:
+    """Why the server must not start: listening beyond this machine with no authentication, unless asked to."""
+    if host is None or host in LOOPBACK or auth_enabled or allow_remote:
+        return None
+    return (f"the server would listen on {host} with no authentication: start it with --host 127.0.0.1, enable MONAI "
+            "Label's authentication (MONAI_LABEL_AUTH_ENABLE=true), or set --conf allow_remote true")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- the routes the app serves
+def install(instance: Any, limit: int, allow_model_routes: bool, workers: int) -> bool:
+    """Put the guard and the app's upload/infer handlers into the running MONAI Label server (False when there
+    is none in this process: the command-line and training processes)."""
+    server = sys.modules.get("monailabel.app")
+    fastapi_app = getattr(server, "app", None)
+    if fastapi_app is None:
+        return False
+    from fastapi import APIRouter
+    from fastapi.middleware import Middleware
+    from fastapi.routing import APIRoute
+    from monailabel.config import settings
+    from monailabel.endpoints.infer import send_response
+    from monailabel.endpoints.user.auth import RBAC
+    from starlette.concurrency import run_in_threadpool
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="infer")
+    router = APIRouter()
+
+    async def infer(
+        background_tasks: BackgroundTasks,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: str = Form("{}"),
+        file: UploadFile = File(None),
+        label: UploadFile = File(None),
+        output: str | None = None,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+    ):
+        folder = upload_folder()
+        try:
+            if output not in (None, "", "image", "json", "all"):
+                raise HTTPException(422, f"output {str(output)[:40]!r}: use image, json or all")
+            if session_id:
+                raise HTTPException(422, "sessions are not used by this app: send the image id or upload the file")
+            task = instance._infers.get(model)
+            if task is None:
+                raise HTTPException(404, f"unknown model {model!r}; available: {sorted(instance._infers)}")
+            options = infer_options(params, dict(task.info().get("config") or {}), model)
+            if file is None and not image:
+                raise HTTPException(422, "give an image id (?image=...) or upload the image as 'file'")
+            request: dict[str, Any] = {"model": model, "image": check_name(image, "image id") if image else ""}
+            shape = None
+            if file is not None:
+                request["image"] = str(await receive_upload(file, folder, "image", limit, "uploaded image"))
+                shape = await run_in_threadpool(image_shape, request["image"], "uploaded image")
+            if label is not None:
+                request["label"] = str(await receive_upload(label, folder, "label", limit, "uploaded liver mask"))
+                roi_shape = await run_in_threadpool(image_shape, request["label"], "uploaded liver mask")
+                if shape is None:
+                    shape = await run_in_threadpool(instance.study_shape, image)
+                if shape is not None and not same_grid(roi_shape, shape):
+                    raise HTTPException(422, f"uploaded liver mask: shape {roi_shape} differs from the image's {shape}")
+            request.update(options)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(pool, instance.infer, request)
+            if output == "all":
+                output = None
+            return send_response(instance.datastore(), result, output, background_tasks)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    async def add_image(
+        background_tasks: BackgroundTasks,
+        image: str | None = None,
+        params: str = Form("{}"),
+        file: UploadFile = File(...),
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    ):
+        folder = upload_folder()
+        try:
+            suffix = image_suffix(file.filename, "uploaded image")
+            image_id = check_name(image or os.path.basename(file.filename or "")[: -len(suffix)], "image id")
+            info = _json_object(params, "params")
+            path = await receive_upload(file, folder, image_id, limit, "uploaded image")
+            await run_in_threadpool(image_shape, path, "uploaded image")
+            if user and getattr(user, "username", None):
+                info["user"] = user.username
+            return {"image": await run_in_threadpool(instance.datastore().add_image, image_id, str(path), info)}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    async def save_label(
+        background_tasks: BackgroundTasks,
+        image: str,
+        params: str = Form("{}"),
+        tag: str = "final",
+        label: UploadFile = File(...),
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    ):
+        folder = upload_folder()
+        try:
+            check_name(image, "image id")
+            tag = check_name(tag or "final", "label tag")
+            info = _json_object(params, "params")
+            shape = await run_in_threadpool(instance.study_shape, image)
+            if shape is None:
+                raise HTTPException(404, f"image {image!r} is not in the datastore")
+            path = await receive_upload(label, folder, image, limit, "uploaded label")
+            label_shape = await run_in_threadpool(image_shape, path, "uploaded label")
+            if not same_grid(label_shape, shape):
+                raise HTTPException(422, f"uploaded label: shape {label_shape} differs from the image's {shape}")
+            label_id = await run_in_threadpool(instance.datastore().save_label, image, str(path), tag, info)
+            result = instance.on_save_label(image, label_id) or {}
+            return {**result, "image": image, "label": label_id}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    prefix = settings.MONAI_LABEL_API_STR
+    router.add_api_route(prefix + "/infer/{model}", infer, methods=["POST"], summary="Run a detector (the app's handler)")
+    router.add_api_route(prefix + "/datastore/image", add_image, methods=["PUT"], summary="Upload a study (the app's handler)")
+    router.add_api_route(prefix + "/datastore/", add_image, methods=["PUT"], include_in_schema=False)
+    router.add_api_route(prefix + "/datastore/label", save_label, methods=["PUT"], summary="Save a label (the app's handler)")
+    replaced = {(r.path, m) for r in router.routes for m in r.methods}
+    kept = [r for r in fastapi_app.router.routes if not (isinstance(r, APIRoute) and any((r.path, m) in replaced for m in r.methods))]
+    fastapi_app.router.routes[:] = list(router.routes) + kept
+    fastapi_app.user_middleware.append(
+        Middleware(RequestGuard, limit=limit, allow_model_routes=allow_model_routes, check_train=instance.check_train_request)
+    )
+    fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
+    logger.info("request guard on: uploads up to %.0f MB, model routes %s, %d infer worker(s)",
+                limit / 2**20, "open" if allow_model_routes else "closed", workers)  # fmt: skip
+    return True
+
+
+def _json_object(text: Any, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise HTTPException(422, f"{what}: not valid JSON ({first_line(exc)})") from None
+    if not isinstance(value, dict):
+        raise HTTPException(422, f"{what}: a JSON object is needed")
+    return value
