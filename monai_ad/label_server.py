@@ -50,6 +50,13 @@ def state_dir(studies: str | os.PathLike, sample_dir: str | os.PathLike | None =
     return Path(os.environ.get("MONAI_AD_STATE_DIR") or Path.home() / ".monai_ad")
 
 
+def prepare_state(state: str | os.PathLike, app_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """The server's state folder made ready: a fresh copy of the app to run, and MONAI Label's logging
+    configuration pointing into it. Returns ``(app, log_config)`` for ``server_command``."""
+    state = Path(state)
+    return working_app(state, app_dir), server_log_config(state)
+
+
 def working_app(state: Path, app_dir: str | os.PathLike | None = None) -> Path:
     """A fresh copy of the app under ``state`` for the server to run: MONAI Label creates ``model/``, ``logs/``
     and ``bin/`` in the app it runs and Python caches its modules there, which must not land in the installed
@@ -122,15 +129,16 @@ def server_command(
     conf: Mapping[str, str] | None = None,
     host: str = "127.0.0.1",
     app_dir: str | os.PathLike | None = None,
-    state: str | os.PathLike | None = None,
+    log_config: str | os.PathLike | None = None,
 ) -> list[str]:
-    """``monailabel start_server`` for the app, run with this interpreter (``python -m monailabel.main``), bound to
-    ``host`` (127.0.0.1 unless told otherwise); the app runs from a copy under ``state`` (``state_dir``), where
-    its logs go too."""
-    state = Path(state) if state is not None else state_dir(studies)
-    app_dir = working_app(state, app_dir)
+    """``monailabel start_server`` for the app (``app_dir``: the copy ``prepare_state`` made; default: the
+    installed one), run with this interpreter (``python -m monailabel.main``), bound to ``host`` (127.0.0.1
+    unless told otherwise). Builds the command only; nothing is written."""
+    app_dir = app_dir or find_app_dir()
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies),
-           "--host", host, "--port", str(port), "--log_config", str(server_log_config(state))]  # fmt: skip
+           "--host", host, "--port", str(port)]  # fmt: skip
+    if log_config is not None:
+        cmd += ["--log_config", str(log_config)]
     for key, value in (conf or {}).items():
         cmd += ["--conf", key, str(value)]
     return cmd
@@ -173,10 +181,10 @@ def start_server(
 ) -> tuple[subprocess.Popen, str]:
     """Start the app's server on 127.0.0.1 in the background; returns the process and its URL once it answers."""
     port = port or free_port()
+    app_dir, log_config = prepare_state(state_dir(studies))
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(
-        server_command(studies, port, conf), env=server_env(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    cmd = server_command(studies, port, conf, app_dir=app_dir, log_config=log_config)
+    process = subprocess.Popen(cmd, env=server_env(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(url, process, timeout)
@@ -222,6 +230,7 @@ def run_app(
     if sample_dir is not None:
         # the project's default detector trains at start-up (seconds on a CPU); the others on request
         conf.setdefault("train_on_start", f"{DEFAULT_DETECTOR}_liver_ct")
-    cmd = server_command(studies, port, conf, host=host, state=state)
+    app_dir, log_config = prepare_state(state)
+    cmd = server_command(studies, port, conf, host=host, app_dir=app_dir, log_config=log_config)
     print(f"MONAI Label: http://{host}:{port}  (studies {studies}; OHIF at /ohif/ with a DICOMweb store)", flush=True)
     return subprocess.call(cmd, env=server_env())

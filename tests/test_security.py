@@ -233,10 +233,12 @@ def test_a_good_upload_still_works_and_is_written_whole(server):
 
 
 # ------------------------------------------------------------------------------------------------ 5. exposure
-def test_start_commands_bind_to_loopback_and_a_public_bind_needs_auth():
+def test_start_commands_bind_to_loopback_and_a_public_bind_needs_auth(tmp_path, monkeypatch):
     from lib.security import exposure_error, server_host
 
+    monkeypatch.chdir(tmp_path)
     assert "--host" in (cmd := label_server.server_command("studies", 8000)) and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert list(tmp_path.iterdir()) == []  # building the command writes nothing
     assert server_host(["monailabel", "start_server", "--app", "a"]) == "0.0.0.0"  # MONAI Label's default
     assert server_host(["x", "start_server", "--host", "127.0.0.1"]) == "127.0.0.1"
     assert server_host(["x", "start_server", "--host=10.0.0.5"]) == "10.0.0.5"
