@@ -128,10 +128,8 @@ def check_setting(name: str, value: Any, ranges: dict[str, Range], owner: str = 
     return int(value) if accepted.integer else float(value) if isinstance(value, float) else value
 
 
-def check_settings(owner: str, ranges: dict[str, Range] | None = None, **values: Any) -> None:
-    """``check_setting`` for each of ``values`` (by default against ``HPARAM_RANGES``); a detector's
-    constructor calls it first, before it builds anything from them."""
-    table = HPARAM_RANGES if ranges is None else ranges
+def check_settings(owner: str, **values: Any) -> None:
+    """``check_setting`` against ``HPARAM_RANGES`` for each of ``values``; a detector's constructor calls it
+    first, before it builds anything from them."""
     for name, value in values.items():
-        if name in table:
-            check_setting(name, value, table, owner)
+        check_setting(name, value, HPARAM_RANGES, owner)
