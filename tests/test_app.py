@@ -291,16 +291,23 @@ def test_training_overrides_are_limited_to_named_hyper_parameters():
         check_request({"device": "$x"}, own)
 
 
-def test_a_training_request_is_refused_exactly_where_the_library_refuses_the_value():
-    from lib.trainers.normal_studies import config_overrides
+def test_a_training_request_is_refused_wherever_the_library_refuses_the_value_and_beyond_the_service_limits():
+    from lib.trainers.normal_studies import SERVICE_LIMITS, config_overrides
 
     from monai_ad.detectors.base import check_hparams
+    from monai_ad.settings import HPARAM_RANGES
     from monai_ad.transforms.pipeline import PreprocessConfig
 
-    for key, values in {"image_size": [7, 8, 1024, 1025, 2.5], "coreset_ratio": [0, 1e-4, 1.0, 1.5], "epochs": [0, 1, 10**9]}.items():
+    for name, limit in SERVICE_LIMITS.items():  # a service limit lies within the library's range
+        library = HPARAM_RANGES[name]
+        assert limit.integer == library.integer and limit.low >= library.low and limit.high <= library.high, name
+    for key, values in {"image_size": [7, 8, 15, 16, 1024, 1025, 2.5], "coreset_ratio": [0, 1e-5, 1e-4, 1.0, 1.5],
+                        "epochs": [0, 1, 10_000, 10_001, 10**9], "batch_size": [1024, 1025]}.items():  # fmt: skip
         for value in values:
             library = _accepted(lambda: check_hparams("patchcore" if key != "epochs" else "rd4ad", {key: value}))
-            assert _accepted(lambda: config_overrides({f"network_def#{key}": value})) == library, (key, value)
+            served = _accepted(lambda: config_overrides({f"network_def#{key}": value}))
+            limit = SERVICE_LIMITS[key]
+            assert served == (library and limit.low <= value <= limit.high), (key, value)
     for value in ([-160, 240], [240, -160], [-2000, 0], "soft"):
         library = _accepted(lambda: PreprocessConfig.from_dict({"window": value}))
         assert _accepted(lambda: config_overrides({"preprocessing_config#window": value})) == library, value

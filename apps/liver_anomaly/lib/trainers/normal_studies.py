@@ -38,17 +38,33 @@ logger = logging.getLogger(__name__)
 MIN_NORMAL_STUDIES = 2  # one to fit on, one held out to calibrate the thresholds
 
 
-# The hyper-parameters a request may set, with the library's own ranges (monai_ad.settings): a key must also be
-# in the bundle's train.json. Nothing else of the config can be reached from a request (no ``_target_``, no other
-# ``#`` path, no expression).
+# The hyper-parameters a request may set, checked against the library's own ranges (monai_ad.settings) and, where
+# a request could otherwise ask for hours of training or more memory than the machine has, the service's stricter
+# limits (``SERVICE_LIMITS``, each within the library's range). A key must also be a parameter of the bundle's
+# detector. Nothing else of the config can be reached from a request (no ``_target_``, no other ``#`` path, no
+# expression).
 REQUEST_HPARAMS = (
     "image_size", "coreset_ratio", "num_neighbors", "dim", "epochs", "batch_size", "lr", "meta_epochs", "gan_epochs",
     "start_resolution", "latent_dim", "latent_resolution", "transition_iters", "stable_iters", "final_iters",
     "prompt_length", "memory_size", "steps",
 )  # fmt: skip
 REQUEST_PREPROCESSING = ("margin_mm", "normalize_liver_hu", "histogram_equalization", "mask_outside_roi", "window")
+SERVICE_LIMITS: dict[str, Range] = {
+    "image_size": Range(16, 1024, integer=True),
+    "coreset_ratio": Range(1e-4, 1.0),
+    "num_neighbors": Range(1, 64, integer=True),
+    "batch_size": Range(1, 1024, integer=True),
+    "epochs": Range(1, 10_000, integer=True),
+    "lr": Range(1e-8, 1.0),
+    "meta_epochs": Range(1, 10_000, integer=True),
+    "gan_epochs": Range(1, 1000, integer=True),
+    "transition_iters": Range(0, 1_000_000, integer=True),
+    "stable_iters": Range(0, 1_000_000, integer=True),
+    "final_iters": Range(1, 1_000_000, integer=True),
+    "steps": Range(1, 1_000_000, integer=True),
+}
 HYPER_PARAMETERS: dict[str, Range] = {
-    **{f"network_def#{name}": HPARAM_RANGES[name] for name in REQUEST_HPARAMS},
+    **{f"network_def#{name}": SERVICE_LIMITS.get(name, HPARAM_RANGES[name]) for name in REQUEST_HPARAMS},
     **{f"preprocessing_config#{name}": PREPROCESS_RANGES[name] for name in REQUEST_PREPROCESSING},
 }
 QUANTILE = Range(0.5, 0.9999)
