@@ -11,7 +11,7 @@ setup:
 demo: setup
 	$(PY) -m monai_ad demo --out outputs/demo
 
-# MONAI Label server on phantom sample studies (written on first use; the default detector (fused) trains at start-up if it has no model):
+# MONAI Label server on phantom sample studies (written on first use; the default detector (intensity) trains at start-up if it has no model):
 # http://127.0.0.1:8000 for 3D Slicer. APP_ARGS="--models patchcore_liver_ct --port 8001" narrows or moves it.
 APP_ARGS ?=
 app: setup

@@ -54,16 +54,15 @@ from lesion_insertion import build_leave_one_out  # noqa: E402
 import monai_ad.postprocess as postprocess  # noqa: E402
 from monai_ad import evaluation, metrics  # noqa: E402
 from monai_ad.data.phantom import write_phantom_dataset  # noqa: E402
-from monai_ad.cli import load_run_config  # noqa: E402
+from monai_ad.run_config import load_run_config  # noqa: E402
 from monai_ad.detectors import available_detectors  # noqa: E402
 from monai_ad.detectors.base import detector_class  # noqa: E402
 from monai_ad.errors import InputError  # noqa: E402
 from monai_ad.postprocess import axial_axis  # noqa: E402
 
-from monai_ad.data.datalists import LESION_LABEL, load_datalist, roi_source  # noqa: E402
+from monai_ad.data.datalists import load_datalist  # noqa: E402
 from monai_ad.prediction import Predictor  # noqa: E402
 from monai_ad.training import train  # noqa: E402
-from monai_ad.transforms.pipeline import LoadVolumed  # noqa: E402
 
 FLOOR = "density"
 REAL_TITLES = {"sparse": "real CT, sparse inserted lesions", "metastatic": "real CT, heavy metastatic burden"}
@@ -136,38 +135,23 @@ def run_fold(name: str, hparams: dict, preprocessing: dict, fold: dict, work: Pa
                      quantile=quantile, device=str(device), progress=False)  # fmt: skip
     train_s = time.perf_counter() - start
     predictor = Predictor(detector, device=str(device), min_lesion_mm3=MIN_LESION_MM3)
-    loader = LoadVolumed(["label"], mask_keys=["label"])
     cases, seconds, inference_s, scored = [], [], 0.0, 0
     for item in load_datalist(fold["datalist"], "test"):
         timings: dict[str, float] = {}
-        start = time.perf_counter()
-        result = predictor(item["image"], roi_source(item), timings=timings)
-        seconds.append(time.perf_counter() - start)
+        case = evaluation.measure_case(predictor, item, fold["datalist"], timings=timings)
+        seconds.append(case.seconds)
         inference_s += timings.get("inference", 0.0)
-        label = loader({"label": item["label"]})["label"].as_tensor()[0].numpy()
-        if label.shape != result.heatmap.shape:
-            raise SystemExit(f"{item['label']}: label shape {label.shape} differs from the heatmap's {result.heatmap.shape}")
-        axis = axial_axis(result.affine)
-        spacing = np.linalg.norm(result.affine[:3, :3], axis=0)
-        liver, lesion = label > 0, label == LESION_LABEL
-        pred = result.label_map > 0
-        # everything below works on the liver's bounding box (one voxel of margin), axial axis first
-        box = evaluation.liver_box(liver)
-        crop = lambda a: np.moveaxis(a[box], axis, 0)  # noqa: E731
-        slice_scores = result.summary["slice_scores"]
-        scored_z = [z for z, s in enumerate(slice_scores) if s is not None]
-        scored += len(scored_z)
-        lesion_z = np.moveaxis(lesion, axis, 0).reshape(lesion.shape[axis], -1).any(1)
-        pred_z = np.moveaxis(pred & liver, axis, 0).reshape(pred.shape[axis], -1).any(1)
-        liver_z = np.moveaxis(liver, axis, 0).reshape(liver.shape[axis], -1).any(1)
+        scored += len(case.scored)
+        normal, flagged = case.normal_slices()
         cases.append({
-            "case_id": item.get("case_id", Path(item["image"]).name), "image": item["image"], "box": box, "axis": axis,
-            "lesions_drawn": item.get("lesions", []), "affine": np.asarray(result.affine),
-            "heat": crop(result.heatmap), "lesion": crop(lesion), "liver": crop(liver), "pred": crop(pred),
-            "spacing": tuple(float(spacing[i]) for i in [axis, *(j for j in range(3) if j != axis)]),
-            "slice_labels": lesion_z[scored_z], "slice_scores": np.asarray([slice_scores[z] for z in scored_z], float),
-            "tp": int((pred & lesion).sum()), "fp": int((pred & ~lesion).sum()), "fn": int((~pred & lesion).sum()),
-            "normal_slices": int((liver_z & ~lesion_z).sum()), "flagged_normal": int((liver_z & ~lesion_z & pred_z).sum()),
+            "case_id": item.get("case_id", Path(item["image"]).name), "image": item["image"],
+            "box": evaluation.liver_box(case.liver), "axis": case.axis, "lesions_drawn": item.get("lesions", []),
+            "affine": np.asarray(case.result.affine), "spacing": case.axial_spacing,
+            **{name: case.in_liver_box(volume) for name, volume in (
+                ("heat", case.result.heatmap), ("lesion", case.lesion), ("liver", case.liver),
+                ("pred", case.result.label_map > 0))},
+            "slice_labels": case.slice_labels.astype(bool), "slice_scores": case.slice_scores,
+            "tp": case.tp, "fp": case.fp, "fn": case.fn, "normal_slices": normal, "flagged_normal": flagged,
         })  # fmt: skip
     out = fold_metrics(cases, MIN_LESION_MM3)
     out.update({
@@ -451,7 +435,11 @@ def main() -> None:
              "shared)"] if load is not None else []),
         *notes,
     ]
-    record("Accuracy: phantoms and real CT with inserted lesions", device, tables, notes,
+    # one current section per configuration: what the command line chose beyond the defaults
+    chosen = " ".join(sys.argv[1:]).replace(f"--results {args.results}", "").replace("--no-record", "")
+    chosen = " ".join(chosen.replace(f"--work {args.work}", "").split())
+    scope = f" ({chosen})" if chosen else ""
+    record(f"Accuracy: phantoms and real CT with inserted lesions{scope}", device, tables, notes,
            results=None if args.no_record else args.results)  # fmt: skip
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from monai_ad.allocator import keep_freed_memory
+from monai_ad.io import atomic_write
 from monai_ad.data.phantom import make_phantom, save_case, write_phantom_dataset
 from monai_ad.detectors import AnomalyDetector, create_detector
 from monai_ad.detectors.base import detector_class
@@ -149,15 +150,34 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def section_heading(title: str, device: torch.device) -> str:
+    """A results section's heading: the title, and the GPU when measured on one (CPU and GPU figures live apart)."""
+    return f"## {title}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+
+
+def replace_section(text: str, heading: str, block: str) -> str:
+    """``text`` (a results file) with the section under ``heading`` replaced by ``block``, or ``block`` appended when
+    there is none: each benchmark keeps one current section; earlier figures stay in the history of the file."""
+    lines = text.split("\n")
+    if heading not in lines:
+        return text.rstrip("\n") + "\n\n" + block.rstrip("\n") + "\n"
+    start = lines.index(heading)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    kept = lines[:start] + block.rstrip("\n").split("\n") + ([""] if end < len(lines) else []) + lines[end:]
+    return "\n".join(kept).rstrip("\n") + "\n"
+
+
 def record(title: str, device: torch.device, tables: Sequence[str], notes: Sequence[str] = (), data: Any = None,
            results: Path | None = RESULTS) -> None:
-    """Print the figures and append them, with machine, date and command, to ``RESULTS.md``."""
+    """Print the figures and write them, with machine, date and command, as the section ``title`` of ``RESULTS.md``
+    (replacing that section's previous figures)."""
     args = list(sys.argv[1:])
     if "--work" in args[:-1]:  # a scratch folder, not part of what was measured
         del args[args.index("--work") : args.index("--work") + 2]
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *args])
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = [f"## {title}", "", f"- machine: {machine_description(device)}", f"- date: {stamp}", f"- command: `{command}`"]
+    heading = section_heading(title, device)
+    text = [heading, "", f"- machine: {machine_description(device)}", f"- date: {stamp}", f"- command: `{command}`"]
     if ALLOCATOR_TUNED:
         text.append("- process: malloc keeps 1 GiB of freed memory for reuse (M_TOP_PAD), as `monai-ad` sets it")
     text += [f"- {n}" for n in notes]
@@ -169,8 +189,9 @@ def record(title: str, device: torch.device, tables: Sequence[str], notes: Seque
     if data is not None:
         print(json.dumps(data, indent=1, default=str))
     if results is not None:
-        with open(results, "a") as f:
-            f.write(block + "\n")
+        results = Path(results)
+        current = results.read_text() if results.exists() else ""
+        atomic_write(results, lambda tmp: tmp.write_text(replace_section(current, heading, block)))
 
 
 def resolve(device: str | None) -> torch.device:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -15,7 +17,7 @@ from monai_ad.detectors.base import AnomalyDetector
 from monai_ad.errors import InputError
 from monai_ad.io import atomic_path, write_json
 from monai_ad.postprocess import axial_axis
-from monai_ad.prediction import Predictor, _predictor
+from monai_ad.prediction import Predictor, VolumeResult, _predictor
 from monai_ad.training import train
 from monai_ad.transforms.array import HUWindow
 from monai_ad.transforms.pipeline import IMAGE, ROI, LoadVolumed
@@ -65,6 +67,89 @@ def liver_box(liver: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
     return tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in np.nonzero(liver))
 
 
+@dataclass
+class CaseMeasurement:
+    """One labelled scan scored by a predictor and read against its label: what ``evaluate`` and the accuracy
+    benchmark both measure from. Volumes are in the scan's array order; ``axis`` is its axial axis and ``scored``
+    the axial slices that were scored (those with liver)."""
+
+    result: VolumeResult
+    lesion: np.ndarray
+    liver: np.ndarray
+    axis: int
+    scored: list[int]
+    spacing: tuple[float, ...]
+    slice_labels: np.ndarray
+    slice_scores: np.ndarray
+    tp: int
+    fp: int
+    fn: int
+    label_map_reading: dict[str, Any]  # ``metrics.detect_lesions`` on the label map as the user gets it
+    seconds: float
+
+    @property
+    def case(self) -> str:
+        return self.result.case
+
+    def scored_slices(self, volume: np.ndarray) -> np.ndarray:
+        """``volume``'s scored slices, axial axis first."""
+        return np.moveaxis(volume, self.axis, 0)[self.scored]
+
+    def in_liver_box(self, volume: np.ndarray) -> np.ndarray:
+        """``volume`` within the liver's bounding box (one voxel of margin), axial axis first."""
+        return np.moveaxis(volume[liver_box(self.liver)], self.axis, 0)
+
+    @property
+    def axial_spacing(self) -> tuple[float, ...]:
+        """``spacing`` in the order of ``in_liver_box``'s axes."""
+        return tuple(self.spacing[i] for i in [self.axis, *(j for j in range(3) if j != self.axis)])
+
+    def normal_slices(self) -> tuple[int, int]:
+        """Liver slices without lesion, and how many of them the label map marks."""
+        along = lambda v: np.moveaxis(v, self.axis, 0).reshape(v.shape[self.axis], -1).any(1)  # noqa: E731
+        liver_z, lesion_z = along(self.liver), along(self.lesion)
+        normal = liver_z & ~lesion_z
+        return int(normal.sum()), int((normal & along((self.result.label_map > 0) & self.liver)).sum())
+
+
+def measure_case(
+    predictor: Predictor,
+    item: Mapping[str, Any],
+    datalist: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    timings: dict[str, float] | None = None,
+) -> CaseMeasurement:
+    """Score ``item`` (a datalist entry with ``image``, ``label`` and optionally ``roi``) with ``predictor`` and read
+    the result against the label (lesion = ``LESION_LABEL``; liver = the predictor's reading of the ROI mask, else
+    the label's non-zero voxels)."""
+    from monai_ad import metrics
+
+    if not item.get("label"):
+        raise InputError(f"test case {item.get(IMAGE)} has no 'label' to evaluate against", datalist)
+    start = time.perf_counter()
+    result = predictor(item[IMAGE], roi_source(item), output_dir, keep_inputs=True, timings=timings)
+    seconds = time.perf_counter() - start
+    label = LoadVolumed(["label"], mask_keys=["label"])({"label": item["label"]})["label"].as_tensor()[0].numpy()
+    if label.shape != result.heatmap.shape:
+        raise InputError(f"label shape {label.shape} does not match image shape {result.heatmap.shape}", item["label"])
+    lesion = label == LESION_LABEL
+    liver = result.roi if item.get(ROI) else label > 0
+    axis = axial_axis(result.affine)
+    scored = [z for z, s in enumerate(result.summary["slice_scores"]) if s is not None]
+    spacing = tuple(float(v) for v in np.linalg.norm(result.affine[:3, :3], axis=0))
+    pred = result.label_map > 0
+    along = np.moveaxis(lesion, axis, 0)[scored]
+    return CaseMeasurement(
+        result=result, lesion=lesion, liver=liver, axis=axis, scored=scored, spacing=spacing,
+        slice_labels=along.reshape(len(scored), -1).any(1).astype(int),
+        slice_scores=np.asarray([result.summary["slice_scores"][z] for z in scored], dtype=float),
+        tp=int((pred & lesion).sum()), fp=int((pred & ~lesion).sum()), fn=int((~pred & lesion).sum()),
+        label_map_reading=metrics.detect_lesions(pred, lesion, 0.5, roi=liver, spacing=spacing,
+                                                 min_region_overlap=MIN_REGION_OVERLAP),
+        seconds=seconds,
+    )  # fmt: skip
+
+
 def evaluate(
     model: str | os.PathLike | AnomalyDetector | Predictor,
     datalist: str | os.PathLike,
@@ -84,60 +169,38 @@ def evaluate(
     predictor = _predictor(model, options)
     items = load_datalist(datalist, key)
     out = Path(output_dir)
-    loader = LoadVolumed(["label"], mask_keys=["label"])
     window = HUWindow(predictor.config.window)
-    slice_labels, slice_scores, slice_ids = [], [], []
+    slice_labels, slice_scores = [], []
     gt_slices, map_slices, roi_slices = [], [], []
     montage_pool, curves = [], []
     tp = fp = fn = 0
     lesions_found, lesions_large, false_regions = [], [], 0
     volumes: dict[str, list] = {"heat": [], "lesion": [], "liver": [], "spacing": []}  # liver boxes, for lesion figures
     for item in tqdm(items, desc="evaluation", disable=not progress, unit="volume"):
-        if not item.get("label"):
-            raise InputError(f"test case {item.get(IMAGE)} has no 'label' to evaluate against", datalist)
-        result = predictor(item[IMAGE], roi_source(item), out / "volumes" if write_volumes else None, keep_inputs=True)
-        label = loader({"label": item["label"]})["label"].as_tensor()[0].numpy()
-        if label.shape != result.heatmap.shape:
-            raise InputError(f"label shape {label.shape} does not match image shape {result.heatmap.shape}", item["label"])
-        lesion = label == LESION_LABEL
-        if item.get(ROI):
-            liver = result.roi  # the predictor's own reading of the mask, its liver label(s) selected
-        else:
-            liver = label > 0
-        axis = axial_axis(result.affine)
-        scored = [z for z, s in enumerate(result.summary["slice_scores"]) if s is not None]
-        heat = np.moveaxis(result.heatmap, axis, 0)[scored]
-        gt = np.moveaxis(lesion, axis, 0)[scored]
-        roi = np.moveaxis(liver, axis, 0)[scored]
-        pred = np.moveaxis(result.label_map > 0, axis, 0)[scored]
-        image = window(torch.from_numpy(result.image)).numpy()
-        image = np.moveaxis(image, axis, 0)[scored]
-        scores = np.asarray([result.summary["slice_scores"][z] for z in scored], dtype=float)
-        labels = gt.reshape(len(scored), -1).any(1).astype(int)
+        case = measure_case(predictor, item, datalist, out / "volumes" if write_volumes else None)
+        result = case.result
+        heat, gt, roi = (case.scored_slices(v) for v in (result.heatmap, case.lesion, case.liver))
+        pred = case.scored_slices(result.label_map > 0)
+        image = case.scored_slices(window(torch.from_numpy(result.image)).numpy())
         gt_slices.append(gt), map_slices.append(heat), roi_slices.append(roi)
-        slice_labels.append(labels), slice_scores.append(scores)
-        slice_ids += [(result.case, z) for z in scored]
-        spacing = np.linalg.norm(result.affine[:3, :3], axis=0)
-        reading = metrics.detect_lesions(result.label_map, lesion, threshold=1, roi=liver, spacing=spacing)
-        # ^ the label map's regions: thresholded and cleaned as the user gets them
-        if liver.any():
-            box = liver_box(liver)
-            for name, volume in (("heat", result.heatmap), ("lesion", lesion), ("liver", liver)):
+        slice_labels.append(case.slice_labels), slice_scores.append(case.slice_scores)
+        if case.liver.any():
+            box = liver_box(case.liver)
+            for name, volume in (("heat", result.heatmap), ("lesion", case.lesion), ("liver", case.liver)):
                 volumes[name].append(volume[box])
-            volumes["spacing"].append(tuple(float(v) for v in spacing))
+            volumes["spacing"].append(case.spacing)
+        reading = case.label_map_reading
         lesions_found.append(reading["found"])
         lesions_large.append(reading["diameters_mm"] >= LARGE_LESION_MM)
         false_regions += reading["n_false_regions"]
-        tp += int((pred & gt).sum())
-        fp += int((pred & ~gt).sum())
-        fn += int((~pred & gt).sum())
+        tp, fp, fn = tp + case.tp, fp + case.fp, fn + case.fn
         full_curve = np.full(len(result.summary["slice_scores"]), np.nan)
-        full_curve[scored] = scores
+        full_curve[case.scored] = case.slice_scores
         full_labels = np.zeros(len(full_curve), dtype=int)
-        full_labels[scored] = labels
+        full_labels[case.scored] = case.slice_labels
         curves.append(report.ScoreCurve(name=result.case, scores=full_curve, labels=full_labels))
-        for i, z in enumerate(scored):
-            montage_pool.append((scores[i], result.case, z, image[i], heat[i], gt[i], pred[i]))
+        for i, z in enumerate(case.scored):
+            montage_pool.append((case.slice_scores[i], result.case, z, image[i], heat[i], gt[i], pred[i]))
         montage_pool = sorted(montage_pool, key=lambda t: -t[0])[:montage_size]
 
     all_labels, all_scores = np.concatenate(slice_labels), np.concatenate(slice_scores)

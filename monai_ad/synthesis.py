@@ -34,6 +34,8 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from monai_ad.components.smoothing import gaussian_blur2d
+
 
 KINDS = ("density", "texture", "fpi", "pii")
 DEFAULT_KIND_WEIGHTS = {"density": 0.4, "texture": 0.15, "fpi": 0.2, "pii": 0.25}
@@ -177,7 +179,6 @@ def texture_change(
     """Inside ``mask`` the parenchyma's fine texture is smoothed away (Gaussian, ``smooth_px``) and replaced by
     coarser grain (Gaussian noise smoothed by ``grain_px``, standard deviation ``grain_hu`` ``[B]``), plus a density
     shift ``shift_hu`` ``[B]``; the same grain in every channel. Clipped to ``[0, 1]``."""
-    from monai_ad.detectors.components import gaussian_blur2d  # here: the detectors package imports this module
 
     b, _, h, w = x.shape
     smooth = gaussian_blur2d(x, smooth_px)

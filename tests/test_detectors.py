@@ -11,17 +11,11 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from monai_ad.components.maps import max_in_roi, roi_on_grid, upsample_blur_matrix
+from monai_ad.components.patch_features import PatchEmbedding, greedy_coreset
+from monai_ad.components.smoothing import GaussianBlur2d, gaussian_blur2d
 from monai_ad.detectors import AnomalyDetector, PatchCore, SimpleNet, available_detectors, create_detector
 from monai_ad.detectors.base import DETECTORS
-from monai_ad.detectors.components import (
-    GaussianBlur2d,
-    PatchEmbedding,
-    gaussian_blur2d,
-    greedy_coreset,
-    max_in_roi,
-    roi_on_grid,
-    upsample_blur_matrix,
-)
 from monai_ad.errors import InputError
 from monai_ad.networks import build_backbone
 

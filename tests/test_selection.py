@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from monai_ad.cli import load_run_config, main
+from monai_ad.cli import main
+from monai_ad.run_config import load_run_config
 from monai_ad.detectors import create_detector
 from monai_ad.errors import InputError
 from monai_ad.selection import expand_grid, fold_splits, one_kind_anomalies, patient_of

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from monai_ad.errors import InputError
-from monai_ad.settings import HPARAM_RANGES, SCHEDULE_NAMES, check_setting, check_settings
 from monai_ad.io import atomic_write
+from monai_ad.settings import HPARAM_RANGES, SCHEDULE_NAMES, check_setting, check_settings
 
 FILE_FORMAT = "monai_ad.detector/1"
 EXTENT_QUANTILE = 0.99  # a found region extends over the voxels that score above 99 % of normal liver voxels

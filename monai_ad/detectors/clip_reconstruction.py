@@ -46,12 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_ad.components.maps import PatchScoreMap, max_in_roi, roi_on_grid
+from monai_ad.components.training_loop import FrozenFeatureTrainer, cache_budget
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
-from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
-from monai_ad.detectors.feature_training import FrozenFeatureTrainer, cache_budget
 from monai_ad.errors import InputError
-from monai_ad.settings import check_settings
 from monai_ad.networks.clip import FrozenCLIP, evenly_spaced_layers
+from monai_ad.settings import check_settings
 
 DEFAULT_CACHE_BYTES = 2 << 30
 PLACEHOLDER = "X"

@@ -13,8 +13,9 @@ from typing import Iterable
 
 import torch
 
+from monai_ad.components.smoothing import smooth_inside
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
-from monai_ad.detectors.intensity import gaussian_kernel, pixel_mm, slice_medians, smooth_inside
+from monai_ad.detectors.intensity import gaussian_kernel, pixel_mm, slice_medians
 from monai_ad.errors import InputError
 
 

@@ -51,13 +51,12 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from monai_ad.components.maps import PatchScoreMap, max_in_roi, roi_on_grid
+from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
-from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
 from monai_ad.distributed import all_reduce_sum_, optimizer_step
 from monai_ad.errors import InputError
-from monai_ad.settings import check_settings
 from monai_ad.networks.perceptual_autoencoder import (
     ProgressiveAutoencoder,
     RelativePerceptualL1,
@@ -65,6 +64,7 @@ from monai_ad.networks.perceptual_autoencoder import (
     load_feature_stats,
     resolutions,
 )
+from monai_ad.settings import check_settings
 
 logger = logging.getLogger(__name__)
 
@@ -191,17 +191,6 @@ class DeepPerceptualAutoencoder(AnomalyDetector):
         return float(lr) if lr is not None else (1e-3 if self.progressive else 2e-3)
 
     # ------------------------------------------------------------------ training
-    def _training_slices(self, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Every training slice of this process, ``[N, 1, S, S]`` float16 on the device, in ``[-1, 1]``."""
-        slices = []
-        for batch in batches:
-            image = batch["image"]
-            self.check_slices(image)
-            slices.append(to_signed(image.to(self.device, torch.float32)).half())
-        if not slices:
-            raise InputError("dpa: no training slices")
-        return torch.cat(slices)
-
     @torch.no_grad()
     def _fit_feature_stats(self, slices: torch.Tensor, chunk: int = 64) -> None:
         """Per-channel mean and (floored) standard deviation of each resolution's VGG layer on the training
@@ -236,14 +225,6 @@ class DeepPerceptualAutoencoder(AnomalyDetector):
             scale = std.clamp_min(max(SCALE_FLOOR * float(std.mean()), 1e-6))
             self.loss.set_stats(r, mean.float(), scale.float())
 
-    def _batches(self, n: int, generator: torch.Generator):
-        """Endless batches of slice indices: shuffled passes, the last incomplete batch of a pass dropped."""
-        size = min(int(self.hparams["batch_size"]), n)
-        while True:
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n - size + 1, size):
-                yield order[start : start + size]
-
     def training_inputs(self, slices: torch.Tensor, phase: Phase, alpha: float) -> torch.Tensor:
         """The images the network sees in ``phase``: downsampled to its resolution and, during a transition,
         blended with the nearest-upsampled previous resolution."""
@@ -265,48 +246,40 @@ class DeepPerceptualAutoencoder(AnomalyDetector):
         return loss
 
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
-        slices = self._training_slices(batches)
+        # every slice of this process in [-1, 1]
+        slices, _ = gather_slices("dpa", batches, self.device, self.check_slices, to_signed)
         self._fit_feature_stats(slices)
-        generator = torch.Generator().manual_seed(int(self.hparams["seed"]))
-        indices = self._batches(slices.shape[0], generator)
+        indices = index_stream(slices.shape[0], int(self.hparams["batch_size"]), torch.Generator().manual_seed(
+            int(self.hparams["seed"])), drop_last=True)  # fmt: skip
         phases = self.growth_phases()
         self.history = []
-        self.autoencoder.train()
-        total = sum(p.iterations for p in phases)
-        bar = tqdm(total=total, desc="dpa training", disable=not progress, unit="it", leave=False)
-        try:
+        with TrainingLoop("dpa", self.autoencoder, sum(p.iterations for p in phases), progress, unit="it") as loop:
             for phase in phases:
                 # a fresh optimiser for each phase's networks, as the reference
                 optimizer = torch.optim.Adam(self.autoencoder.parameters(), lr=self.learning_rate)
-                losses, alphas = [], []
-                for step in range(1, phase.iterations + 1):
-                    alpha = step / phase.iterations if phase.transition else 1.0
-                    batch = slices[next(indices).to(slices.device)].float()
-                    x = self.training_inputs(batch, phase, alpha)
+
+                def step(index: int) -> torch.Tensor:
+                    alpha = (index + 1) / phase.iterations if phase.transition else 1.0
+                    x = self.training_inputs(slices[next(indices).to(slices.device)].float(), phase, alpha)
                     loss = self.training_loss(x, phase, alpha)
                     optimizer_step(loss, [optimizer], self.autoencoder.parameters())
-                    losses.append(loss.detach())
-                    alphas.append(alpha)
-                    bar.update()
-                losses_cpu = torch.stack(losses).float().cpu()  # one host sync per phase
-                if not torch.isfinite(losses_cpu).all():
-                    raise RuntimeError(f"dpa: the training loss diverged at resolution {phase.resolution}; lower lr")
+                    return loss
+
+                tenth = max(1, phase.iterations // 10)
+                losses = loop.run(phase.iterations, step, tenth, where=f"at resolution {phase.resolution}")
                 self.history.append(
                     {
                         "resolution": phase.resolution,
                         "phase": "transition" if phase.transition else "stable",
                         "iterations": phase.iterations,
-                        "alpha_first": alphas[0],
-                        "alpha_last": alphas[-1],
-                        "loss_first": float(losses_cpu[0]),
-                        "loss_last": float(losses_cpu[-max(1, len(losses) // 10) :].mean()),
+                        "alpha_first": 1 / phase.iterations if phase.transition else 1.0,
+                        "alpha_last": 1.0,
+                        "loss_first": losses[0],  # mean of the first tenth of the phase
+                        "loss_last": losses[-1],  # and of the last
                     }
                 )
-                bar.set_postfix(res=phase.resolution, loss=f"{self.history[-1]['loss_last']:.4f}")
                 logger.info("dpa: %s", self.history[-1])
-        finally:
-            bar.close()
-            self.eval()
+        self.eval()
 
     # ------------------------------------------------------------------ scoring
     def position_scores(self, image: torch.Tensor) -> torch.Tensor:

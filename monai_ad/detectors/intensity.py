@@ -43,6 +43,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from monai_ad.components.smoothing import gaussian_kernel1d, smooth_inside
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.errors import InputError
 
@@ -80,22 +81,8 @@ def pixel_mm(hparam: float | None, preprocessing: dict, image_size: int) -> floa
 
 
 def gaussian_kernel(sigma_px: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3.0 * sigma_px)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (x / sigma_px) ** 2)
-    return kernel / kernel.sum()
-
-
-def smooth_inside(image: torch.Tensor, roi: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Gaussian smoothing of ``[B, 1, H, W]`` that uses only pixels inside ``roi`` (normalised convolution)."""
-    weight = roi.to(image.dtype)
-    k = kernel.to(image.device, image.dtype)
-    pad = len(k) // 2
-    stacked = torch.cat([image * weight, weight], 1).reshape(-1, 1, *image.shape[-2:])  # [2B, 1, H, W]
-    stacked = F.conv2d(F.pad(stacked, (0, 0, pad, pad), mode="constant"), k.view(1, 1, -1, 1))
-    stacked = F.conv2d(F.pad(stacked, (pad, pad, 0, 0), mode="constant"), k.view(1, 1, 1, -1))
-    stacked = stacked.reshape(image.shape[0], 2, *image.shape[-2:])
-    return stacked[:, :1] / stacked[:, 1:].clamp_min(1e-6)
+    """The density maps' Gaussian: truncated at 3 σ (at least one pixel each side)."""
+    return gaussian_kernel1d(sigma_px, radius=max(1, int(math.ceil(3.0 * sigma_px))))
 
 
 @register_detector("intensity")

@@ -37,12 +37,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from monai_ad.components.autocast import cuda_autocast
+from monai_ad.components.maps import PatchScoreMap, max_in_roi_map
+from monai_ad.components.patch_features import LAYER1_TO_3
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
-from monai_ad.detectors.components import LAYER1_TO_3, PatchScoreMap, cuda_autocast, max_in_roi_map
 from monai_ad.distributed import all_reduce_sum_
 from monai_ad.errors import InputError
-from monai_ad.settings import check_settings
 from monai_ad.networks.backbones import build_backbone
+from monai_ad.settings import check_settings
 
 # the random channel subset d of each backbone
 PADIM_DIM = {"efficientnet_lite0": 100, "vgg16": 550, "resnet18": 100, "wide_resnet50_2": 550}

@@ -24,8 +24,9 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from monai_ad.components.maps import PatchScoreMap, max_in_roi, roi_on_grid
+from monai_ad.components.patch_features import PatchFeatures, greedy_coreset
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
-from monai_ad.detectors.components import PatchFeatures, PatchScoreMap, greedy_coreset, max_in_roi, roi_on_grid
 from monai_ad.distributed import all_gather_rows
 from monai_ad.errors import InputError
 

@@ -35,13 +35,16 @@ from typing import Iterable, Sequence
 
 import torch
 
+from monai_ad.components.autocast import cuda_autocast
+from monai_ad.components.maps import max_in_roi_map
+from monai_ad.components.patch_features import LAYER1_TO_3
+from monai_ad.components.smoothing import GaussianBlur2d
+from monai_ad.components.training_loop import FrozenFeatureTrainer, cache_budget
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
-from monai_ad.detectors.components import LAYER1_TO_3, GaussianBlur2d, cuda_autocast, max_in_roi_map
-from monai_ad.detectors.feature_training import FrozenFeatureTrainer, cache_budget
 from monai_ad.errors import InputError
-from monai_ad.settings import check_settings
 from monai_ad.networks.backbones import build_backbone
 from monai_ad.networks.reverse_distillation import MAP_MODES, ReverseDistillation, anomaly_map, distillation_loss
+from monai_ad.settings import check_settings
 
 DEFAULT_CACHE_BYTES = 4 << 30
 

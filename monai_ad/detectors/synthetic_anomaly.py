@@ -37,18 +37,21 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
-from tqdm.auto import tqdm
 
+from monai_ad.components.autocast import cuda_autocast
+from monai_ad.components.maps import max_in_roi_map
+from monai_ad.components.smoothing import GaussianBlur2d
+from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
-from monai_ad.detectors.components import GaussianBlur2d, cuda_autocast, max_in_roi_map
-from monai_ad.distributed import average_batchnorm_statistics, optimizer_step, rank
+from monai_ad.distributed import optimizer_step, rank
 from monai_ad.errors import InputError
-from monai_ad.settings import check_settings
 from monai_ad.networks.anomaly_segmenter import AnomalySegmenter
+from monai_ad.settings import check_settings
 from monai_ad.synthesis import DEFAULT_HU_WIDTH, KINDS, SynthesisConfig, hu_scale_for, roi_centers, synthesize
 
 logger = logging.getLogger(__name__)
 
+LOSS_WINDOW = 50  # steps per recorded mean loss
 WARMUP = 0.05  # share of the steps with a linearly rising learning rate
 
 
@@ -142,29 +145,6 @@ class SyntheticAnomaly(AnomalyDetector):
         return hu_scale_for(self.in_channels, window=pre.get("window") or (0.0, DEFAULT_HU_WIDTH))
 
     # ------------------------------------------------------------------ training
-    def _training_slices(self, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, rois = [], []
-        for batch in batches:
-            image = batch["image"]
-            self.check_slices(image)
-            roi = batch.get("roi")
-            roi = torch.ones_like(image[:, :1], dtype=torch.bool) if roi is None else roi > 0
-            images.append(image.to(self.device, torch.float16))
-            rois.append(roi.to(self.device))
-        if not images:
-            raise InputError("synthetic_anomaly: no training slices")
-        return torch.cat(images), torch.cat(rois)
-
-    def _index_stream(self, n: int, generator: torch.Generator):
-        """Endless batches of slice indices: shuffled passes, a batch may run into the next pass."""
-        size = int(self.hparams["batch_size"])
-        pending = torch.empty(0, dtype=torch.long)
-        while True:
-            while pending.numel() < size:
-                pending = torch.cat([pending, torch.randperm(n, generator=generator)])
-            yield pending[:size]
-            pending = pending[size:]
-
     def crop(
         self, image: torch.Tensor, roi: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,10 +173,10 @@ class SyntheticAnomaly(AnomalyDetector):
 
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
         p = self.hparams
-        images, rois = self._training_slices(batches)
+        images, rois = gather_slices("synthetic_anomaly", batches, self.device, self.check_slices)
         device = self.device
         generator = torch.Generator().manual_seed(int(p["seed"]) * 1009 + rank())
-        indices = self._index_stream(images.shape[0], generator)
+        indices = index_stream(images.shape[0], int(p["batch_size"]), generator)
         config, pixel_mm, hu_scale = self.synthesis_config(), self.pixel_mm(), self.hu_scale().to(device)
         parameters = [q for q in self.network.parameters() if q.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=p["lr"], weight_decay=p["weight_decay"])
@@ -209,34 +189,22 @@ class SyntheticAnomaly(AnomalyDetector):
             "synthetic_anomaly: %d slices, %d steps, %.2f mm per pixel, %s HU window width",
             images.shape[0], steps, pixel_mm, (1 / hu_scale).tolist(),
         )  # fmt: skip
-        self.network.train()
-        self.train_losses = []
-        losses = []
-        bar = tqdm(total=steps, desc="synthetic_anomaly training", disable=not progress, unit="step", leave=False)
-        try:
-            for step in range(steps):
-                index = next(indices).to(device)
-                image, roi = self.crop(images[index].float(), rois[index], generator)
-                with torch.no_grad():
-                    image, label = synthesize(image, roi, pixel_mm, generator, config, hu_scale)
-                with cuda_autocast(device, p["amp"]):
-                    logits = self.network(image, roi)
-                loss = self.loss(logits.float(), label, roi)
-                optimizer_step(loss, [optimizer], parameters)
-                schedule.step()
-                losses.append(loss.detach())
-                if (step + 1) % 50 == 0 or step + 1 == steps:
-                    mean = float(torch.stack(losses).mean())  # one host sync per 50 steps
-                    if not math.isfinite(mean):
-                        raise RuntimeError("synthetic_anomaly: the training loss diverged; lower lr")
-                    self.train_losses.append(mean)
-                    losses = []
-                    bar.set_postfix(loss=f"{mean:.4f}")
-                bar.update()
-            average_batchnorm_statistics(self.network)
-        finally:
-            bar.close()
-            self.eval()
+
+        def step(_: int) -> torch.Tensor:
+            index = next(indices).to(device)
+            image, roi = self.crop(images[index].float(), rois[index], generator)
+            with torch.no_grad():
+                image, label = synthesize(image, roi, pixel_mm, generator, config, hu_scale)
+            with cuda_autocast(device, p["amp"]):
+                logits = self.network(image, roi)
+            loss = self.loss(logits.float(), label, roi)
+            optimizer_step(loss, [optimizer], parameters)
+            schedule.step()
+            return loss
+
+        with TrainingLoop("synthetic_anomaly", self.network, steps, progress) as loop:
+            self.train_losses = loop.run(steps, step, window=LOSS_WINDOW)
+        self.eval()
 
     # ------------------------------------------------------------------ scoring
     def anomaly_map(self, image: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:

@@ -45,12 +45,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from monai_ad.components.maps import PatchScoreMap, max_in_roi, roi_on_grid
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
-from monai_ad.detectors.components import PatchScoreMap, max_in_roi, roi_on_grid
 from monai_ad.distributed import all_gather_rows
 from monai_ad.errors import InputError
-from monai_ad.settings import check_settings
 from monai_ad.networks.clip import FrozenCLIP
+from monai_ad.settings import check_settings
 
 NORMAL_STATES = (
     "{}",

@@ -21,7 +21,6 @@ ViT's own embedding and pooling steps (``VisionTransformer._embeds`` / ``_pool``
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_ad.components.autocast import Autocast
 from monai_ad.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def clip_tokenizer():
     return SimpleTokenizer()
 
 
-class FrozenCLIP(nn.Module):
+class FrozenCLIP(Autocast, nn.Module):
     """A frozen open_clip ViT CLIP (see the module docstring). Stays in eval mode when a parent trains.
 
     Image input: grey slices ``[B, 1, H, W]`` in ``[0, 1]``; they are resized to the model's input size
@@ -189,11 +189,6 @@ class FrozenCLIP(nn.Module):
     def train(self, mode: bool = True) -> "FrozenCLIP":
         return super().train(False)
 
-    def autocast(self, device: torch.device):
-        """bf16 autocast on CUDA (when ``amp``), nothing on the CPU."""
-        if self.amp and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ image tower
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

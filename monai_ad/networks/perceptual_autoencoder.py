@@ -26,13 +26,13 @@ width everywhere.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_ad.components.autocast import Autocast
 from monai_ad.errors import InputError
 from monai_ad.networks.backbones import FeatureExtractor, build_backbone, vgg_extractor
 
@@ -277,7 +277,7 @@ def _load_torch_file_any(path: str) -> Mapping:
     return content
 
 
-class RelativePerceptualL1(nn.Module):
+class RelativePerceptualL1(Autocast, nn.Module):
     """The relative-perceptual-L1 loss (docs/methods.md#dpa) on one VGG layer per resolution.
 
     ``x`` and ``x̂`` in ``[-1, 1]`` are rescaled to ``[0, 1]``, repeated to 3 channels and ImageNet-normalised
@@ -305,10 +305,6 @@ class RelativePerceptualL1(nn.Module):
             self.register_buffer(f"scale_{r}", torch.ones(channels))
         self.amp = bool(amp)
 
-    def autocast(self, device: torch.device):
-        if self.amp and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
         """Un-normalised features ``[B, C, h, w]`` (float32) of ``x`` in ``[-1, 1]`` at its own resolution."""

@@ -26,9 +26,9 @@ from monai.transforms import (
 )
 
 from monai_ad.errors import InputError
-from monai_ad.settings import PREPROCESS_RANGES, check_setting
 from monai_ad.io import NiftiReader, unreadable_message
 from monai_ad.postprocess import HEATMAP_CHANNEL, MIN_LESION_MM3, AnomalyOutputsd
+from monai_ad.settings import PREPROCESS_RANGES, check_setting
 from monai_ad.transforms.array import ABDOMEN_WINDOW, LIVER_LEVELS
 from monai_ad.transforms.dictionary import (
     AxialContextd,

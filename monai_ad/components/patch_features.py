@@ -1,13 +1,9 @@
-"""Pieces shared by the feature-based detectors (PatchCore, SimpleNet and later ones).
+"""Frozen-backbone patch features shared by the feature-embedding detectors (PatchCore, SimpleNet, PaDiM, ...).
 
 - ``PatchEmbedding``: the locally aware patch features of PatchCore/SimpleNet (docs/methods.md#patch-embedding).
 - ``PatchFeatures``: a frozen backbone followed by ``PatchEmbedding`` (bf16 autocast on CUDA opt-in).
 - ``greedy_coreset``: PatchCore's approximate greedy k-center coreset.
-- ``GaussianBlur2d`` / ``gaussian_blur2d``: ``scipy.ndimage.gaussian_filter`` (mode ``reflect``) on the device.
-- ``PatchScoreMap``: a patch-score grid → a pixel map (bilinear upsampling + Gaussian blur).
-- ``roi_on_grid`` / ``max_in_roi``: restrict slice scores to the patches that overlap the ROI.
-
-The training loop of the detectors that learn on a frozen network's outputs is ``monai_ad.detectors.feature_training``.
+- ``LAYER1_TO_3``: each backbone's analogues of ResNet layer1–3.
 """
 
 from __future__ import annotations
@@ -20,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_ad.components.autocast import Autocast
 from monai_ad.networks.backbones import build_backbone
 
 
-# ----------------------------------------------------------------------------- patch embedding
 class PatchEmbedding(nn.Module):
     """Locally aware patch features from several backbone layers (PatchCore / SimpleNet, docs/methods.md).
 
@@ -91,7 +87,7 @@ def default_embedding_dim(channels: Sequence[int], paper_dim: int) -> int:
     return int(min(paper_dim, sum(channels)))
 
 
-class PatchFeatures(nn.Module):
+class PatchFeatures(Autocast, nn.Module):
     """A frozen backbone + ``PatchEmbedding``: ``[B, 1, H, W]`` → ``([B, h·w, dim] float32, (h, w))``.
 
     ``pre_dim`` / ``target_dim`` default to ``default_embedding_dim(channels, paper_dim)``. With ``amp`` the
@@ -120,11 +116,6 @@ class PatchFeatures(nn.Module):
         self.dim = self.embed.target_dim
         self.stride = self.backbone.strides[0]
         self.amp = bool(amp)
-
-    def autocast(self, device: torch.device):
-        if self.amp and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def grid_size(self, image_size: int) -> tuple[int, int]:
         """The patch grid of a square slice (what ``forward`` returns as ``(h, w)``)."""
@@ -215,131 +206,6 @@ def _single_cpu_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-# ----------------------------------------------------------------------------- smoothing and maps
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """scipy.ndimage's 1-D Gaussian weights (radius ``int(truncate·σ + 0.5)``), normalised, float32."""
-    radius = int(truncate * float(sigma) + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / float(sigma)) ** 2)
-    return (kernel / kernel.sum()).float()
-
-
-def _reflect_index(size: int, radius: int, device: torch.device) -> torch.Tensor:
-    """Source indices of scipy's ``reflect`` (half-sample symmetric: ``d c b a | a b c d | d c b a``) extension,
-    valid for any ``radius``, also larger than ``size``."""
-    index = torch.arange(-radius, size + radius, device=device)
-    period = 2 * size
-    index = torch.remainder(index, period)
-    return torch.where(index < size, index, period - 1 - index)
-
-
-def gaussian_blur2d(
-    x: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0, kernel: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``scipy.ndimage.gaussian_filter(x, sigma, mode="reflect", truncate=truncate)`` over the last two axes of
-    ``x [..., H, W]``, as two 1-D convolutions on ``x``'s device (float32 in, float32 out)."""
-    if sigma <= 0:
-        return x
-    if kernel is None:
-        kernel = gaussian_kernel1d(sigma, truncate)
-    kernel = kernel.to(device=x.device, dtype=torch.float32)
-    radius = (kernel.numel() - 1) // 2
-    shape = x.shape
-    h, w = shape[-2:]
-    y = x.reshape(-1, 1, h, w).float()
-    y = y.index_select(3, _reflect_index(w, radius, y.device))
-    y = F.conv2d(y, kernel.view(1, 1, 1, -1))
-    y = y.index_select(2, _reflect_index(h, radius, y.device))
-    y = F.conv2d(y, kernel.view(1, 1, -1, 1))
-    return y.reshape(shape)
-
-
-class GaussianBlur2d(nn.Module):
-    """Module form of ``gaussian_blur2d`` (σ in pixels; the kernel is a non-persistent buffer)."""
-
-    def __init__(self, sigma: float = 4.0, truncate: float = 4.0):
-        super().__init__()
-        self.sigma, self.truncate = float(sigma), float(truncate)
-        kernel = gaussian_kernel1d(sigma, truncate) if sigma > 0 else torch.ones(1)
-        self.register_buffer("kernel", kernel, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gaussian_blur2d(x, self.sigma, self.truncate, self.kernel) if self.sigma > 0 else x
-
-    def extra_repr(self) -> str:
-        return f"sigma={self.sigma}, truncate={self.truncate}"
-
-
-def upsample_blur_matrix(
-    size_in: int, size_out: int, sigma: float = 4.0, truncate: float = 4.0, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """``[size_out, size_in]``: 1-D linear upsampling (``align_corners=False``, as ``F.interpolate``) followed by
-    the Gaussian blur of ``gaussian_blur2d`` (reflect borders), as one matrix. Both steps are linear and
-    separable, so ``M_h · grid · M_wᵀ`` equals bilinear upsampling of ``grid`` followed by the 2-D blur."""
-    basis = torch.eye(size_in, dtype=torch.float64)[:, None, :]  # size_in signals of length size_in
-    up = F.interpolate(basis, size=size_out, mode="linear", align_corners=False)[:, 0]  # [size_in, size_out]
-    if sigma > 0:
-        kernel = gaussian_kernel1d(sigma, truncate).double()
-        radius = (kernel.numel() - 1) // 2
-        padded = up.index_select(1, _reflect_index(size_out, radius, up.device))
-        up = F.conv1d(padded[:, None], kernel.view(1, 1, -1))[:, 0]
-    return up.t().contiguous().to(device=device, dtype=torch.float32)
-
-
-class PatchScoreMap(nn.Module):
-    """Patch scores ``[B, h, w]`` → pixel map ``[B, image_size, image_size]``: bilinear upsampling
-    (``align_corners=False``) then a Gaussian blur of ``sigma`` pixels (the PatchCore/SimpleNet anomaly map), as two
-    matrix products; the per-axis matrices are cached per grid size and device."""
-
-    def __init__(self, image_size: int, sigma: float = 4.0):
-        super().__init__()
-        self.image_size, self.sigma = int(image_size), float(sigma)
-        self._matrices: dict[tuple, torch.Tensor] = {}
-
-    def _matrix(self, size_in: int, device: torch.device) -> torch.Tensor:
-        key = (size_in, str(device))
-        if key not in self._matrices:
-            self._matrices[key] = upsample_blur_matrix(size_in, self.image_size, self.sigma, device=device)
-        return self._matrices[key]
-
-    def forward(self, grid_scores: torch.Tensor) -> torch.Tensor:
-        h, w = grid_scores.shape[-2:]
-        rows, cols = self._matrix(h, grid_scores.device), self._matrix(w, grid_scores.device)
-        return rows @ grid_scores.float() @ cols.t()
-
-    def extra_repr(self) -> str:
-        return f"image_size={self.image_size}, sigma={self.sigma}"
-
-
-def roi_on_grid(roi: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor | None:
-    """Which cells of an ``h×w`` patch grid overlap the ROI ``[B, 1, H, W]``: ``[B, h·w]`` bool (or None)."""
-    if roi is None:
-        return None
-    return (F.adaptive_max_pool2d(roi.float(), grid) > 0).flatten(1)
-
-
-def max_in_roi(scores: torch.Tensor, roi_grid: torch.Tensor | None) -> torch.Tensor:
-    """Per-slice maximum of patch scores ``[B, N]`` over the patches in the ROI; a slice without any ROI
-    patch falls back to all its patches."""
-    if roi_grid is None:
-        return scores.amax(1)
-    keep = roi_grid | ~roi_grid.any(1, keepdim=True)
-    return torch.where(keep, scores, torch.full_like(scores, -math.inf)).amax(1)
-
-
-def max_in_roi_map(pixel: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
-    """Per-slice maximum of pixel maps ``[B, H, W]`` inside the ROI ``[B, 1, H, W]`` (``max_in_roi`` on pixels:
-    a slice without ROI pixels falls back to its whole map). The slice score of PaDiM and RD4AD."""
-    return max_in_roi(pixel.flatten(1), None if roi is None else roi[:, 0].flatten(1) > 0)
-
-
-def cuda_autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA when ``enabled``; a no-op context elsewhere (the CPU stays float32)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # the analogues of ResNet layer1 / layer2 / layer3 (strides 4, 8, 16): PaDiM's layers and RD4AD's teacher levels

@@ -1,0 +1,78 @@
+"""From scores to maps and back: patch grids to pixel maps, ROI-restricted slice scores.
+
+- ``PatchScoreMap``: a patch-score grid → a pixel map (bilinear upsampling + Gaussian blur, as two matrix products).
+- ``roi_on_grid`` / ``max_in_roi`` / ``max_in_roi_map``: slice scores from the patches or pixels inside the ROI.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monai_ad.components.smoothing import _reflect_index, gaussian_kernel1d
+
+
+def upsample_blur_matrix(
+    size_in: int, size_out: int, sigma: float = 4.0, truncate: float = 4.0, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``[size_out, size_in]``: 1-D linear upsampling (``align_corners=False``, as ``F.interpolate``) followed by
+    the Gaussian blur of ``gaussian_blur2d`` (reflect borders), as one matrix. Both steps are linear and
+    separable, so ``M_h · grid · M_wᵀ`` equals bilinear upsampling of ``grid`` followed by the 2-D blur."""
+    basis = torch.eye(size_in, dtype=torch.float64)[:, None, :]  # size_in signals of length size_in
+    up = F.interpolate(basis, size=size_out, mode="linear", align_corners=False)[:, 0]  # [size_in, size_out]
+    if sigma > 0:
+        kernel = gaussian_kernel1d(sigma, truncate).double()
+        radius = (kernel.numel() - 1) // 2
+        padded = up.index_select(1, _reflect_index(size_out, radius, up.device))
+        up = F.conv1d(padded[:, None], kernel.view(1, 1, -1))[:, 0]
+    return up.t().contiguous().to(device=device, dtype=torch.float32)
+
+
+class PatchScoreMap(nn.Module):
+    """Patch scores ``[B, h, w]`` → pixel map ``[B, image_size, image_size]``: bilinear upsampling
+    (``align_corners=False``) then a Gaussian blur of ``sigma`` pixels (the PatchCore/SimpleNet anomaly map), as two
+    matrix products; the per-axis matrices are cached per grid size and device."""
+
+    def __init__(self, image_size: int, sigma: float = 4.0):
+        super().__init__()
+        self.image_size, self.sigma = int(image_size), float(sigma)
+        self._matrices: dict[tuple, torch.Tensor] = {}
+
+    def _matrix(self, size_in: int, device: torch.device) -> torch.Tensor:
+        key = (size_in, str(device))
+        if key not in self._matrices:
+            self._matrices[key] = upsample_blur_matrix(size_in, self.image_size, self.sigma, device=device)
+        return self._matrices[key]
+
+    def forward(self, grid_scores: torch.Tensor) -> torch.Tensor:
+        h, w = grid_scores.shape[-2:]
+        rows, cols = self._matrix(h, grid_scores.device), self._matrix(w, grid_scores.device)
+        return rows @ grid_scores.float() @ cols.t()
+
+    def extra_repr(self) -> str:
+        return f"image_size={self.image_size}, sigma={self.sigma}"
+
+
+def roi_on_grid(roi: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor | None:
+    """Which cells of an ``h×w`` patch grid overlap the ROI ``[B, 1, H, W]``: ``[B, h·w]`` bool (or None)."""
+    if roi is None:
+        return None
+    return (F.adaptive_max_pool2d(roi.float(), grid) > 0).flatten(1)
+
+
+def max_in_roi(scores: torch.Tensor, roi_grid: torch.Tensor | None) -> torch.Tensor:
+    """Per-slice maximum of patch scores ``[B, N]`` over the patches in the ROI; a slice without any ROI
+    patch falls back to all its patches."""
+    if roi_grid is None:
+        return scores.amax(1)
+    keep = roi_grid | ~roi_grid.any(1, keepdim=True)
+    return torch.where(keep, scores, torch.full_like(scores, -math.inf)).amax(1)
+
+
+def max_in_roi_map(pixel: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
+    """Per-slice maximum of pixel maps ``[B, H, W]`` inside the ROI ``[B, 1, H, W]`` (``max_in_roi`` on pixels:
+    a slice without ROI pixels falls back to its whole map). The slice score of PaDiM and RD4AD."""
+    return max_in_roi(pixel.flatten(1), None if roi is None else roi[:, 0].flatten(1) > 0)
