@@ -229,7 +229,7 @@ class RequestGuard:
         return f"request body larger than the server's upload limit ({self.limit / 2**20:.0f} MB; --conf max_upload_mb)"
 
     def refusal(self, scope) -> HTTPException | None:
-        path, method = scope["path"], scope["method"]
+        path = scope["path"]
         for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
             if key in ID_PARAMS and (value or key != "image"):
                 check_name(value, "label tag" if key == "tag" else f"{key} id")
