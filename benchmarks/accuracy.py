@@ -145,7 +145,7 @@ def run_fold(name: str, hparams: dict, preprocessing: dict, fold: dict, work: Pa
         normal, flagged = case.normal_slices()
         cases.append({
             "case_id": item.get("case_id", Path(item["image"]).name), "image": item["image"],
-            "box": evaluation.liver_box(case.liver), "axis": case.axis, "lesions_drawn": item.get("lesions", []),
+            "box": case.box, "axis": case.axis, "lesions_drawn": item.get("lesions", []),
             "affine": np.asarray(case.result.affine), "spacing": case.axial_spacing,
             **{name: case.in_liver_box(volume) for name, volume in (
                 ("heat", case.result.heatmap), ("lesion", case.lesion), ("liver", case.liver),

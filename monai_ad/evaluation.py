@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -95,9 +96,14 @@ class CaseMeasurement:
         """``volume``'s scored slices, axial axis first."""
         return np.moveaxis(volume, self.axis, 0)[self.scored]
 
+    @functools.cached_property
+    def box(self) -> tuple[slice, ...]:
+        """The liver's bounding box, one voxel of margin (``liver_box``; the liver must not be empty)."""
+        return liver_box(self.liver)
+
     def in_liver_box(self, volume: np.ndarray) -> np.ndarray:
-        """``volume`` within the liver's bounding box (one voxel of margin), axial axis first."""
-        return np.moveaxis(volume[liver_box(self.liver)], self.axis, 0)
+        """``volume`` within the liver's bounding box, axial axis first."""
+        return np.moveaxis(volume[self.box], self.axis, 0)
 
     @property
     def axial_spacing(self) -> tuple[float, ...]:
@@ -185,9 +191,8 @@ def evaluate(
         gt_slices.append(gt), map_slices.append(heat), roi_slices.append(roi)
         slice_labels.append(case.slice_labels), slice_scores.append(case.slice_scores)
         if case.liver.any():
-            box = liver_box(case.liver)
             for name, volume in (("heat", result.heatmap), ("lesion", case.lesion), ("liver", case.liver)):
-                volumes[name].append(volume[box])
+                volumes[name].append(volume[case.box])
             volumes["spacing"].append(case.spacing)
         reading = case.label_map_reading
         lesions_found.append(reading["found"])
