@@ -2,17 +2,21 @@
 
 - ``PatchScoreMap``: a patch-score grid → a pixel map (bilinear upsampling + Gaussian blur, as two matrix products).
 - ``roi_on_grid`` / ``max_in_roi`` / ``max_in_roi_map``: slice scores from the patches or pixels inside the ROI.
+- ``cosine_distance_map``: the teacher–student map of the distillation detectors (RD4AD, STFPM, MKD).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from monai_ad.components.smoothing import _reflect_index, gaussian_kernel1d
+
+MAP_MODES = ("sum", "multiply")
 
 
 def upsample_blur_matrix(
@@ -76,3 +80,30 @@ def max_in_roi_map(pixel: torch.Tensor, roi: torch.Tensor | None) -> torch.Tenso
     """Per-slice maximum of pixel maps ``[B, H, W]`` inside the ROI ``[B, 1, H, W]`` (``max_in_roi`` on pixels:
     a slice without ROI pixels falls back to its whole map). The slice score of PaDiM and RD4AD."""
     return max_in_roi(pixel.flatten(1), None if roi is None else roi[:, 0].flatten(1) > 0)
+
+
+def cosine_distance_map(
+    teacher_maps: Sequence[torch.Tensor],
+    student_maps: Sequence[torch.Tensor],
+    size: int,
+    mode: str = "sum",
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """``[B, size, size]`` float32: per level 1 − the per-pixel cosine of teacher and student features (over
+    channels), bilinearly upsampled and combined over levels by ``mode`` (``"sum"`` or ``"multiply"``).
+
+    For channel-normalised features 1 − cos(t, s) = ½‖t̂ − ŝ‖², so this is also STFPM's per-level map."""
+    if mode not in MAP_MODES:
+        raise ValueError(f"mode must be one of {MAP_MODES}, got {mode!r}")
+    combined = None
+    for t, s in zip(teacher_maps, student_maps):
+        distance = 1 - F.cosine_similarity(t.float(), s.float(), dim=1)  # [B, h, w]
+        distance = F.interpolate(distance[:, None], size=(size, size), mode="bilinear", align_corners=align_corners)
+        distance = distance[:, 0]
+        if combined is None:
+            combined = distance
+        elif mode == "sum":
+            combined = combined + distance
+        else:
+            combined = combined * distance
+    return combined

@@ -63,9 +63,11 @@ RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 class FeatureExtractor(nn.Module):
     """``forward(x [B, 1, H, W] in [0, 1]) -> [feature maps]`` in the order of ``layers``.
 
-    Grey slices are repeated to 3 channels (3-channel slices, 2.5-D or several HU windows, are taken as they are) and normalised with the backbone's own mean/std. The module is
-    frozen (no gradients) and stays in eval mode even when a parent calls ``.train()`` (BatchNorm statistics
-    never change), so its BatchNorms are folded into the convolutions (``fold_batch_norms``). It runs
+    Grey slices are repeated to 3 channels (3-channel slices, 2.5-D or several HU windows, are taken as they are)
+    and normalised with the backbone's own mean/std. A ``frozen`` module (the default) has no gradients and stays
+    in eval mode even when a parent calls ``.train()`` (BatchNorm statistics never change), so its BatchNorms are
+    folded into the convolutions (``fold_batch_norms``); an unfrozen one (a student network trained from random
+    weights, as STFPM's) trains as any module, BatchNorms included. It runs
     channels-last on every device, which is faster on the CPU for the same features (``benchmarks/RESULTS.md``);
     the maps it returns are channels-last too.
     ``channels[i]`` and ``strides[i]`` describe output ``i``.
@@ -81,9 +83,11 @@ class FeatureExtractor(nn.Module):
         strides: Sequence[int],
         mean: Sequence[float],
         std: Sequence[float],
+        frozen: bool = True,
     ):
         super().__init__()
         self.name = name
+        self.frozen = bool(frozen)
         self.body = body
         self._run = run
         self.layers = list(layers)
@@ -91,13 +95,14 @@ class FeatureExtractor(nn.Module):
         self.strides = [int(s) for s in strides]
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-        super().train(False)
-        fold_batch_norms(body, lambda x: run(body, x))
+        if self.frozen:
+            self.requires_grad_(False)
+            super().train(False)
+            fold_batch_norms(body, lambda x: run(body, x))
         body.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
-        return super().train(False)
+        return super().train(mode and not self.frozen)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.ndim != 4 or x.shape[1] not in (1, 3):
@@ -312,7 +317,7 @@ def vgg16_state() -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- builders
-def _efficientnet_lite0(layers: list, weights: str | None, allow_random: bool) -> FeatureExtractor:
+def _efficientnet_lite0(layers: list, weights: str | None, allow_random: bool, frozen: bool) -> FeatureExtractor:
     import timm
 
     info = _lite0_feature_info()
@@ -349,7 +354,7 @@ def _efficientnet_lite0(layers: list, weights: str | None, allow_random: bool) -
     names = [info[i]["module"] for i in indices]
     return FeatureExtractor(
         "efficientnet_lite0", body, run, names, [info[i]["num_chs"] for i in indices],
-        [info[i]["reduction"] for i in indices], LITE_MEAN, LITE_STD,
+        [info[i]["reduction"] for i in indices], LITE_MEAN, LITE_STD, frozen,
     )  # fmt: skip
 
 
@@ -379,6 +384,7 @@ def vgg_extractor(
     layers: Sequence[str],
     weights: str | None,
     default_state: Callable[[], dict[str, torch.Tensor]] | None,
+    frozen: bool = True,
 ) -> FeatureExtractor:
     """A VGG (``config``, torchvision's module indices) cut after the deepest ReLU in ``layers``; weights from a
     torchvision ``state_dict`` file, else ``default_state()`` (``None``: random weights)."""
@@ -413,14 +419,15 @@ def vgg_extractor(
 
     channels = [body[t - 1].out_channels for t in taps]
     strides = [2 ** sum(isinstance(m, nn.MaxPool2d) for m in body[:t]) for t in taps]
-    return FeatureExtractor(name, body, run, list(layers), channels, strides, IMAGENET_MEAN, IMAGENET_STD)
+    return FeatureExtractor(name, body, run, list(layers), channels, strides, IMAGENET_MEAN, IMAGENET_STD, frozen)
 
 
-def _vgg16(layers: list, weights: str | None, allow_random: bool) -> FeatureExtractor:
-    return vgg_extractor("vgg16", VGG16_CFG, VGG16_RELU, layers, weights, None if allow_random else vgg16_state)
+def _vgg16(layers: list, weights: str | None, allow_random: bool, frozen: bool) -> FeatureExtractor:
+    default = None if allow_random else vgg16_state
+    return vgg_extractor("vgg16", VGG16_CFG, VGG16_RELU, layers, weights, default, frozen)
 
 
-def _torchvision_resnet(name: str, layers: list, weights: str | None, allow_random: bool) -> FeatureExtractor:
+def _torchvision_resnet(name: str, layers: list, weights: str | None, allow_random: bool, frozen: bool) -> FeatureExtractor:
     import torchvision.models as tvm
 
     unknown = [layer for layer in layers if layer not in RESNET_STAGES]
@@ -456,7 +463,7 @@ def _torchvision_resnet(name: str, layers: list, weights: str | None, allow_rand
     expansion = 4 if name == "wide_resnet50_2" else 1
     channels = [64 * 2 ** RESNET_STAGES.index(layer) * expansion for layer in layers]
     strides = [4 * 2 ** RESNET_STAGES.index(layer) for layer in layers]
-    return FeatureExtractor(name, body, run, list(layers), channels, strides, IMAGENET_MEAN, IMAGENET_STD)
+    return FeatureExtractor(name, body, run, list(layers), channels, strides, IMAGENET_MEAN, IMAGENET_STD, frozen)
 
 
 def build_backbone(
@@ -464,8 +471,10 @@ def build_backbone(
     layers: Sequence[str | int] | None = None,
     weights: str | os.PathLike | None = None,
     allow_random_weights: bool = False,
+    frozen: bool = True,
 ) -> FeatureExtractor:
-    """A frozen feature extractor (see the module docstring for the weights of each backbone).
+    """A frozen feature extractor (see the module docstring for the weights of each backbone); with
+    ``frozen=False`` a trainable one (see ``build_student``).
 
     ``layers`` defaults to ``DEFAULT_LAYERS[name]``; outputs come in the order given. ``weights`` is a local
     file (torchvision/timm ``state_dict``) and overrides packaged weights. Raises ``InputError`` when the
@@ -475,11 +484,24 @@ def build_backbone(
         raise InputError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
     layers = list(layers) if layers else list(DEFAULT_LAYERS[name])
     weights = None if weights in (None, "") else os.fspath(weights)
-    if weights is None and allow_random_weights:
+    if weights is None and allow_random_weights and frozen:
         logger.warning("backbone %s uses RANDOM weights (allow_random_weights=True): features are not pretrained", name)
     with torch.random.fork_rng(devices=[]):  # building a model draws random initial weights: keep callers' RNG intact
         if name == "efficientnet_lite0":
-            return _efficientnet_lite0(layers, weights, allow_random_weights)
+            return _efficientnet_lite0(layers, weights, allow_random_weights, frozen)
         if name == "vgg16":
-            return _vgg16(layers, weights, allow_random_weights)
-        return _torchvision_resnet(name, layers, weights, allow_random_weights)
+            return _vgg16(layers, weights, allow_random_weights, frozen)
+        return _torchvision_resnet(name, layers, weights, allow_random_weights, frozen)
+
+
+def build_student(name: str, layers: Sequence[str | int] | None = None) -> FeatureExtractor:
+    """The architecture of ``build_backbone(name, layers)`` with random weights, trainable, BatchNorms kept: the
+    student a teacher–student detector (STFPM) trains to reproduce the pretrained teacher's features. It draws its
+    weights from the global random state (seed it first)."""
+    if name not in BACKBONES:
+        raise InputError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    layers = list(layers) if layers else list(DEFAULT_LAYERS[name])
+    builders = {"efficientnet_lite0": _efficientnet_lite0, "vgg16": _vgg16}
+    if name in builders:
+        return builders[name](layers, None, True, False)
+    return _torchvision_resnet(name, layers, None, True, False)

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_ad.components.maps import MAP_MODES, cosine_distance_map  # noqa: F401  (MAP_MODES: the detector checks it)
 from monai_ad.networks.backbones import FeatureExtractor
 
-MAP_MODES = ("sum", "multiply")
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, relu: bool = True) -> list[nn.Module]:
@@ -172,18 +172,5 @@ def distillation_loss(teacher_maps: Sequence[torch.Tensor], student_maps: Sequen
 def anomaly_map(
     teacher_maps: Sequence[torch.Tensor], student_maps: Sequence[torch.Tensor], size: int, mode: str = "sum"
 ) -> torch.Tensor:
-    """``[B, size, size]``: per level 1 − per-pixel cosine (over channels), bilinearly upsampled
-    (``align_corners=True``) and combined by ``mode`` (``"sum"`` or ``"multiply"``), in float32."""
-    if mode not in MAP_MODES:
-        raise ValueError(f"mode must be one of {MAP_MODES}, got {mode!r}")
-    combined = None
-    for t, s in zip(teacher_maps, student_maps):
-        distance = 1 - F.cosine_similarity(t.float(), s.float(), dim=1)  # [B, h, w]
-        distance = F.interpolate(distance[:, None], size=(size, size), mode="bilinear", align_corners=True)[:, 0]
-        if combined is None:
-            combined = distance
-        elif mode == "sum":
-            combined = combined + distance
-        else:
-            combined = combined * distance
-    return combined
+    """``[B, size, size]``: RD4AD's map, ``cosine_distance_map`` with ``align_corners=True`` (hq-deng/RD4AD)."""
+    return cosine_distance_map(teacher_maps, student_maps, size, mode, align_corners=True)
