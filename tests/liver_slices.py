@@ -16,13 +16,16 @@ def _as_tensor(arrays, dtype):
 KINDS = {
     "textured": dict(jitter=2, blur=1.5, amplitude=0.03, scale=None, vessels=4, lesion_value=0.42,
                      offset=0.12, radius=(0.06, 0.1)),
+    # as "textured", outside the ROI filled with the liver's typical value (the pipeline's ``outside_fill: liver``)
+    "textured_filled": dict(jitter=2, blur=1.5, amplitude=0.03, scale=None, vessels=4, lesion_value=0.42,
+                            offset=0.12, radius=(0.06, 0.1), outside=0.6),
     "smooth": dict(jitter=1, blur=6, amplitude=0.05, scale=0.02, vessels=0, lesion_value=0.3,
                    offset=0.15, radius=(0.08, 0.12)),
 }  # fmt: skip
 
 
 def liver_like_slices(kind: str, n: int, seed: int, lesion: bool, size: int):
-    """Liver-like slices of ``kind`` (``KINDS``): a disc (the ROI, zeros outside) at about 0.6 with a texture and
+    """Liver-like slices of ``kind`` (``KINDS``): a disc (the ROI; outside it 0, or the kind's ``outside``) at about 0.6 with a texture and
     optional bright blobs; optionally one darker round lesion. Returns image, roi, lesion mask."""
     k = KINDS[kind]
     rng = np.random.default_rng(seed)
@@ -42,7 +45,7 @@ def liver_like_slices(kind: str, n: int, seed: int, lesion: bool, size: int):
             ly = cy + rng.uniform(-k["offset"], k["offset"]) * size
             mask = (xx - lx) ** 2 + (yy - ly) ** 2 < (rng.uniform(*k["radius"]) * size) ** 2
             img = np.where(mask, k["lesion_value"], img)
-        images.append(np.where(roi, img, 0.0))
+        images.append(np.where(roi, img, k.get("outside", 0.0)))
         rois.append(roi)
         lesions.append(mask & roi)
     return _as_tensor(images, torch.float32), _as_tensor(rois, torch.bool), np.stack(lesions)
@@ -61,7 +64,7 @@ def smooth_slices(n: int, seed: int, lesion: bool = False, size: int = 32):
 @functools.cache
 def slice_data(kind: str, size: int) -> dict:
     """The standard split: 24 training normals (three batches of 8), 6 held-out normals (seed 1) and 6 slices
-    with a lesion (seed 2). ``kind`` is "textured" (``synthetic_slices``) or "smooth" (``smooth_slices``).
+    with a lesion (seed 2). ``kind`` is a ``KINDS`` key: "textured" (``synthetic_slices``), "textured_filled" or "smooth" (``smooth_slices``).
     Cached: treat the tensors as read-only."""
     train_img, train_roi, _ = liver_like_slices(kind, 24, seed=0, lesion=False, size=size)
     normal_img, normal_roi, _ = liver_like_slices(kind, 6, seed=1, lesion=False, size=size)

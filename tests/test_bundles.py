@@ -33,6 +33,11 @@ FAST = {"patchcore_liver_ct": ["--network_def#image_size", "64"],
         "density_liver_ct": [],
         "fused_liver_ct": ["--network_def#image_size", "64"],
         "simplenet_liver_ct": ["--network_def#image_size", "64", "--network_def#meta_epochs", "2", "--network_def#gan_epochs", "1"],
+        "stfpm_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
+        "cfa_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
+        "mkd_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
+        "cflow_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
+        "csflow_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
         "synthetic_anomaly_liver_ct": ["--network_def#image_size", "64", "--network_def#steps", "5", "--network_def#crop_size", "32"]}  # fmt: skip
 
 

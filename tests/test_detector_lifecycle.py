@@ -47,6 +47,8 @@ REFIT = {
     "synthetic_anomaly": {"image_size": 64, "width": 4, "steps": 3, "batch_size": 4, "crop_size": 32},
     "clip_reconstruction": {"image_size": 96, "prompt_length": 2, "epochs": 2, "batch_size": 4},
     "winclip": {"image_size": 96},
+    "stfpm": {"image_size": 64, "epochs": 2, "batch_size": 4},
+    "cfa": {"image_size": 64, "epochs": 2, "batch_size": 4},
     "intensity": {"image_size": 64, "pixel_mm": 1.5},
     "fused": {"image_size": 64, "detector_hparams": {"coreset_ratio": 0.5}, "intensity_hparams": {"pixel_mm": 1.5}},
 }

@@ -52,8 +52,10 @@ CASES: dict[str, Case] = {
     "density": Case(96, {"pixel_mm": 1.5}),
     "fused": Case(96, {"detector": "patchcore", "detector_hparams": {"coreset_ratio": 0.1}, "intensity_hparams": {"pixel_mm": 1.5}}),
     "synthetic_anomaly": Case(64, {"width": 8, "steps": 200, "batch_size": 8, "crop_size": 32, "lr": 5e-3, "kinds": {"density": 1.0}}),
-    "stfpm": Case(64, {"epochs": 6, "batch_size": 8}),
-    "cfa": Case(64, {"epochs": 4, "batch_size": 4}),
+    "stfpm": Case(64, {"epochs": 40, "batch_size": 8}),
+    # its memory bank holds every position's mean, the liver's border included: with a black surround a dark lesion
+    # sits near the border's items (pixel AUROC 0.37), with the surround filled as the pipeline fills it, 0.95
+    "cfa": Case(64, {"epochs": 2, "batch_size": 4}, slices="textured_filled"),
     "mkd": Case(64, {"epochs": 6, "batch_size": 8}),
     "cflow": Case(64, {"epochs": 2, "batch_size": 8}),
     "csflow": Case(64, {"epochs": 4, "batch_size": 8}),

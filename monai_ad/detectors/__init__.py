@@ -10,6 +10,7 @@ from monai_ad.detectors.base import (
     iter_slice_batches,
     register_detector,
 )
+from monai_ad.detectors.cfa import CFA
 from monai_ad.detectors.clip_reconstruction import CLIPReconstruction  # noqa: F401  (registers it)
 from monai_ad.detectors.density import PlainDensity
 from monai_ad.detectors.dpa import DeepPerceptualAutoencoder  # noqa: F401  (registers "dpa")
@@ -19,18 +20,21 @@ from monai_ad.detectors.padim import PaDiM
 from monai_ad.detectors.patchcore import PatchCore
 from monai_ad.detectors.rd4ad import RD4AD
 from monai_ad.detectors.simplenet import SimpleNet
+from monai_ad.detectors.stfpm import STFPM
 from monai_ad.detectors.synthetic_anomaly import SyntheticAnomaly  # noqa: F401  (registers "synthetic_anomaly")
 from monai_ad.detectors.winclip import WinCLIP  # noqa: F401  (registers it)
 
 __all__ = [
     "DETECTORS",
     "AnomalyDetector",
+    "CFA",
     "DensityFused",
     "IntensityDeviation",
     "PaDiM",
     "PlainDensity",
     "PatchCore",
     "RD4AD",
+    "STFPM",
     "SimpleNet",
     "SliceScores",
     "available_detectors",
