@@ -1,4 +1,4 @@
-"""STFPM (Wang, Wu, Cui, Xie, BMVC 2021): student–teacher feature pyramid matching.
+"""STFPM (Wang, Han, Ding, Huang, BMVC 2021): student–teacher feature pyramid matching.
 
 A frozen ImageNet teacher and a student of the same architecture, randomly initialised, see the same slice; the
 student is trained on normal slices to reproduce the teacher's feature pyramid. Where the slice holds something the
