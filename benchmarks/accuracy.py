@@ -300,14 +300,15 @@ def parse_assignments(values: list[str], what: str) -> dict[str, dict[str, Any]]
 
 
 def config_schedules(paths: list[str]) -> dict[str, tuple[dict, dict]]:
-    """Each training config's detector → its (hparams, preprocessing), in place of its ``cpu`` schedule and
-    ``PREPROCESSING`` for that detector."""
+    """Each training config's detector → its (hparams over the config's schedule, preprocessing), in place of its
+    ``cpu`` schedule and ``PREPROCESSING`` for that detector."""
     out = {}
     for path in paths:
         config = load_run_config(path)
         if not isinstance(config.get("detector"), str):
             raise InputError("names no detector", path)
-        out[config["detector"]] = (dict(config.get("hparams") or {}), dict(config.get("preprocessing") or {}))
+        schedule = detector_class(config["detector"]).schedule(config.get("schedule") or "paper")
+        out[config["detector"]] = ({**schedule, **(config.get("hparams") or {})}, dict(config.get("preprocessing") or {}))
     return out
 
 

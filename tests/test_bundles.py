@@ -129,16 +129,14 @@ def test_a_bundle_names_its_detectors_schedule_and_states_only_what_differs(name
     class) plus the bundle's own choices: nothing it states repeats what the schedule already gives."""
     import inspect
 
-    from monai_ad.detectors.base import detector_class
+    from monai_ad.detectors.base import detector_class, settings_repeating_schedule
 
     network = json.loads((BUNDLES_DIR / name / "configs" / "train.json").read_text())["network_def"]
     kind = detector_class(network["name"])
-    defaults = {k: p.default for k, p in inspect.signature(kind.__init__).parameters.items() if k != "self"}
-    effective = {**defaults, **kind.schedule(network["schedule"])}
     own = {k: v for k, v in network.items()
            if k not in ("_target_", "name", "schedule", "image_size", "in_channels") and not str(v).startswith("@")}  # fmt: skip
-    assert set(own) <= set(defaults), sorted(set(own) - set(defaults))
-    repeated = [k for k, v in own.items() if effective[k] == v or (isinstance(effective[k], tuple) and list(effective[k]) == v)]
+    assert set(own) <= set(inspect.signature(kind.__init__).parameters), sorted(own)
+    repeated = settings_repeating_schedule(network["name"], network["schedule"], own)
     assert repeated == [], f"{name} repeats its schedule's {repeated}"
 
 

@@ -195,3 +195,43 @@ def test_benchmark_over_seeds_reports_bmad_table(workspace, tmp_path):
     assert [r["seed"] for r in summary["runs"]] == [0, 1]
     assert summary["pixel_auroc"]["n"] == 2 and summary["pixel_auroc"]["std"] >= 0
     assert "| image AUROC | pixel AUROC | PRO |" in (tmp_path / "benchmark.md").read_text()
+
+
+SAMPLE_CONFIGS = sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "sample_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", SAMPLE_CONFIGS, ids=lambda p: p.name)
+def test_a_sample_config_is_valid_and_states_only_what_differs_from_its_schedule(path):
+    """A run config names a schedule and states only what differs from it, so no default lives in two places."""
+    from monai_ad.cli.options import check_detector_options
+    from monai_ad.detectors.base import settings_repeating_schedule
+    from monai_ad.run_config import load_run_config
+    from monai_ad.transforms.pipeline import PreprocessConfig
+    from monai_ad.detectors.base import detector_class
+
+    config = load_run_config(str(path))
+    hparams, preprocessing = config.get("hparams", {}), config.get("preprocessing", {})
+    check_detector_options(config["detector"], hparams, preprocessing)
+    assert config["description"].strip() and config["schedule"]
+    assert settings_repeating_schedule(config["detector"], config["schedule"], hparams) == []
+    library = PreprocessConfig.with_defaults(detector_class(config["detector"]).default_preprocessing, {}).to_dict()
+    assert [k for k, v in preprocessing.items() if library.get(k) == (list(v) if isinstance(v, tuple) else v)] == []
+
+
+def test_a_run_config_schedule_is_applied_under_its_hparams_and_a_bad_one_is_refused(tmp_path):
+    import argparse
+
+    from monai_ad.cli.options import detector_settings
+    from monai_ad.detectors.base import detector_class
+    from monai_ad.errors import InputError
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"detector": "rd4ad", "schedule": "cpu", "hparams": {"batch_size": 4}}))
+    args = argparse.Namespace(config=str(config), schedule=None, set=["lr=0.001"], preprocess=None)
+    detector, hparams, _ = detector_settings(args, "intensity")
+    assert detector == "rd4ad" and hparams == {**detector_class("rd4ad").schedule("cpu"), "batch_size": 4, "lr": 0.001}
+    args.schedule = "quick"  # the command line's schedule wins over the config's
+    assert detector_settings(args, "intensity")[1]["epochs"] == detector_class("rd4ad").schedule("quick")["epochs"]
+    config.write_text(json.dumps({"detector": "rd4ad", "schedule": "fast"}))
+    with pytest.raises(InputError, match="schedule must be one of paper, cpu, quick, got 'fast'"):
+        detector_settings(argparse.Namespace(config=str(config), schedule=None, set=None, preprocess=None), "intensity")

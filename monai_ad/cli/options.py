@@ -170,14 +170,15 @@ def grid_values(pairs: Sequence[str] | None) -> dict[str, list[Any]]:
 def detector_settings(args: argparse.Namespace, default: str, grid: Mapping[str, list] | None = None) -> tuple[str, dict, dict]:
     """A command's detector, hyper-parameters and pre-processing options, checked before any work: the detector from
     ``--detector``, else the ``--config`` file's, else ``default``; hyper-parameters from its ``--schedule`` (where the
-    command has one), under the config's ``hparams``, under ``--set`` (and ``--backbone`` / ``--weights`` /
+    command has one; else the config's ``schedule``), under the config's ``hparams``, under ``--set`` (and ``--backbone`` / ``--weights`` /
     ``--allow-random-weights`` where given); pre-processing from the config's, under ``--preprocess``."""
     from monai_ad.detectors.base import detector_class
     from monai_ad.run_config import load_run_config
 
     config = load_run_config(getattr(args, "config", None))
     detector = getattr(args, "detector", None) or config.get("detector", default)
-    schedule = detector_class(detector).schedule(args.schedule) if getattr(args, "schedule", None) else {}
+    schedule_name = getattr(args, "schedule", None) or config.get("schedule")
+    schedule = detector_class(detector).schedule(schedule_name) if schedule_name else {}
     hparams = {**schedule, **config.get("hparams", {}), **key_values(getattr(args, "set", None), "--set")}
     for option in ("backbone", "weights", "allow_random_weights"):
         if getattr(args, option, None):

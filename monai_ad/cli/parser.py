@@ -63,11 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[shared], help="fit a detector on the normal volumes of a datalist")
     p.add_argument("--datalist", required=True)
     p.add_argument("--detector", help=_LazyHelp("{detectors} (default: %s)" % DEFAULT_DETECTOR))
-    p.add_argument("--config", help="JSON with detector, hparams and preprocessing (see sample_configs/)")
+    p.add_argument("--config", help="JSON with detector, schedule, hparams and preprocessing (see sample_configs/)")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
-    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default="paper",
-                   help="the detector's named schedule under --config and --set: paper (default: its defaults), "
-                        "cpu (the CPU demonstration the accuracy benchmark measures), quick (a smoke run)")
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default=None,
+                   help="the detector's named schedule under --config's hparams and --set: paper (its defaults; the "
+                        "default unless --config names one), cpu (the CPU demonstration the accuracy benchmark "
+                        "measures), quick (a smoke run)")
     p.add_argument("--backbone", help="efficientnet_lite0 (default), vgg16, wide_resnet50_2, resnet18")
     p.add_argument("--weights", help="backbone weights file (needed for wide_resnet50_2 / resnet18)")
     p.add_argument("--allow-random-weights", action="store_true", help="explicitly accept a randomly initialised backbone")

@@ -83,6 +83,19 @@ def check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
         check_setting(key, value, HPARAM_RANGES, name)
 
 
+def settings_repeating_schedule(name: str, schedule: str | None, hparams: Mapping[str, Any]) -> list[str]:
+    """The keys of ``hparams`` whose value the detector ``name``'s named ``schedule`` (``None``: ``paper``, its
+    constructor's defaults) already gives: what a bundle or a run config need not state."""
+    kind = detector_class(name)
+    defaults = {k: p.default for k, p in inspect.signature(kind.__init__).parameters.items() if k != "self"}
+    effective = {**defaults, **kind.schedule(schedule or "paper")}
+
+    def same(a: Any, b: Any) -> bool:
+        return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+
+    return [k for k, v in hparams.items() if k in effective and same(effective[k], v)]
+
+
 def constructor_arguments() -> dict[str, Any]:
     """The hyper-parameters of the constructor that calls this, read from its signature: each parameter but
     ``self`` (those of a ``**kwargs`` included), in signature order, with the value its variable holds *now*.
