@@ -25,7 +25,8 @@ What differs, by design of each library:
 - CFA: anomalib's CFA builds torchvision backbones only, so its feature extractor is given the same
   EfficientNet-Lite0 levels (``blocks.1/2/4`` under anomalib's layer names) and its descriptor the matching
   176-channel CoordConv; anomalib pools only the first level, monai_ad every level (the paper); monai_ad computes
-  the pooled features once.
+  the pooled features once. anomalib's loss radius is held as a plain tensor of the same value (as built, its
+  autograd graph cannot be passed twice).
 - Slice scores: monai_ad's are the maximum over the liver ROI, anomalib's over the whole slice.
 """
 
@@ -227,6 +228,9 @@ def compare_cfa(run: Run) -> list[dict]:
     theirs.descriptor.layer = cfa_torch.CoordConv2d(in_channels=176, out_channels=176, kernel_size=1)
     theirs = theirs.to(run.device)
     loss = CfaLoss(num_nearest_neighbors=3, num_hard_negative_features=3, radius=1e-5)
+    # its radius is ``ones(requires_grad=True) * r``, a graph built once that a second backward cannot pass again;
+    # the radius is no parameter (not optimised), so the same value as a plain tensor changes nothing else
+    loss.radius = torch.full((1,), 1e-5)
     # anomalib's Lightning module: AdamW over the model, lr 1e-3, weight decay 5e-4, amsgrad
     optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-3, weight_decay=5e-4, amsgrad=True)
 

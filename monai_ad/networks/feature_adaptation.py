@@ -8,8 +8,8 @@ Target-Oriented Anomaly Localization", IEEE Access 2022): the patch descriptor, 
 - ``squared_distances``: every position's squared Euclidean distance to every memory item.
 - ``hypersphere_loss``: attraction of each feature to its ``nearest`` memory items (max(0, d − r²)) plus repulsion
   from the next ``hard_negatives`` items (max(0, r² − d − margin)), means, times 1000.
-- ``softmin_nearest_score``: √d to the ``nearest`` items, softmin-weighted: the nearest distance times its softmin
-  weight.
+- ``softmin_nearest_score``: √d to the ``nearest`` items (the square root taken after choosing them, the same order),
+  softmin-weighted: the nearest distance times its softmin weight.
 """
 
 from __future__ import annotations
@@ -50,11 +50,14 @@ class PatchDescriptor(nn.Module):
 
 def squared_distances(features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """``[B, h·w, M]``: squared Euclidean distances of each position of ``features [B, D, h, w]`` to each row of
-    ``memory [M, D]`` (clamped at 0 against rounding)."""
+    ``memory [M, D]``, as ‖f‖² + ‖c‖² − 2 f·c (rounding may leave tiny negatives; the score clamps the few it
+    reads). Without gradients the sums are added in place, so only the ``[B, h·w, M]`` product is allocated."""
     rows = features.flatten(2).transpose(1, 2).float()  # [B, h·w, D]
     memory = memory.float()
     cross = rows @ memory.t()
-    return (rows.pow(2).sum(-1, keepdim=True) + memory.pow(2).sum(-1) - 2 * cross).clamp_min(0)
+    if torch.is_grad_enabled() and (rows.requires_grad or memory.requires_grad):
+        return rows.pow(2).sum(-1, keepdim=True) + memory.pow(2).sum(-1) - 2 * cross
+    return cross.mul_(-2).add_(rows.pow(2).sum(-1, keepdim=True)).add_(memory.pow(2).sum(-1))
 
 
 def hypersphere_loss(
@@ -70,5 +73,5 @@ def hypersphere_loss(
 
 def softmin_nearest_score(distances: torch.Tensor, nearest: int) -> torch.Tensor:
     """``[B, N]``: of the ``nearest`` smallest √distances per position, the nearest weighted by its softmin weight."""
-    closest = distances.sqrt().topk(min(nearest, distances.shape[-1]), dim=-1, largest=False).values
+    closest = distances.topk(min(nearest, distances.shape[-1]), dim=-1, largest=False).values.clamp_min(0).sqrt()
     return F.softmin(closest, dim=-1)[..., 0] * closest[..., 0]
