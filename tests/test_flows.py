@@ -43,6 +43,16 @@ def fitted(request):
     return fitted_detector(request.param)  # trained on data["train"], calibrated on data["normal"]
 
 
+@pytest.fixture
+def one_thread():
+    """The formula checks are hundreds of tiny operations: on a CPU shared with other jobs, two threads make them
+    tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """``module`` with every trainable parameter drawn at random, so that no coupling is the identity."""
     generator = torch.Generator().manual_seed(seed)
@@ -69,7 +79,7 @@ def test_positional_encoding_is_the_2d_sinusoidal_code():
         positional_encoding_2d(130, 2, 2)
 
 
-def test_log_likelihood_of_a_conditional_flow_is_the_change_of_variables():
+def test_log_likelihood_of_a_conditional_flow_is_the_change_of_variables(one_thread):
     with seeded(3):
         flow = _perturbed(conditional_flow(4, 8, coupling_blocks=2, clamp=1.9)).double()
     x, c = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
@@ -130,7 +140,7 @@ def _tiny_cross_scale_flow():
         return _perturbed(cross_scale_flow(4, GRIDS, coupling_blocks=2, clamp=3.0, hidden_channels=6)).double()
 
 
-def test_cross_scale_flow_inverts_and_its_log_determinant_is_the_jacobians():
+def test_cross_scale_flow_inverts_and_its_log_determinant_is_the_jacobians(one_thread):
     flow = _tiny_cross_scale_flow()
     x = [torch.randn(2, 4, h, w, dtype=torch.float64) for h, w in GRIDS]
     z, log_det = flow(x)
@@ -154,7 +164,7 @@ def test_cross_scale_flow_inverts_and_its_log_determinant_is_the_jacobians():
     )
 
 
-def test_two_builds_of_a_seeded_cross_scale_flow_hold_the_same_state():
+def test_two_builds_of_a_seeded_cross_scale_flow_hold_the_same_state(one_thread):
     # FrEIA's GraphINN orders its modules by sets of nodes: a saved state must still land in the module it came from
     first, second = _tiny_cross_scale_flow().state_dict(), _tiny_cross_scale_flow().state_dict()
     assert list(first) == list(second) and all(torch.equal(first[k], second[k]) for k in first)
@@ -164,7 +174,7 @@ def test_two_builds_of_a_seeded_cross_scale_flow_hold_the_same_state():
     assert len(permutations) == 3 and any(not torch.equal(first[k], other[k]) for k in permutations)
 
 
-def test_cross_convolution_reads_only_neighbouring_scales():
+def test_cross_convolution_reads_only_neighbouring_scales(one_thread):
     torch.manual_seed(0)
     grids = [(8, 8), (4, 4), (2, 2), (1, 1)]
     subnet = _perturbed(CrossConvolution(3, 5, hidden_channels=4, n_scales=4))
@@ -268,9 +278,9 @@ def test_bad_hyper_parameters_are_one_line_input_errors(name, bad, message):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("kind", [CFLOW, CSFlow])
-def test_fit_checks_slices(kind):
-    detector = kind(image_size=32, epochs=1)
+@pytest.mark.parametrize("kind, small", [(CFLOW, {}), (CSFlow, {"hidden_channels": 8})])
+def test_fit_checks_slices(kind, small):
+    detector = kind(image_size=32, epochs=1, **small)
     with pytest.raises(InputError, match=rf"the {kind.name} detector takes slices \[B, 1, 32, 32\]"):
         detector.fit(torch.zeros(2, 1, 48, 48), progress=False)
     with pytest.raises(InputError, match="not fitted"):
