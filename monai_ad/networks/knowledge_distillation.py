@@ -22,9 +22,9 @@ from torch import nn
 
 from monai_ad.networks.backbones import VGG16_RELU, FeatureExtractor, build_backbone, vgg_extractor
 
-# the reference's cloner configuration "B": each block ends in the source's width (16 | 128 | 256 | 512 | 512), the
-# convolutions before it are 16 wide; the same number of convolutions per block as VGG16, so VGG16's module
-# indices (``VGG16_RELU``) name its layers too
+# the reference's cloner configuration "B": blocks 2–5 end in the source's widths (128 | 256 | 512 | 512), every
+# other convolution is 16 wide; as many convolutions per block as VGG16, so VGG16's module indices (``VGG16_RELU``)
+# name its layers too
 CLONER_CFG = (16, 16, "M", 16, 128, "M", 16, 16, 256, "M", 16, 16, 512, "M", 16, 16, 512, "M")
 # ``poolK``: block K's max-pool output, read as block K's last ReLU max-pooled by 2
 POOL_OF_RELU = {"pool1": "relu1_2", "pool2": "relu2_2", "pool3": "relu3_3", "pool4": "relu4_3", "pool5": "relu5_3"}
