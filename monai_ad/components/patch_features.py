@@ -215,3 +215,11 @@ LAYER1_TO_3: dict[str, tuple[str, ...]] = {
     "resnet18": ("layer1", "layer2", "layer3"),
     "wide_resnet50_2": ("layer1", "layer2", "layer3"),
 }
+
+
+def layers_or_layer1_to_3(backbone: str, layers: Sequence[str | int] | None) -> list[str | int] | None:
+    """``layers`` as a list; when none are given, the backbone's layer1–3 analogues (``LAYER1_TO_3``), or ``None``
+    (the backbone's own default) for a backbone without them."""
+    if layers is None:
+        layers = LAYER1_TO_3.get(backbone)
+    return None if layers is None else list(layers)

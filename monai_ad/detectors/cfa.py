@@ -39,7 +39,7 @@ import torch
 
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import PatchScoreMap, max_in_roi_map
-from monai_ad.components.patch_features import LAYER1_TO_3
+from monai_ad.components.patch_features import layers_or_layer1_to_3
 from monai_ad.components.training_loop import FrozenFeatureTrainer, cache_budget
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.distributed import all_reduce_sum_
@@ -100,9 +100,7 @@ class CFA(AnomalyDetector):
         for name, value in (("radius", radius), ("margin", margin)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e3:
                 raise InputError(f"cfa: {name} must be a number of at least 0, got {value!r}")
-        if layers is None and backbone in LAYER1_TO_3:
-            layers = LAYER1_TO_3[backbone]
-        layers = None if layers is None else list(layers)
+        layers = layers_or_layer1_to_3(backbone, layers)
         super().__init__(**constructor_arguments())
         self.backbone = build_backbone(backbone, layers, weights, allow_random_weights)
         channels = sum(self.backbone.channels)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import PatchScoreMap, max_in_roi_map
-from monai_ad.components.patch_features import LAYER1_TO_3
+from monai_ad.components.patch_features import layers_or_layer1_to_3
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.distributed import all_reduce_sum_
 from monai_ad.errors import InputError
@@ -85,9 +85,7 @@ class PaDiM(AnomalyDetector):
         if not regularization > 0:
             raise InputError(f"padim: regularization must be positive (the paper adds 0.01·I), got {regularization}")
         check_settings("padim", sigma=sigma, batch_size=batch_size)
-        if layers is None and backbone in LAYER1_TO_3:
-            layers = LAYER1_TO_3[backbone]
-        layers = None if layers is None else list(layers)
+        layers = layers_or_layer1_to_3(backbone, layers)
         super().__init__(**constructor_arguments())
         self.backbone = build_backbone(backbone, layers, weights, allow_random_weights)
         total = sum(self.backbone.channels)

@@ -37,7 +37,7 @@ import torch
 
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import max_in_roi_map
-from monai_ad.components.patch_features import LAYER1_TO_3
+from monai_ad.components.patch_features import layers_or_layer1_to_3
 from monai_ad.components.smoothing import GaussianBlur2d
 from monai_ad.components.training_loop import FrozenFeatureTrainer, cache_budget
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
@@ -95,9 +95,7 @@ class RD4AD(AnomalyDetector):
             raise InputError(f"rd4ad: betas must be two numbers in [0, 1), got {betas}")
         if map_mode not in MAP_MODES:
             raise InputError(f"rd4ad: map_mode must be one of {', '.join(MAP_MODES)}, got {map_mode!r}")
-        if layers is None and backbone in LAYER1_TO_3:
-            layers = LAYER1_TO_3[backbone]
-        layers = None if layers is None else list(layers)
+        layers = layers_or_layer1_to_3(backbone, layers)
         super().__init__(**constructor_arguments())
         teacher = build_backbone(backbone, layers, weights, allow_random_weights)
         with torch.random.fork_rng(devices=[]):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import cosine_distance_map, max_in_roi_map
-from monai_ad.components.patch_features import LAYER1_TO_3
+from monai_ad.components.patch_features import layers_or_layer1_to_3
 from monai_ad.components.smoothing import GaussianBlur2d
 from monai_ad.components.training_loop import FrozenFeatureTrainer, cache_budget
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
@@ -85,9 +85,7 @@ class STFPM(AnomalyDetector):
                        weight_decay=weight_decay, seed=seed)  # fmt: skip
         if not 0 <= momentum < 1:
             raise InputError(f"stfpm: momentum must be a number in [0, 1), got {momentum!r}")
-        if layers is None and backbone in LAYER1_TO_3:
-            layers = LAYER1_TO_3[backbone]
-        layers = None if layers is None else list(layers)
+        layers = layers_or_layer1_to_3(backbone, layers)
         super().__init__(**constructor_arguments())
         self.teacher = build_backbone(backbone, layers, weights, allow_random_weights)
         with torch.random.fork_rng(devices=[]):
