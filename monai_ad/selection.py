@@ -1,4 +1,5 @@
-"""Weakly-supervised hyper-parameter selection (Shvetsova et al., docs/methods.md#dpa), for any detector.
+"""Weakly-supervised hyper-parameter selection (Shvetsova et al.; docs/methods.md#hyper-parameter-selection), for
+any detector.
 
 For every candidate of a grid, ``folds``-fold cross-validation over patients: in each fold a different
 ``validation_fraction`` (20 %) of the training-normal patients is held out as validation normals, the detector is

@@ -1,5 +1,6 @@
-"""Every bundle under bundles/: training, evaluating and inference from the command line on tiny phantoms,
-metadata verified offline, and MONAI Label's BundleInferTask loading it and returning a label map."""
+"""Every bundle under bundles/ trains on tiny phantoms from its own configs, with metadata verified offline; the
+shared inference, evaluation and multi-GPU configs run from the command line (training, evaluating, inference,
+torchrun) and through MONAI Label's BundleInferTask for one bundle of each kind of training."""
 
 import configparser
 import csv
@@ -28,16 +29,20 @@ FAST = {"patchcore_liver_ct": ["--network_def#image_size", "64"],
         "winclip_liver_ct": ["--clip_model", "tiny-random", "--allow_random_weights", "True", "--network_def#image_size", "96"],
         "clip_reconstruction_liver_ct": ["--clip_model", "tiny-random", "--allow_random_weights", "True", "--network_def#image_size", "96",
                                          "--network_def#epochs", "1", "--network_def#prompt_length", "4"],
-        "dpa_liver_ct": [],
-        "intensity_liver_ct": [],
+        "dpa_liver_ct": ["--network_def#transition_iters", "2", "--network_def#stable_iters", "2", "--network_def#final_iters", "5"],
+        "intensity_liver_ct": ["--datalist#n_normal", "6"],
         "density_liver_ct": [],
-        "fused_liver_ct": ["--network_def#image_size", "64"],
+        "fused_liver_ct": ["--network_def#image_size", "64", "--datalist#n_normal", "4"],
         "simplenet_liver_ct": ["--network_def#image_size", "64", "--network_def#meta_epochs", "2", "--network_def#gan_epochs", "1"],
         "stfpm_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
         "cfa_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
+        "draem_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
+        "cutpaste_liver_ct": ["--network_def#image_size", "64", "--network_def#steps", "2", "--network_def#freeze_steps", "1",
+                              "--network_def#patch_stride", "16"],
         "mkd_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
         "cflow_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
         "csflow_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
+        "deepsvdd_liver_ct": ["--network_def#image_size", "64", "--network_def#pretrain_epochs", "1", "--network_def#epochs", "1"],
         "synthetic_anomaly_liver_ct": ["--network_def#image_size", "64", "--network_def#steps", "5", "--network_def#crop_size", "32"]}  # fmt: skip
 
 
@@ -49,11 +54,57 @@ def bundle_run(bundle: Path, run_id: str | None, configs: list[str], *extra: str
     return subprocess.run(cmd, cwd=bundle, capture_output=True, text=True)
 
 
+# The inference, evaluation and multi-GPU configs are one set of files (bundles/common) that every bundle links, so
+# the workflows they define are run end to end from the command line for these bundles, one per kind of training
+# (statistics, the default detector's tables, a memory bank, a trained network); every bundle's own train.json is
+# trained below.
+PIPELINE = ["density_liver_ct", "intensity_liver_ct", "patchcore_liver_ct", "stfpm_liver_ct"]
+# torch.distributed paths: statistics reduced, tables merged, memory bank gathered, gradients averaged through the
+# frozen-feature trainer and through the plain training loop
+DISTRIBUTED = [*PIPELINE, "synthetic_anomaly_liver_ct"]
+
+
+SHARED_FILES = ("configs/inference.json", "configs/evaluate.json", "configs/multi_gpu_train.json", "configs/logging.conf")
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_every_bundle_links_the_shared_workflow_configs(name):
+    """What PIPELINE runs for a few bundles is what every bundle runs: the same files, linked, not copies."""
+    assert set(PIPELINE) | set(DISTRIBUTED) <= set(BUNDLES)
+    for shared in SHARED_FILES:
+        path = BUNDLES_DIR / name / shared
+        assert path.is_symlink() and path.resolve(strict=True) == (BUNDLES_DIR / "common" / shared).resolve(strict=True), shared
+
+
+def copied_bundle(name: str, parent: Path) -> Path:
+    bundle = parent / name
+    shutil.copytree(BUNDLES_DIR / name, bundle, ignore=shutil.ignore_patterns("models", "data", "eval"))
+    shutil.copy(BUNDLES_DIR / "meta_schema.json", parent / "meta_schema.json")
+    return bundle
+
+
+def fast_overrides(name: str) -> dict:
+    """``FAST[name]`` as the keyword overrides ``monai.bundle.run`` and ``ConfigWorkflow`` take."""
+    flags = FAST[name]
+    return {flags[i].lstrip("-"): _literal(flags[i + 1]) for i in range(0, len(flags), 2)}
+
+
 @pytest.fixture(scope="module", params=BUNDLES)
 def trained_bundle(request, tmp_path_factory):
-    bundle = tmp_path_factory.mktemp("bundles") / request.param
-    shutil.copytree(BUNDLES_DIR / request.param, bundle, ignore=shutil.ignore_patterns("models", "data", "eval"))
-    shutil.copy(BUNDLES_DIR / "meta_schema.json", bundle.parent / "meta_schema.json")
+    """Each bundle trained by ``monai.bundle.run("training", ...)`` on its own configs, in this process."""
+    from monai.bundle import run
+
+    bundle = copied_bundle(request.param, tmp_path_factory.mktemp("bundles"))
+    run("training", meta_file=str(bundle / "configs" / "metadata.json"), config_file=str(bundle / "configs" / "train.json"),
+        bundle_root=str(bundle), **fast_overrides(request.param))  # fmt: skip
+    assert (bundle / "models" / "model.pt").is_file()
+    return bundle
+
+
+@pytest.fixture(scope="module", params=PIPELINE)
+def cli_trained_bundle(request, tmp_path_factory):
+    """A bundle trained from the command line, as in the model zoo."""
+    bundle = copied_bundle(request.param, tmp_path_factory.mktemp("cli_bundles"))
     proc = bundle_run(bundle, "training", ["configs/train.json"], *FAST[request.param])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (bundle / "models" / "model.pt").is_file()
@@ -98,13 +149,13 @@ def test_bundle_layout_configs_and_metadata_agree(trained_bundle):
     assert model.name == network["name"] and model.in_channels == channels and model.is_fitted
 
 
-def test_train_infer_and_eval_workflows_have_the_properties_monai_requires(trained_bundle, monkeypatch):
+def test_train_infer_and_eval_workflows_have_the_properties_monai_requires(cli_trained_bundle, monkeypatch):
     """``ConfigWorkflow(...).check_properties()``, the check MONAI's tools run on a bundle, finds nothing missing."""
     from monai.bundle import ConfigWorkflow
 
+    trained_bundle = cli_trained_bundle
     monkeypatch.chdir(trained_bundle)  # bundle_root is "."
-    flags = FAST[trained_bundle.name]
-    overrides = {flags[i].lstrip("-"): _literal(flags[i + 1]) for i in range(0, len(flags), 2)}
+    overrides = fast_overrides(trained_bundle.name)
     for workflow, files in (("train", ["configs/train.json"]), ("infer", ["configs/inference.json"]),
                             ("eval", ["configs/train.json", "configs/evaluate.json"])):  # fmt: skip
         own = overrides if workflow != "infer" else {k: v for k, v in overrides.items() if not k.startswith("network_def#")}
@@ -140,21 +191,28 @@ def test_a_bundle_names_its_detectors_schedule_and_states_only_what_differs(name
     assert repeated == [], f"{name} repeats its schedule's {repeated}"
 
 
-def test_metadata_verifies_offline(trained_bundle, tmp_path):
-    cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "../meta_schema.json"]
-    proc = subprocess.run(cmd, cwd=trained_bundle, capture_output=True, text=True)
-    assert proc.returncode == 0 and "verified with no error" in proc.stdout + proc.stderr, proc.stderr[-2000:]
-    # the same check in-process (what the command runs): metadata without a required field fails
+def test_metadata_verifies_against_the_schema_offline(trained_bundle, tmp_path):
+    """MONAI's ``verify_metadata`` (what ``python -m monai.bundle verify_metadata`` runs) accepts the metadata, and
+    fails on metadata without a required field."""
     from monai.bundle import verify_metadata
 
+    schema = str(trained_bundle.parent / "meta_schema.json")
+    verify_metadata(meta_file=str(trained_bundle / "configs" / "metadata.json"), filepath=schema)
     broken = json.loads((trained_bundle / "configs" / "metadata.json").read_text())
     del broken["network_data_format"]
     (tmp_path / "metadata.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="network_data_format"):
-        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(trained_bundle.parent / "meta_schema.json"))
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=schema)
 
 
-def test_evaluating_writes_metrics_that_agree_with_its_volumes(trained_bundle):
+def test_metadata_verifies_from_the_command_line(cli_trained_bundle):
+    cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "../meta_schema.json"]
+    proc = subprocess.run(cmd, cwd=cli_trained_bundle, capture_output=True, text=True)
+    assert proc.returncode == 0 and "verified with no error" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
+def test_evaluating_writes_metrics_that_agree_with_its_volumes(cli_trained_bundle):
+    trained_bundle = cli_trained_bundle
     proc = bundle_run(trained_bundle, "evaluating", ["configs/train.json", "configs/evaluate.json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = trained_bundle / "eval"
@@ -172,7 +230,7 @@ def test_evaluating_writes_metrics_that_agree_with_its_volumes(trained_bundle):
 
 
 # bundles whose quick training (FAST) already puts an inserted 12 mm hypodense sphere above the rest of the liver
-LOCALISES = {"density_liver_ct", "intensity_liver_ct", "fused_liver_ct", "patchcore_liver_ct", "padim_liver_ct"}
+LOCALISES = {"density_liver_ct", "intensity_liver_ct", "patchcore_liver_ct"}
 
 
 def reoriented(image: nib.Nifti1Image, codes) -> nib.Nifti1Image:
@@ -181,11 +239,12 @@ def reoriented(image: nib.Nifti1Image, codes) -> nib.Nifti1Image:
     return image.as_reoriented(nib.orientations.ornt_transform(start, target))
 
 
-def test_inference_writes_outputs_in_input_geometry_where_the_lesion_is(trained_bundle):
+def test_inference_writes_outputs_in_input_geometry_where_the_lesion_is(cli_trained_bundle):
     """A phantom (RAS, anisotropic voxels) with an inserted lesion, and the same scan stored with its slices along
     the first axis and both in-plane axes reversed: each output is written in its own input's geometry, the two
     outputs are the same maps in world space, and (where the quick training suffices) the heatmap is higher on the
     lesion's voxels than on the rest of the liver, in the reversed scan's own voxel order."""
+    trained_bundle = cli_trained_bundle
     data = trained_bundle / "data" / "phantom"
     datalist = json.loads((data / "datalist.json").read_text())
     case = with_inserted_lesion(data, next(c for c in datalist["test"] if c["case_id"].startswith("normal")))
@@ -221,8 +280,10 @@ def test_inference_writes_outputs_in_input_geometry_where_the_lesion_is(trained_
         assert heat[lesion].mean() > bar, f"lesion {heat[lesion].mean():.4g}, liver q95 {bar:.4g}"
 
 
-def test_monai_label_bundle_infer_task_returns_a_label_map(trained_bundle):
+def test_monai_label_bundle_infer_task_returns_a_label_map(cli_trained_bundle):
     from monailabel.tasks.infer.bundle import BundleInferTask
+
+    trained_bundle = cli_trained_bundle
 
     task = BundleInferTask(str(trained_bundle), conf={})
     assert task.is_valid() and task.labels == {"anomaly": 1}
@@ -247,11 +308,10 @@ def test_inference_config_keeps_the_library_min_lesion_size(name):
     assert parser.get_parsed_content("predictor#min_lesion_mm3") == MIN_LESION_MM3
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", DISTRIBUTED)
 def test_multi_gpu_train_runs_with_torchrun_on_cpu_gloo(name, tmp_path):
     """Two CPU processes (gloo): data split across them, features/gradients combined, rank 0 saves the model."""
-    bundle = tmp_path / name
-    shutil.copytree(BUNDLES_DIR / name, bundle, ignore=shutil.ignore_patterns("models", "data", "eval"))
+    bundle = copied_bundle(name, tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
            "--meta_file", "configs/metadata.json", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
            "--logging_file", "configs/logging.conf", *FAST[name]]  # fmt: skip

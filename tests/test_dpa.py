@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from monai_ad.detectors import AnomalyDetector, available_detectors, create_detector
 from monai_ad.detectors.dpa import DeepPerceptualAutoencoder, Phase, to_signed
 from monai_ad.errors import InputError
-from monai_ad.networks.perceptual_autoencoder import ProgressiveAutoencoder, build_vgg, layers_for
+from monai_ad.detectors.dpa.torch_model import ProgressiveAutoencoder, build_vgg, layers_for
 
 from liver_slices import smooth_slices
 from test_lesion_ranking import CASES, fitted_detector

@@ -12,7 +12,7 @@ from monai_ad.detectors import AnomalyDetector, create_detector
 from monai_ad.detectors.mkd import MKD
 from monai_ad.errors import InputError
 from monai_ad.networks.backbones import IMAGENET_MEAN, IMAGENET_STD
-from monai_ad.networks.knowledge_distillation import (
+from monai_ad.detectors.mkd.torch_model import (
     DISTILLED_LAYERS,
     GuidedReLU,
     build_cloner,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from monai_ad.detectors import RD4AD, AnomalyDetector, create_detector
 from monai_ad.errors import InputError
-from monai_ad.networks.reverse_distillation import (
+from monai_ad.detectors.rd4ad.torch_model import (
     OneClassBottleneck,
     StudentDecoder,
     anomaly_map,

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import monai_ad.detectors.cfa as cfa_module
+import monai_ad.detectors.cfa.detector as cfa_module
 from monai_ad.components.maps import cosine_distance_map
 from monai_ad.detectors import create_detector
 from monai_ad.detectors.stfpm import pyramid_matching_loss
 from monai_ad.errors import InputError
-from monai_ad.networks.feature_adaptation import (
+from monai_ad.detectors.cfa.torch_model import (
     PatchDescriptor,
     hypersphere_loss,
     patch_features,

@@ -14,8 +14,8 @@ open_clip's ``SimpleTokenizer``, whose BPE vocabulary ships inside the package.
 
 ``FrozenCLIP`` exposes what the detectors need: grey ``[0, 1]`` slices → 3 channels with CLIP's
 normalisation; ViT tokens of chosen layers; tokens moved into the joint image–text space by ``ln_post`` then
-``@ proj`` (as AnoVL, docs/methods.md#winclip); WinCLIP window embeddings; text embeddings from token ids or from token
-*embeddings* (learned prompts), at chosen text layers. It runs the towers block by block and reuses the
+``@ proj`` (as AnoVL, monai_ad/detectors/winclip/README.md); WinCLIP window embeddings; text embeddings from token
+ids or from token *embeddings* (learned prompts), at chosen text layers. It runs the towers block by block and reuses the
 ViT's own embedding and pooling steps (``VisionTransformer._embeds`` / ``_pool`` of the pinned open_clip 3.3.0).
 """
 

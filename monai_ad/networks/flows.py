@@ -1,4 +1,5 @@
-"""Normalising flows of the flow detectors, built on FrEIA (docs/methods.md#cflow, #csflow).
+"""Normalising flows of the flow detectors, built on FrEIA (monai_ad/detectors/cflow/README.md and
+monai_ad/detectors/csflow/README.md).
 
 - CFLOW (``monai_ad.detectors.cflow``): ``positional_encoding_2d``, the condition of every feature position;
   ``conditional_flow``, one layer's flow over "fibers" (the feature vectors of single positions), conditioned on
