@@ -147,7 +147,7 @@ def test_cfa_refuses_bad_settings():
         create_detector("cfa", gamma_d=0)
     with pytest.raises(InputError, match="cfa: hard_negatives must be a whole number"):
         create_detector("cfa", hard_negatives=-1)
-    with pytest.raises(InputError, match="cfa: radius must be a number of at least 0"):
+    with pytest.raises(InputError, match="cfa: radius must be a number from 0 to 1000"):
         create_detector("cfa", radius=float("nan"))
     with pytest.raises(InputError, match="cfa: num_neighbors must be"):
         create_detector("cfa", num_neighbors=0)

@@ -63,16 +63,9 @@ class CFA(AnomalyDetector):
         amp: bool = False,
         seed: int = 0,
     ):
-        check_settings("cfa", image_size=image_size, num_neighbors=num_neighbors, epochs=epochs,
-                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, sigma=sigma, seed=seed)  # fmt: skip
-        for name, value in (("gamma_d", gamma_d), ("gamma_c", gamma_c)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-                raise InputError(f"cfa: {name} must be a whole number from 1 to 64, got {value!r}")
-        if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or not 0 <= hard_negatives <= 1024:
-            raise InputError(f"cfa: hard_negatives must be a whole number from 0 to 1024, got {hard_negatives!r}")
-        for name, value in (("radius", radius), ("margin", margin)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e3:
-                raise InputError(f"cfa: {name} must be a number of at least 0, got {value!r}")
+        check_settings("cfa", image_size=image_size, num_neighbors=num_neighbors, epochs=epochs, batch_size=batch_size,
+                       lr=lr, weight_decay=weight_decay, sigma=sigma, seed=seed, gamma_d=gamma_d, gamma_c=gamma_c,
+                       hard_negatives=hard_negatives, radius=radius, margin=margin)  # fmt: skip
         layers = layers_or_layer1_to_3(backbone, layers)
         super().__init__(**constructor_arguments())
         self.backbone = build_backbone(backbone, layers, weights, allow_random_weights)
