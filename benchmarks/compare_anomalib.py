@@ -1,5 +1,5 @@
 """monai_ad's detectors and anomalib's implementations of the same methods, side by side on the same 2-D liver
-slices, in one run: PatchCore, STFPM and CFA (``--methods``).
+slices, in one run: PatchCore, STFPM, CFA and CFLOW (``--methods``).
 
 anomalib is not a monai_ad dependency: build its environment once with ``bash benchmarks/setup_anomalib_env.sh``
 and run this script with that environment's Python:
@@ -27,6 +27,12 @@ What differs, by design of each library:
   176-channel CoordConv; anomalib pools only the first level, monai_ad every level (the paper); monai_ad computes
   the pooled features once. anomalib's loss radius is held as a plain tensor of the same value (as built, its
   autograd graph cannot be passed twice).
+- CFLOW: the same backbone levels (``blocks.2/4/6``, layer2–4's analogues), 8 coupling blocks, 128-d positional
+  condition, clamp 1.9, 64-row fiber batches, Adam lr 1e-4 and an optimiser step per fiber batch on both sides;
+  anomalib's training step (its Lightning module's) is run as written there, over the same batches.
+- CS-Flow is not compared: anomalib's builds torchvision's EfficientNet-B5 with ImageNet weights that torchvision
+  downloads, and its flow graph is fixed to that network's 304-channel stride-32 features, so it cannot be given
+  the offline EfficientNet-Lite0 levels both sides here use.
 - Slice scores: monai_ad's are the maximum over the liver ROI, anomalib's over the whole slice.
 """
 
@@ -55,7 +61,8 @@ from monai_ad.transforms.pipeline import PreprocessConfig  # noqa: E402
 
 PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]
 LAYER1_TO_3 = ["blocks.1", "blocks.2", "blocks.4"]
-METHODS = ("patchcore", "stfpm", "cfa")
+METHODS = ("patchcore", "stfpm", "cfa", "cflow")
+LAYER2_TO_4 = ["blocks.2", "blocks.4", "blocks.6"]
 
 
 def offline_timm(weights_file: Path):
@@ -244,6 +251,51 @@ def compare_cfa(run: Run) -> list[dict]:
     return [row, other]
 
 
+def compare_cflow(run: Run) -> list[dict]:
+    import anomalib.models.image.cflow.torch_model as cflow_torch
+    from anomalib.models.image.cflow.utils import get_logp, positional_encoding_2d
+
+    ours = create_detector("cflow", image_size=224, epochs=run.epochs, batch_size=run.batch, seed=run.seed)
+    row = run.ours("CFLOW", ours)
+    torch.manual_seed(run.seed)
+    with offline_timm(run.weights_file):
+        theirs = cflow_torch.CflowModel(backbone="tf_efficientnet_lite0", layers=LAYER2_TO_4, pre_trained=True).to(run.device)
+    # anomalib's Lightning module: Adam over the decoders, lr 1e-4
+    optimizer = torch.optim.Adam([p for decoder in theirs.decoders for p in decoder.parameters()], lr=1e-4)
+
+    def training_step(images: torch.Tensor) -> None:
+        """anomalib's ``Cflow.training_step``: per level, the batch's feature rows in a random order, one
+        optimiser step per fiber batch of ``-logsigmoid(log p / C)``."""
+        with torch.no_grad():
+            levels = theirs.encoder(images)
+        for index, layer in enumerate(theirs.pool_layers):
+            features = levels[layer].detach()
+            batch, channels, height, width = features.shape
+            condition = positional_encoding_2d(theirs.condition_vector, height, width).to(images.device)
+            condition = condition.reshape(theirs.condition_vector, -1).t().repeat(batch, 1)  # (b h w) x P
+            rows = features.permute(0, 2, 3, 1).reshape(-1, channels)  # (b h w) x C
+            order = torch.randperm(len(rows))
+            n_fibers = len(rows) // theirs.fiber_batch_size
+            for fiber in range(n_fibers):
+                stop = (fiber + 1) * theirs.fiber_batch_size if fiber < n_fibers - 1 else len(rows)
+                chosen = order[fiber * theirs.fiber_batch_size : stop]
+                optimizer.zero_grad()
+                z, log_jac_det = theirs.decoders[index](rows[chosen], [condition[chosen]])
+                loss = -torch.nn.functional.logsigmoid(get_logp(channels, z, log_jac_det) / channels)
+                loss.mean().backward()
+                optimizer.step()
+
+    def fit():
+        generator = torch.Generator().manual_seed(run.seed)
+        theirs.decoders.train()
+        for _ in range(run.epochs):
+            for images in run.train_batches(generator):
+                training_step(images)
+
+    other = run.theirs("CFLOW", theirs, fit, lambda out: (out.anomaly_map.reshape(-1, 224, 224), out.pred_score.flatten()))
+    return [row, other]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -285,10 +337,10 @@ def main() -> None:
     notes = [
         f"{len(train['image'])} normal training slices from {args.normal} normal phantoms ({args.preset}); "
         f"{n_test} test slices ({int(test['lesion'].flatten(1).any(1).sum())} with lesions) from the test phantoms",
-        f"batch {batch}; PatchCore coreset ratio {args.coreset_ratio} (fit = features + coreset); STFPM and CFA "
+        f"batch {batch}; PatchCore coreset ratio {args.coreset_ratio} (fit = features + coreset); STFPM, CFA and CFLOW "
         f"{args.epochs} epochs each side (fit = training); slices/s = scoring the test slices",
         "differences: see the script's docstring (PatchCore embedding width, STFPM weight decay, CFA pooling, "
-        "bf16 on CUDA, slice score over the ROI vs the slice)",
+        "bf16 on CUDA, slice score over the ROI vs the slice; CS-Flow not comparable offline)",
     ]
     record("monai_ad vs anomalib: " + ", ".join(args.methods), device, [format_table(rows, cols)], notes,
            results=None if args.no_record else args.results)  # fmt: skip
