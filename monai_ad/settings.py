@@ -120,6 +120,11 @@ HPARAM_RANGES: dict[str, Range] = {
     "hard_negatives": Range(0, 1024, integer=True),
     "radius": Range(0, 1000),
     "margin": Range(0, 1000),
+    "coupling_blocks": Range(1, None, integer=True),
+    "fiber_batch_size": Range(1, None, integer=True),
+    "hidden_channels": Range(1, None, integer=True),
+    "clamp": Range(0, None, open_low=True),
+    "eps": Range(0, None, open_low=True),
 }
 
 # the pipeline's settings (``PreprocessConfig``)

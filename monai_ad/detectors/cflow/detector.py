@@ -80,15 +80,11 @@ class CFLOW(AnomalyDetector):
         cache_features: bool | int | None = None,
         seed: int = 0,
     ):
-        check_settings("cflow", image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-        for name, value in (("coupling_blocks", coupling_blocks), ("fiber_batch_size", fiber_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"cflow: {name} must be a whole number of at least 1, got {value!r}")
+        check_settings("cflow", image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                       coupling_blocks=coupling_blocks, fiber_batch_size=fiber_batch_size, clamp=clamp)  # fmt: skip
         whole = isinstance(condition_dim, int) and not isinstance(condition_dim, bool)
         if not whole or condition_dim < 4 or condition_dim % 4:
             raise InputError(f"cflow: condition_dim must be a positive multiple of 4, got {condition_dim!r}")
-        if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not 0 < clamp < math.inf:
-            raise InputError(f"cflow: clamp must be a number above 0, got {clamp!r}")
         if layers is None and backbone in LAYER2_TO_4:
             layers = LAYER2_TO_4[backbone]
         layers = None if layers is None else list(layers)

@@ -69,14 +69,8 @@ class CSFlow(AnomalyDetector):
         cache_features: bool | int | None = None,
         seed: int = 0,
     ):
-        check_settings("csflow", image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                       weight_decay=weight_decay, seed=seed)  # fmt: skip
-        for name, value in (("coupling_blocks", coupling_blocks), ("hidden_channels", hidden_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"csflow: {name} must be a whole number of at least 1, got {value!r}")
-        for name, value in (("clamp", clamp), ("eps", eps)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise InputError(f"csflow: {name} must be a number above 0, got {value!r}")
+        check_settings("csflow", image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                       seed=seed, coupling_blocks=coupling_blocks, hidden_channels=hidden_channels, clamp=clamp, eps=eps)  # fmt: skip
         if slice_score not in SLICE_SCORES:
             raise InputError(f"csflow: slice_score must be one of {', '.join(SLICE_SCORES)}, got {slice_score!r}")
         if layer is None and backbone in STRIDE16_LAYER:
