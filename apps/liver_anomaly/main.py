@@ -15,7 +15,14 @@ scoring method re-selects operating thresholds from corrected (``final``) labels
 - ``max_upload_mb``: the largest request body (an uploaded study or label) the server takes (default 1024)
 - ``infer_workers``: detector runs at the same time (default 2); ``/info`` and the datastore answer meanwhile
 - ``allow_model_routes``: ``true`` opens ``/model/<name>`` (download, replace, delete model files; default closed)
-- ``allow_remote``: ``true`` lets the server listen beyond 127.0.0.1 without MONAI Label's authentication
+- ``allowed_origins``: comma-separated browser origins (``https://ohif.hospital.example``) that may call the server
+  from their pages, e.g. an OHIF viewer served elsewhere (default: none; never ``*``)
+- ``allowed_hosts``: comma-separated names the server answers to in the ``Host`` header besides the loopback names
+  and the ``--host`` it is bound to (needed when bound to 0.0.0.0)
+- ``auth_token_file``: a file (mode 600) whose first line is the access token every request must carry
+  (``Authorization: Bearer <token>``, or the token as the Basic-auth password); required, unless MONAI Label's
+  authentication is on, when the server listens beyond 127.0.0.1
+- ``scoring_timeout_s``: a scoring run still going after this many seconds is stopped (default 600)
 
 A folder datastore may hold NIfTI/NRRD files and DICOM series sub-folders (served as ``<folder>.nii.gz``).
 What clients may send is checked by ``lib.security`` (installed into the server when it starts) and
@@ -38,7 +45,8 @@ from monai_ad.allocator import keep_freed_memory
 from monai_ad.label_server import state_dir
 from monai_ad.resources import shared_dir
 
-from lib import security
+from lib import security, tasks
+from lib.activelearning.random_unlabeled import RandomUnlabeled
 from lib import studies as study_rules
 from lib.configs.detector import DetectorConfig, find_bundles
 from lib.datastore import SafeLocalDatastore
@@ -63,7 +71,12 @@ class LiverAnomalyApp(MONAILabelApp):
         except ValueError:
             raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, "max_upload_mb and infer_workers must be numbers") from None
         self.allow_model_routes = _true(conf.get("allow_model_routes"))
-        self.allow_remote = _true(conf.get("allow_remote"))
+        try:
+            self.scoring_timeout = float(conf.get("scoring_timeout_s", tasks.SCORING_TIMEOUT_S))
+            if not 0 < self.scoring_timeout < float("inf"):
+                raise ValueError
+        except ValueError:
+            raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, "scoring_timeout_s must be a positive number of seconds") from None
         bundles_dir = conf.get("bundles") or os.environ.get("MONAI_AD_BUNDLES") or str(PROJECT_BUNDLES)
         model_dir = conf.get("model_dir") or str(state_dir(studies) / "models")
         os.makedirs(model_dir, exist_ok=True)
@@ -115,14 +128,21 @@ class LiverAnomalyApp(MONAILabelApp):
     def init_trainers(self):
         return {name: config.trainer() for name, config in self.detectors.items()}
 
+    def init_strategies(self):
+        return {"random": RandomUnlabeled()}
+
     def init_scoring_methods(self):
         return {"feedback_threshold": FeedbackThreshold(self.detectors, self.roi_dir, self.conf.get("roi_label"))}
 
     def on_init_complete(self):
-        problem = security.exposure_error(security.server_host(sys.argv), settings.MONAI_LABEL_AUTH_ENABLE, self.allow_remote)
-        if problem:
-            raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, problem)
-        security.install(self, self.max_upload, self.allow_model_routes, self.infer_workers)
+        try:
+            access = security.access_from_conf(
+                self.conf, security.server_host(sys.argv), settings.MONAI_LABEL_AUTH_ENABLE, settings.MONAI_LABEL_CORS_ORIGINS
+            )
+        except ValueError as exc:
+            raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, str(exc)) from None
+        if security.install(self, self.max_upload, self.allow_model_routes, self.infer_workers, access):
+            tasks.stop_overdue("scoring", self.scoring_timeout)
         super().on_init_complete()
         wanted = [w.strip() for w in str(self.conf.get("train_on_start", "false")).lower().split(",") if w.strip()]
         if wanted and wanted != ["false"]:
@@ -130,6 +150,14 @@ class LiverAnomalyApp(MONAILabelApp):
                 if (wanted in (["true"], ["all"]) or name in wanted) and not task.is_valid():
                     logger.info("[%s] no model yet: training it on the studies marked normal", name)
                     self.async_training(name, enqueue=True)
+
+    def async_scoring(self, method, params=None):
+        """MONAI Label queues a scoring run after every training and active-learning request; one run at a time
+        is enough (each re-scores every corrected study), so none is queued while another waits or runs."""
+        if tasks.busy("scoring"):
+            logger.info("a scoring run is already queued or running: no other queued")
+            return {}
+        return super().async_scoring(method, params)
 
     def check_train_request(self, model: str, params: dict[str, Any]) -> None:
         """Refuse a ``/train`` request before a training process starts (called by the request guard)."""

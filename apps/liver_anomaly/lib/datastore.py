@@ -5,6 +5,11 @@ studies folder, and copies files in place, so a kill during a save leaves a torn
 restart. Here every id and tag must be a plain name whose file resolves inside the studies folder, and images and
 labels are written beside their destination, flushed to disk and renamed over it (a reader sees the old file or
 the new one, never half of one). The hidden ``.*.partial`` files match none of the datastore's patterns.
+
+A file is served only when it is a regular file inside the studies folder once links are followed, with no
+other hard link: a symbolic link (of the file or of a folder on its way) pointing outside, or a hard link that
+shares another file's data, is not listed, not downloaded, not read for inference or training, and a save never
+writes through it (the new file replaces the link).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +57,64 @@ def atomic_copy(source: str | os.PathLike, dest: str | os.PathLike) -> None:
 
 
 class SafeLocalDatastore(LocalDatastore):
+    def contained(self, path: str | os.PathLike) -> bool:
+        """``path`` is a regular file of the studies folder, links followed, with no other hard link."""
+        root = os.path.realpath(self._datastore_path)
+        real = os.path.realpath(path)
+        try:
+            info = os.stat(real)
+        except OSError:
+            return False
+        if os.path.commonpath([root, real]) != root or not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            return False
+        return True
+
+    def _refused(self, path: str) -> str:
+        if path and os.path.lexists(path) and not self.contained(path):
+            logger.warning("not served: %s leaves the studies folder or is linked elsewhere", os.path.basename(path))
+            return ""
+        return path
+
+    def _list_files(self, path, patterns):
+        listed = super()._list_files(path, patterns)
+        return {name: file for name, file in listed.items() if self.contained(os.path.join(path, file))}
+
+    def _remove_non_existing(self) -> int:
+        removed = super()._remove_non_existing()
+        for image_id, obj in list(self._datastore.objects.items()):
+            if not self.contained(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext))):
+                del self._datastore.objects[image_id]
+                removed += 1
+                continue
+            for tag, label in list(obj.labels.items()):
+                if not self.contained(os.path.join(self._datastore.label_path(tag), self._filename(image_id, label.ext))):
+                    del obj.labels[tag]
+                    removed += 1
+        return removed
+
+    def get_image_uri(self, image_id: str) -> str:
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            return ""
+        return self._refused(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext))) and super().get_image_uri(image_id)
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        label = self._datastore.label(label_id, label_tag)
+        if not label:
+            return ""
+        path = os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext))
+        return self._refused(path) and super().get_label_uri(label_id, label_tag)
+
+    def list_images(self) -> list[str]:
+        return [image_id for image_id in super().list_images() if self.get_image_uri(image_id)]
+
+    def datalist(self, full_path=True) -> list[dict[str, Any]]:
+        items = [item for item in super().datalist(True) if all(self.contained(item[key]) for key in ("image", "label"))]
+        if full_path:
+            return items
+        root = os.path.realpath(self._datastore_path)
+        return [{key: os.path.relpath(value, root) for key, value in item.items()} for item in items]
+
     def _inside(self, path: str, what: str) -> str:
         root = os.path.realpath(self._datastore_path)
         real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))  # a link itself, not its target

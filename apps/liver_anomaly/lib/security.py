@@ -1,17 +1,25 @@
 """What a client may send: identifiers, uploads, infer options; and the server-side guard that checks them.
 
 MONAI Label 0.8.5 passes image ids and label tags straight to its datastore as file names, keeps uploads in the
-temp folder when a request fails, runs ``/infer`` on its event loop (one request at a time) and serves model files
-to anyone. The app therefore, once the server has started (``install``):
+temp folder when a request fails, runs ``/infer`` on its event loop (one request at a time), serves model files
+to anyone and answers every browser origin with credentials. The app therefore, once the server has started
+(``install``):
 
-- puts ``RequestGuard`` (an ASGI middleware) in front of every route: ids and tags in the query must be plain names
-  (``SAFE_NAME``), bodies larger than ``max_upload_mb`` are refused (413), ``/model/<name>`` (download, replace,
-  delete) answers 403 unless ``allow_model_routes`` is set, and ``POST /train`` bodies are checked against the
-  trainer's allow-list before a training process starts;
+- puts ``RequestGuard`` (an ASGI middleware) in front of every route. In order: the ``Host`` header must name this
+  server (loopback names, the bound address, ``allowed_hosts``: a DNS-rebinding page sends its own name); an
+  ``Origin`` header must be the server's own or one of ``allowed_origins`` (a page elsewhere can neither read
+  answers nor send writes); with ``auth_token_file``, every request carries the token (``Authorization: Bearer``
+  or HTTP Basic with the token as password); ids and tags in the query must be plain names (``SAFE_NAME``),
+  strategy and scoring names must be the app's, bodies larger than ``max_upload_mb`` are refused (413),
+  ``/model/<name>`` (download, replace, delete) answers 403 unless ``allow_model_routes`` is set, sessions are
+  closed, and ``POST /train`` and ``/activelearning`` bodies are checked before anything runs;
+- replaces MONAI Label's CORS middleware (every origin, with credentials) by one for ``allowed_origins`` only
+  (none by default), and answers a malformed request with a 422 of one line;
 - serves its own handlers at MONAI Label's paths for the routes that take files (``POST /infer/<model>``,
   ``PUT /datastore/image``, ``PUT /datastore/label``): each upload goes to a folder of its own, is checked (size,
   a readable 3-D image, the study's shape for a label) and is removed on every path; infer options must be the
-  model's own; inference runs in a worker pool so ``/info`` and the datastore keep answering.
+  model's own, numbers finite and in range; inference runs in a worker pool so ``/info`` and the datastore keep
+  answering.
 
 The replacement handlers carry MONAI Label's role checks (``RBAC``), so its authentication applies to them as it
 does to its own routes.
@@ -20,7 +28,10 @@ does to its own routes.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import gzip
+import hmac
 import json
 import logging
 import os
@@ -30,9 +41,10 @@ import sys
 import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
@@ -180,12 +192,97 @@ def infer_options(params: Any, allowed: dict[str, Any], model: str) -> dict[str,
     return options
 
 
+# ------------------------------------------------------------------------------- who may talk to the server
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+MIN_TOKEN_CHARS = 16
+ACTIVE_LEARNING_KEYS = {"label_tag", "labels", "client_id"}  # what MONAI Label's strategies read from a request
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may talk to the server: the browser origins allowed besides its own, the names it answers to in the
+    ``Host`` header, and the shared token (None: no token asked)."""
+
+    origins: tuple[str, ...] = ()
+    hosts: frozenset[str] = frozenset(LOOPBACK)
+    token: bytes | None = field(default=None, repr=False)
+
+
+def normal_origin(text: str, what: str = "allowed_origins") -> str:
+    """``scheme://host[:port]`` of a browser origin, lower case; a ValueError for ``*``, a path or another scheme."""
+    text = str(text).strip().rstrip("/")
+    parts = urlsplit(text)
+    if text == "*" or parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query or "*" in text:
+        raise ValueError(f"{what}: {text[:80]!r} is not an origin such as https://ohif.hospital.example (no '*', no path)")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header, without its port or IPv6 brackets, lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0].rstrip(".") if header.count(":") == 1 else header.rstrip(".")
+
+
+def read_token(path: str | os.PathLike) -> bytes:
+    """The shared token: the first line of a file only its owner can read, at least ``MIN_TOKEN_CHARS`` long."""
+    try:
+        mode = os.stat(path).st_mode
+        text = Path(path).read_text().strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"auth_token_file {str(path)!r}: cannot be read ({type(exc).__name__})") from None
+    if mode & 0o077:
+        raise ValueError(f"auth_token_file {str(path)!r}: others can read it; chmod 600 it")
+    token = text[0].strip() if text else ""
+    if len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token:
+        raise ValueError(f"auth_token_file {str(path)!r}: the token must be one line of at least {MIN_TOKEN_CHARS} characters, no spaces")
+    return token.encode()
+
+
+def access_from_conf(conf: dict[str, Any], host: str | None, auth_enabled: bool, cors_origins: Any = ()) -> Access:
+    """The server's ``Access`` from the app's options (``allowed_origins``, ``allowed_hosts``, ``auth_token_file``),
+    MONAI Label's ``MONAI_LABEL_CORS_ORIGINS`` and where it listens; a ValueError (one line) when an option is
+    wrong or the server would listen beyond this machine with no authentication."""
+    origins = [normal_origin(o) for o in str(conf.get("allowed_origins") or "").split(",") if o.strip()]
+    origins += [normal_origin(str(o), "MONAI_LABEL_CORS_ORIGINS") for o in cors_origins or ()]
+    hosts = set(LOOPBACK) | {h.strip().lower().strip("[]") for h in str(conf.get("allowed_hosts") or "").split(",") if h.strip()}
+    if host and host not in WILDCARD_HOSTS:
+        hosts.add(host.lower().strip("[]"))
+    token = read_token(conf["auth_token_file"]) if conf.get("auth_token_file") else None
+    if token is not None and auth_enabled:
+        raise ValueError("auth_token_file and MONAI Label's authentication (MONAI_LABEL_AUTH_ENABLE) cannot both be on: a request has one Authorization header")
+    problem = exposure_error(host, auth_enabled, token is not None)
+    if problem:
+        raise ValueError(problem)
+    return Access(tuple(dict.fromkeys(origins)), frozenset(hosts), token)
+
+
+def token_matches(headers: dict[bytes, bytes], token: bytes) -> bool:
+    """``Authorization: Bearer <token>``, or HTTP Basic with the token as password (any user name), compared in
+    constant time."""
+    scheme, _, value = headers.get(b"authorization", b"").strip().partition(b" ")
+    value = value.strip()
+    if scheme.lower() == b"basic":
+        try:
+            value = base64.b64decode(value, validate=True).partition(b":")[2]
+        except (binascii.Error, ValueError):
+            return False
+    elif scheme.lower() != b"bearer":
+        return False
+    return hmac.compare_digest(value, token)
+
+
 # ---------------------------------------------------------------------------------------------- the ASGI guard
 class RequestGuard:
-    """Checks every request before MONAI Label's routes see it (see the module docstring)."""
+    """Checks every request before MONAI Label's routes see it (see the module docstring). ``names`` maps a
+    route prefix (``activelearning``, ``scoring``) to the names the app serves there."""
 
-    def __init__(self, app: Callable, limit: int, allow_model_routes: bool, check_train: Callable[[str, dict], None] | None = None):
+    def __init__(self, app: Callable, limit: int, allow_model_routes: bool, check_train: Callable[[str, dict], None] | None = None,
+                 access: Access = Access(), names: dict[str, Any] | None = None):  # fmt: skip
         self.app, self.limit, self.allow_model_routes, self.check_train = app, limit, allow_model_routes, check_train
+        self.access, self.names = access, dict(names or {})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -194,12 +291,13 @@ class RequestGuard:
             refusal = self.refusal(scope)
         except HTTPException as exc:
             refusal = exc
-        if refusal is None and scope["method"] in ("POST", "PUT") and scope["path"].rstrip("/").startswith("/train"):
-            body, refusal = await self._train_body(scope, receive)
+        route = scope["path"].rstrip("/")
+        if refusal is None and scope["method"] in ("POST", "PUT") and route.startswith(("/train", "/activelearning/")):
+            body, refusal = await self._checked_body(scope, receive)
             if refusal is None:
                 receive = _replay(body)
         if refusal is not None:
-            return await _answer(send, refusal.status_code, refusal.detail)
+            return await _answer(send, refusal.status_code, refusal.detail, getattr(refusal, "headers", None))
         state = {"size": 0, "over": False, "started": False}
 
         async def counted_receive():
@@ -228,11 +326,38 @@ class RequestGuard:
     def _too_large(self) -> str:
         return f"request body larger than the server's upload limit ({self.limit / 2**20:.0f} MB; --conf max_upload_mb)"
 
+    def who(self, scope) -> HTTPException | None:
+        """The Host, Origin and token checks."""
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if host_name(host) not in self.access.hosts:
+            return HTTPException(400, f"Host {host[:80]!r} is not a name of this server (add it with --conf allowed_hosts)")
+        origin = headers.get(b"origin")
+        if origin is not None:
+            origin_text = origin.decode("latin-1").strip().lower()
+            if origin_text != f"{scope.get('scheme', 'http')}://{host.lower()}" and origin_text not in self.access.origins:
+                return HTTPException(403, f"cross-origin request from {origin_text[:80]!r} refused (allow a viewer's origin with --conf allowed_origins)")
+        if self.access.token is not None and not token_matches(headers, self.access.token):
+            return HTTPException(401, "this server needs its access token (Authorization: Bearer <token>, or the token as the Basic-auth password)",
+                                 headers={"WWW-Authenticate": 'Bearer realm="monai_ad", Basic realm="monai_ad"'})  # fmt: skip
+        return None
+
     def refusal(self, scope) -> HTTPException | None:
+        refusal = self.who(scope)
+        if refusal is not None:
+            return refusal
         path = scope["path"]
         for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
             if key in ID_PARAMS and (value or key != "image"):
                 check_name(value, "label tag" if key == "tag" else f"{key} id")
+        parts = [p for p in path.split("/") if p]
+        if len(parts) == 2 and parts[0] in self.names and (scope["method"] == "POST" or parts[0] == "activelearning"):
+            known = self.names[parts[0]]
+            if parts[1] not in known:
+                shown = parts[1] if SAFE_NAME.match(parts[1]) else repr(parts[1][:40])
+                return HTTPException(404, f"unknown {parts[0]} name {shown[:60]}; this app has: {', '.join(sorted(known)) or 'none'}")
+        if parts[:1] == ["session"]:
+            return HTTPException(404, "sessions are not used by this app: send the image id or upload the file with the request")
         if path.startswith("/model/") and not path.startswith("/model/info/") and not self.allow_model_routes:
             return HTTPException(403, "model files cannot be downloaded, replaced or deleted through this server (see 'allow_model_routes')")
         length = dict(scope.get("headers") or []).get(b"content-length")
@@ -245,7 +370,8 @@ class RequestGuard:
                 return HTTPException(413, self._too_large())
         return None
 
-    async def _train_body(self, scope, receive) -> tuple[bytes, HTTPException | None]:
+    async def _checked_body(self, scope, receive) -> tuple[bytes, HTTPException | None]:
+        """Read a small JSON body (``/train``, ``/activelearning``) and check it before the route runs."""
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -254,26 +380,41 @@ class RequestGuard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > 1 << 20:
-                return b"", HTTPException(413, "training request larger than 1 MB")
+                return b"", HTTPException(413, "request options larger than 1 MB")
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        if self.check_train is None:
-            return body, None
+        parts = [p for p in scope["path"].split("/") if p]
         try:
             params = json.loads(body) if body.strip() else {}
             if not isinstance(params, dict):
-                raise HTTPException(422, "training options: a JSON object is needed")
-            parts = [p for p in scope["path"].split("/") if p]
-            models = parts[1:2] or None
-            self.check_train(models[0] if models else "", params)
+                raise HTTPException(422, "request options: a JSON object is needed")
+            if parts[0] == "activelearning":
+                check_active_learning(params)
+            elif self.check_train is not None:
+                self.check_train(parts[1] if len(parts) > 1 else "", params)
         except HTTPException as exc:
             return body, exc
-        except json.JSONDecodeError as exc:
-            return body, HTTPException(422, f"training options: not valid JSON ({first_line(exc)})")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return body, HTTPException(422, f"request options: not valid JSON ({first_line(exc)})")
         except ValueError as exc:
             return body, HTTPException(422, first_line(exc))
         return body, None
+
+
+def check_active_learning(params: dict[str, Any]) -> None:
+    """An ``/activelearning/<strategy>`` body: only a label tag, label names and a client id."""
+    for key, value in params.items():
+        if key not in ACTIVE_LEARNING_KEYS:
+            raise HTTPException(422, f"active learning option {str(key)[:60]!r} is not accepted (options: {', '.join(sorted(ACTIVE_LEARNING_KEYS))})")
+        if key == "label_tag" and value is not None:
+            check_name(value, "label tag")
+        elif key == "labels" and value is not None and not (
+            isinstance(value, list) and len(value) <= 64 and all(isinstance(v, str) and SAFE_NAME.match(v) for v in value)
+        ):
+            raise HTTPException(422, "active learning option 'labels' must be a short list of label names")
+        elif key == "client_id" and value is not None and not (isinstance(value, str) and len(value) <= 100 and value.isprintable()):
+            raise HTTPException(422, "active learning option 'client_id' must be a short line of text")
 
 
 class UploadTooLarge(Exception):
@@ -293,17 +434,15 @@ def _replay(body: bytes):
     return receive
 
 
-async def _answer(send, status: int, detail: str) -> None:
+async def _answer(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]})  # fmt: skip
     await send({"type": "http.response.body", "body": body})
 
 
 # ------------------------------------------------------------------------------- exposure (where it listens)
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def server_host(argv: list[str]) -> str | None:
     """The ``--host`` of a ``monailabel start_server`` command line (its default 0.0.0.0 when absent); None when
     ``argv`` is not such a command."""
@@ -317,24 +456,27 @@ def server_host(argv: list[str]) -> str | None:
     return "0.0.0.0"
 
 
-def exposure_error(host: str | None, auth_enabled: bool, allow_remote: bool) -> str | None:
-    """Why the server must not start: listening beyond this machine with no authentication, unless asked to."""
-    if host is None or host in LOOPBACK or auth_enabled or allow_remote:
+def exposure_error(host: str | None, auth_enabled: bool, token_on: bool) -> str | None:
+    """Why the server must not start: listening beyond this machine with no authentication."""
+    if host is None or host in LOOPBACK or auth_enabled or token_on:
         return None
-    return (f"the server would listen on {host} with no authentication: start it with --host 127.0.0.1, enable MONAI "
-            "Label's authentication (MONAI_LABEL_AUTH_ENABLE=true), or set --conf allow_remote true")  # fmt: skip
+    return (f"the server would listen on {host} with no authentication: start it with --host 127.0.0.1, give it an access "
+            "token (--conf auth_token_file FILE), or enable MONAI Label's authentication (MONAI_LABEL_AUTH_ENABLE=true)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- the routes the app serves
-def install(instance: Any, limit: int, allow_model_routes: bool, workers: int) -> bool:
-    """Put the guard and the app's upload/infer handlers into the running MONAI Label server (False when there
-    is none in this process: the command-line and training processes)."""
+def install(instance: Any, limit: int, allow_model_routes: bool, workers: int, access: Access = Access()) -> bool:
+    """Put the guard, the CORS policy of ``access`` and the app's upload/infer handlers into the running MONAI Label
+    server (False when there is none in this process: the command-line and training processes)."""
     server = sys.modules.get("monailabel.app")
     fastapi_app = getattr(server, "app", None)
     if fastapi_app is None:
         return False
     from fastapi import APIRouter
+    from fastapi.exceptions import RequestValidationError
     from fastapi.middleware import Middleware
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import JSONResponse
     from fastapi.routing import APIRoute
     from monailabel.config import settings
     from monailabel.endpoints.infer import send_response
@@ -365,6 +507,11 @@ def install(instance: Any, limit: int, allow_model_routes: bool, workers: int) -
             if task is None:
                 raise HTTPException(404, f"unknown model {model!r}; available: {sorted(instance._infers)}")
             options = infer_options(params, dict(task.info().get("config") or {}), model)
+            if hasattr(task, "check_options"):
+                try:
+                    task.check_options(options)
+                except ValueError as exc:
+                    raise HTTPException(422, first_line(exc)) from None
             if file is None and not image:
                 raise HTTPException(422, "give an image id (?image=...) or upload the image as 'file'")
             request: dict[str, Any] = {"model": model, "image": check_name(image, "image id") if image else ""}
@@ -442,12 +589,28 @@ def install(instance: Any, limit: int, allow_model_routes: bool, workers: int) -
     replaced = {(r.path, m) for r in router.routes for m in r.methods}
     kept = [r for r in fastapi_app.router.routes if not (isinstance(r, APIRoute) and any((r.path, m) in replaced for m in r.methods))]
     fastapi_app.router.routes[:] = list(router.routes) + kept
+    # MONAI Label answers every origin, with credentials; here only the configured ones (none by default)
+    fastapi_app.user_middleware[:] = [m for m in fastapi_app.user_middleware if m.cls is not CORSMiddleware]
+    if access.origins:
+        fastapi_app.user_middleware.insert(0, Middleware(
+            CORSMiddleware, allow_origins=list(access.origins), allow_credentials=True,
+            allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"], allow_headers=["Authorization", "Content-Type"]))  # fmt: skip
+    names = {"activelearning": instance._strategies, "scoring": instance._scoring_methods}
     fastapi_app.user_middleware.append(
-        Middleware(RequestGuard, limit=limit, allow_model_routes=allow_model_routes, check_train=instance.check_train_request)
+        Middleware(RequestGuard, limit=limit, allow_model_routes=allow_model_routes, check_train=instance.check_train_request,
+                   access=access, names=names)  # fmt: skip
     )
+
+    async def malformed(request, exc):
+        errors = exc.errors() or [{}]
+        where = ".".join(str(p) for p in errors[0].get("loc", ()) if p not in ("query", "body", "path", "header"))
+        return JSONResponse({"detail": first_line(f"{where or 'request'}: {errors[0].get('msg', 'malformed')}")}, status_code=422)
+
+    fastapi_app.add_exception_handler(RequestValidationError, malformed)
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
-    logger.info("request guard on: uploads up to %.0f MB, model routes %s, %d infer worker(s)",
-                limit / 2**20, "open" if allow_model_routes else "closed", workers)  # fmt: skip
+    logger.info("request guard on: uploads up to %.0f MB, model routes %s, %d infer worker(s), origins %s, hosts %s, token %s",
+                limit / 2**20, "open" if allow_model_routes else "closed", workers, list(access.origins) or "none",
+                sorted(access.hosts), "required" if access.token else "off")  # fmt: skip
     return True
 
 

@@ -31,6 +31,7 @@ from monai_ad.detectors.base import AnomalyDetector
 from monai_ad.errors import InputError
 from monai_ad.postprocess import MIN_LESION_MM3
 from monai_ad.prediction import Predictor
+from monai_ad.settings import Range, check_setting
 
 from lib.studies import ANOMALY_NAMES
 
@@ -41,14 +42,33 @@ BUNDLE_SETTINGS = ("roi_labels", "min_lesion_mm3", "batch_size")  # what a bundl
 OPTIONS = {"pixel_threshold": "", "slice_threshold": "", "min_lesion_mm3": MIN_LESION_MM3, "roi_label": ""}
 
 
-def _number(value: Any, name: str, kind: Callable = float) -> Any:
-    """A request option: None when empty, else a number (a clear error otherwise)."""
+# the request options' accepted values: thresholds are heatmap scores (any finite number; a client may set one far
+# below the model's to outline everything), a region's smallest volume lies between nothing and a whole liver
+OPTION_RANGES = {
+    "pixel_threshold": Range(-1e12, 1e12),
+    "slice_threshold": Range(-1e12, 1e12),
+    "min_lesion_mm3": Range(0.0, 1e7),
+    "roi_label": Range(0, 65535, integer=True),
+}
+
+
+def _number(value: Any, name: str) -> Any:
+    """A request option: None when empty, else a finite number in ``OPTION_RANGES[name]`` (an ``InputError``
+    naming the option otherwise)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise InputError(f"option {name} must be a number, got {value!r}") from None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InputError(f"option {name} must be a number, got {value[:40]!r}") from None
+    return check_setting(name, value, OPTION_RANGES, "infer option")
+
+
+def check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The request's numeric options, parsed and range-checked (empty ones left out)."""
+    checked = {key: _number(options.get(key), key) for key in OPTION_RANGES}
+    return {key: value for key, value in checked.items() if value is not None}
 
 
 def bundle_settings(bundle: str | os.PathLike) -> dict[str, Any]:
@@ -72,13 +92,10 @@ def bundle_predictor(bundle: str | os.PathLike, network: AnomalyDetector, option
     (``pixel_threshold``, ``slice_threshold``, ``min_lesion_mm3``, ``roi_label``; empty: not set)."""
     options = options or {}
     settings = bundle_settings(bundle)
-    roi_label = _number(options.get("roi_label"), "roi_label", int)
-    if roi_label is not None:
-        settings["roi_labels"] = [roi_label]
-    for key in ("pixel_threshold", "slice_threshold", "min_lesion_mm3"):
-        value = _number(options.get(key), key)
-        if value is not None:
-            settings[key] = value
+    checked = check_options(options)
+    if "roi_label" in checked:
+        settings["roi_labels"] = [checked.pop("roi_label")]
+    settings.update(checked)
     return Predictor(network, **settings)
 
 
@@ -115,6 +132,11 @@ class AnomalyInfer(BasicInferTask):
         )
         self.bundle = Path(bundle)
         self._lock = threading.Lock()
+
+    @staticmethod
+    def check_options(options: dict[str, Any]) -> None:
+        """Refuse a request's out-of-range options before it is queued (an ``InputError``)."""
+        check_options(options)
 
     # ------------------------------------------------------------------ the model, reloaded when its file changes
     def _get_network(self, device, data):
