@@ -23,6 +23,13 @@ Shapes: ``random_blobs`` thresholds a smooth random field around an ellipse (lob
 with a diameter drawn log-uniformly in ``diameter_mm`` (default 3–80 mm) at ``pixel_mm`` mm per pixel, and
 sharp (about one pixel) or soft margins. Its support provably lies within those sizes: it holds a disc of the
 smallest radius and lies inside a disc of the largest around its centre.
+
+The training anomalies of two detectors, also inside the ROI only:
+
+- DRAEM's (``perlin_anomalies``): thresholded, rotated Perlin noise (``perlin_noise``, ``perlin_masks``; as a MONAI
+  random transform ``RandPerlinMask`` / ``RandPerlinMaskd``) into which a texture is blended (``texture_blend``).
+- CutPaste's (``cutpaste``, ``cutpaste_scar``): a rectangle or a thin rotated scar cut from the liver,
+  brightness/contrast-jittered and pasted elsewhere in it (``paste_patches``).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.transforms import MapTransform, Randomizable, Transform
 
 from monai_ad.components.smoothing import gaussian_blur2d
 
@@ -361,19 +369,266 @@ def synthesize(
     return out, label.clamp(0.0, 1.0)
 
 
+# ----------------------------------------------------------------------------- Perlin-noise anomalies (DRAEM)
+def _fade(t: torch.Tensor) -> torch.Tensor:
+    return t * t * t * (t * (t * 6 - 15) + 10)
+
+
+def perlin_noise(
+    shape: Sequence[int], cells: torch.Tensor, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """Gradient (Perlin) noise ``[B, 1, H, W]`` for ``shape = (B, H, W)``, about in ``[−1, 1]``: sample ``i`` has
+    ``cells[i] = (rows, cols)`` lattice cells across the image, a random unit gradient at each lattice point and
+    the quintic fade between them (scaled by √2 as DRAEM's generator). Any ``H, W`` (no divisibility needed)."""
+    b, h, w = (int(s) for s in shape)
+    cells = torch.as_tensor(cells, dtype=torch.long).reshape(b, 2)
+    most = int(cells.max())
+    # one gradient lattice per sample, as large as the finest one (samples with fewer cells use its top-left part)
+    angle = torch.rand(b, most + 1, most + 1, generator=generator) * (2 * math.pi)
+    gradient = torch.stack([angle.sin(), angle.cos()], -1)  # (row, col) components
+    rows, cols = cells[:, 0].float().view(b, 1), cells[:, 1].float().view(b, 1)
+    y = (torch.arange(h, dtype=torch.float32) + 0.5).view(1, h) * rows / h  # [B, H] in lattice units
+    x = (torch.arange(w, dtype=torch.float32) + 0.5).view(1, w) * cols / w
+    y0 = torch.minimum(y.floor(), rows - 1).long()
+    x0 = torch.minimum(x.floor(), cols - 1).long()
+    fy, fx = (y - y0)[:, :, None], (x - x0)[:, None, :]  # [B, H, 1], [B, 1, W]
+    batch = torch.arange(b).view(b, 1, 1)
+
+    def corner(dr: int, dc: int) -> torch.Tensor:
+        g = gradient[batch, (y0 + dr)[:, :, None], (x0 + dc)[:, None, :]]  # [B, H, W, 2]
+        return g[..., 0] * (fy - dr) + g[..., 1] * (fx - dc)
+
+    ty, tx = _fade(fy), _fade(fx)
+    top = torch.lerp(corner(0, 0), corner(0, 1), tx)
+    bottom = torch.lerp(corner(1, 0), corner(1, 1), tx)
+    return (math.sqrt(2) * torch.lerp(top, bottom, ty))[:, None].to(device)
+
+
+def rotate_maps(maps: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Each ``[B, 1, H, W]`` map rotated about its centre by ``degrees[i]`` (bilinear, 0 where it comes from
+    outside the image, as imgaug's ``Affine(rotate=...)``)."""
+    radians = torch.as_tensor(degrees, dtype=torch.float32, device=maps.device).reshape(-1) * (math.pi / 180)
+    cos, sin = radians.cos(), radians.sin()
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
+    grid = F.affine_grid(theta, list(maps.shape), align_corners=False)
+    return F.grid_sample(maps.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def perlin_masks(
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    device=None,
+    max_scale_log2: int = 6,
+    threshold: float = 0.5,
+    max_rotation: float = 90.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DRAEM's anomaly masks for ``shape = (B, H, W)``: Perlin noise of ``2^k`` cells per axis (``k`` drawn per
+    axis and sample from ``0 … max_scale_log2 − 1``), rotated by ``U(−max_rotation, max_rotation)`` degrees and
+    thresholded at ``threshold``. Returns ``(mask [B, 1, H, W] bool, rotated noise [B, 1, H, W])``."""
+    b = int(shape[0])
+    if int(max_scale_log2) < 1:
+        raise ValueError(f"max_scale_log2 must be at least 1, got {max_scale_log2}")
+    cells = 2 ** torch.randint(0, int(max_scale_log2), (b, 2), generator=generator)
+    noise = perlin_noise(shape, cells, generator)
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * float(max_rotation)
+    noise = rotate_maps(noise, angle).to(device)
+    return noise > float(threshold), noise
+
+
+def texture_blend(x: torch.Tensor, mask: torch.Tensor, texture: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """DRAEM's blend ``x·(1 − M) + (1 − β)·S·M + β·x·M``: inside the mask ``M`` the texture ``S`` (``[B, 1 or C, H,
+    W]``) replaces the slice with opacity ``1 − β`` (``beta`` ``[B]``)."""
+    b = beta.to(x.device, x.dtype).view(-1, 1, 1, 1)
+    m = mask.to(x.dtype)
+    return x * (1 - m) + (1 - b) * texture.to(x.dtype) * m + b * x * m
+
+
+def perlin_anomalies(
+    image: torch.Tensor,
+    roi: torch.Tensor,
+    generator: torch.Generator | None = None,
+    p_anomaly: float = 0.5,
+    beta: tuple[float, float] = (0.0, 0.8),
+    max_scale_log2: int = 6,
+    threshold: float = 0.5,
+    texture: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DRAEM's training anomalies on a batch: a random ``p_anomaly`` share of the samples gets a Perlin mask
+    (``perlin_masks``) inside the ROI into which ``texture`` is blended (``texture_blend``, ``β ~ U(beta)``); the
+    others are left as they are. ``texture`` ``[B, 1 or C, H, W]`` in ``[0, 1]`` (a texture image set, as DRAEM's
+    DTD); by default an independent Perlin field per sample, min–max scaled to ``[0, 1]`` (BMAD ran DRAEM without
+    DTD, on noise as the texture). Returns ``(image', mask [B, 1, H, W] float)``; ``image'`` equals ``image``
+    outside the mask, in every channel."""
+    b, _, h, w = image.shape
+    device = image.device
+    x = image.float()
+    mask, _ = perlin_masks((b, h, w), generator, device, max_scale_log2, threshold)
+    changed = (torch.rand(b, generator=generator) < float(p_anomaly)).to(device).view(-1, 1, 1, 1)
+    mask = mask & roi.bool() & changed
+    if texture is None:
+        _, texture = perlin_masks((b, h, w), generator, device, max_scale_log2, threshold)
+        low = texture.flatten(1).amin(1).view(-1, 1, 1, 1)
+        high = texture.flatten(1).amax(1).view(-1, 1, 1, 1)
+        texture = (texture - low) / (high - low).clamp_min(1e-6)
+    low_beta, high_beta = (float(v) for v in beta)
+    opacity = _uniform(b, low_beta, high_beta, generator, device)
+    return texture_blend(x, mask, texture, opacity).clamp(0.0, 1.0), mask.float()
+
+
+class RandPerlinMask(Randomizable, Transform):
+    """MONAI array transform: a DRAEM anomaly mask ``[1, H, W]`` (float 0/1, on the image's device) for a
+    channel-first image ``[C, H, W]`` (``perlin_masks``); seeded through ``set_random_state`` as any MONAI random
+    transform, so it composes with ``monai.transforms.Compose``."""
+
+    def __init__(self, max_scale_log2: int = 6, threshold: float = 0.5, max_rotation: float = 90.0):
+        self.max_scale_log2, self.threshold = int(max_scale_log2), float(threshold)
+        self.max_rotation = float(max_rotation)
+        self._seed = 0
+
+    def randomize(self, data=None) -> None:
+        self._seed = int(self.R.randint(0, 2**31 - 1))
+
+    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
+        if randomize:
+            self.randomize()
+        generator = torch.Generator().manual_seed(self._seed)
+        h, w = img.shape[-2:]
+        mask, _ = perlin_masks((1, h, w), generator, None, self.max_scale_log2, self.threshold, self.max_rotation)
+        return mask[0].float().to(torch.as_tensor(img).device)
+
+
+class RandPerlinMaskd(Randomizable, MapTransform):
+    """Dictionary form of ``RandPerlinMask``: writes the mask of ``keys``' (first) image to ``mask_key``."""
+
+    def __init__(self, keys, mask_key: str = "anomaly_mask", allow_missing_keys: bool = False, **kwargs):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.masker = RandPerlinMask(**kwargs)
+
+    def set_random_state(self, seed=None, state=None) -> "RandPerlinMaskd":
+        super().set_random_state(seed, state)
+        self.masker.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data=None) -> None:
+        self.masker.randomize()
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.mask_key] = self.masker(d[key])
+            break
+        return d
+
+
+# ----------------------------------------------------------------------------- CutPaste augmentations
+def paste_patches(
+    x: torch.Tensor,
+    source_center: torch.Tensor,
+    target_center: torch.Tensor,
+    half_size: torch.Tensor,
+    angle: torch.Tensor,
+    brightness: torch.Tensor,
+    contrast: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a ``2·half_size`` (rows, cols) rectangle around ``source_center`` of each slice, change its brightness
+    and contrast (factors ``[B]``, as torchvision's ``ColorJitter`` on a grey image: ``·brightness``, then
+    ``(v − mean)·contrast + mean``), rotate it by ``angle`` radians and paste it around ``target_center``.
+    Centres and half sizes ``[B, 2]`` in pixels (row, col). Returns ``(x', pasted [B, 1, H, W] bool)``."""
+    b, _, h, w = x.shape
+    device = x.device
+    rows = torch.arange(h, device=device, dtype=torch.float32).view(1, h, 1) - target_center[:, 0].view(b, 1, 1)
+    cols = torch.arange(w, device=device, dtype=torch.float32).view(1, 1, w) - target_center[:, 1].view(b, 1, 1)
+    cos, sin = angle.cos().view(b, 1, 1), angle.sin().view(b, 1, 1)
+    local_r, local_c = cos * rows + sin * cols, -sin * rows + cos * cols  # the target offset rotated back
+    inside = (local_r.abs() <= half_size[:, 0].view(b, 1, 1)) & (local_c.abs() <= half_size[:, 1].view(b, 1, 1))
+    source_r, source_c = source_center[:, 0].view(b, 1, 1) + local_r, source_center[:, 1].view(b, 1, 1) + local_c
+    grid = torch.stack([(source_c + 0.5) / w * 2 - 1, (source_r + 0.5) / h * 2 - 1], -1)
+    patch = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    patch = patch * brightness.view(b, 1, 1, 1)
+    weight = inside[:, None].float()
+    mean = (patch * weight).flatten(1).sum(1) / (weight.flatten(1).sum(1) * x.shape[1]).clamp_min(1.0)
+    patch = (patch - mean.view(b, 1, 1, 1)) * contrast.view(b, 1, 1, 1) + mean.view(b, 1, 1, 1)
+    pasted = inside[:, None]
+    return torch.where(pasted, patch.clamp(0.0, 1.0), x.float()), pasted
+
+
+def _jitter(b: int, strength: float, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (_uniform(b, 1 - strength, 1 + strength, generator, device),
+            _uniform(b, 1 - strength, 1 + strength, generator, device))  # fmt: skip
+
+
+def cutpaste(
+    image: torch.Tensor,
+    roi: torch.Tensor,
+    generator: torch.Generator | None = None,
+    area: tuple[float, float] = (0.02, 0.15),
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+    jitter: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutPaste (Li et al. 2021): a rectangle of ``area`` (share of the slice) and aspect ratio log-uniform in
+    ``aspect`` is cut, colour-jittered and pasted elsewhere; here both places are pixels of the ROI (the liver),
+    where a lesion would be. Returns ``(image', pasted)`` (``paste_patches``)."""
+    b, _, h, w = image.shape
+    device = image.device
+    share = _uniform(b, *area, generator, device) * (h * w)
+    ratio = torch.exp(_uniform(b, math.log(aspect[0]), math.log(aspect[1]), generator, device))
+    height = (share * ratio).sqrt().clamp(1.0, h - 1)
+    width = (share / ratio).sqrt().clamp(1.0, w - 1)
+    source, target = roi_centers(roi, generator), roi_centers(roi, generator)
+    brightness, contrast = _jitter(b, jitter, generator, device)
+    zero = torch.zeros(b, device=device)
+    return paste_patches(image, source, target, torch.stack([height, width], 1) / 2, zero, brightness, contrast)
+
+
+def cutpaste_scar(
+    image: torch.Tensor,
+    roi: torch.Tensor,
+    generator: torch.Generator | None = None,
+    width: tuple[float, float] = (2.0, 16.0),
+    height: tuple[float, float] = (10.0, 25.0),
+    rotation: float = 45.0,
+    jitter: float = 0.1,
+    reference_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutPaste-Scar: a thin rectangle ``width`` × ``height`` pixels (at ``reference_size``, the paper's 256 px;
+    scaled to the slice), rotated by ``U(−rotation, rotation)`` degrees, colour-jittered, cut and pasted between two
+    ROI pixels. Returns ``(image', pasted)``."""
+    b, _, h, w = image.shape
+    device = image.device
+    scale = min(h, w) / float(reference_size)
+    size = torch.stack([_uniform(b, *height, generator, device), _uniform(b, *width, generator, device)], 1)
+    half = (size * scale / 2).clamp_min(0.5)
+    angle = _uniform(b, -rotation, rotation, generator, device) * (math.pi / 180)
+    source, target = roi_centers(roi, generator), roi_centers(roi, generator)
+    brightness, contrast = _jitter(b, jitter, generator, device)
+    return paste_patches(image, source, target, half, angle, brightness, contrast)
+
+
 __all__ = [
     "Blobs",
     "DEFAULT_KIND_WEIGHTS",
     "KINDS",
+    "RandPerlinMask",
+    "RandPerlinMaskd",
     "SynthesisConfig",
+    "cutpaste",
+    "cutpaste_scar",
     "density_change",
     "foreign_patch",
     "hu_scale_for",
     "mixed_guidance_divergence",
+    "paste_patches",
+    "perlin_anomalies",
+    "perlin_masks",
+    "perlin_noise",
     "poisson_blend",
     "random_blobs",
     "random_margins",
     "roi_centers",
+    "rotate_maps",
     "synthesize",
+    "texture_blend",
     "texture_change",
 ]

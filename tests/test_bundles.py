@@ -43,6 +43,7 @@ FAST = {"patchcore_liver_ct": ["--network_def#image_size", "64"],
         "cflow_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
         "csflow_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
         "deepsvdd_liver_ct": ["--network_def#image_size", "64", "--network_def#pretrain_epochs", "1", "--network_def#epochs", "1"],
+        "ganomaly_liver_ct": ["--network_def#image_size", "32", "--network_def#width", "8", "--network_def#epochs", "1"],
         "synthetic_anomaly_liver_ct": ["--network_def#image_size", "64", "--network_def#steps", "5", "--network_def#crop_size", "32"]}  # fmt: skip
 
 

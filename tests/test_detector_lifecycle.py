@@ -49,7 +49,12 @@ REFIT = {
     "winclip": {"image_size": 96},
     "stfpm": {"image_size": 64, "epochs": 2, "batch_size": 4},
     "cfa": {"image_size": 64, "epochs": 2, "batch_size": 4},
+    "draem": {"image_size": 64, "width": 4, "discriminator_width": 4, "epochs": 2, "batch_size": 4, "mean_filter": 5},
+    "cutpaste": {"image_size": 64, "head_layers": 1, "head_width": 16, "embedding_dim": 8, "steps": 3, "batch_size": 4,
+                 "freeze_steps": 1, "patch_window": 16, "patch_stride": 8},
     "intensity": {"image_size": 64, "pixel_mm": 1.5},
+    "deepsvdd": {"image_size": 64, "pretrain_epochs": 1, "epochs": 2, "batch_size": 8},
+    "ganomaly": {"image_size": 64, "width": 8, "epochs": 2, "batch_size": 2},
     "fused": {"image_size": 64, "detector_hparams": {"coreset_ratio": 0.5}, "intensity_hparams": {"pixel_mm": 1.5}},
 }
 

@@ -21,6 +21,17 @@ from monai_ad.synthesis import (
     random_blobs,
     synthesize,
 )
+from monai_ad.synthesis import (
+    RandPerlinMask,
+    RandPerlinMaskd,
+    cutpaste,
+    cutpaste_scar,
+    paste_patches,
+    perlin_anomalies,
+    perlin_masks,
+    perlin_noise,
+    texture_blend,
+)
 
 from monai_ad.data.datalists import load_datalist
 from monai_ad.data.slices import collect_slices
@@ -214,3 +225,96 @@ def test_bad_hyper_parameters_raise_input_error(hparams):
 def test_wrong_slice_shape_raises_input_error(fitted):
     with pytest.raises(InputError):
         fitted.score(torch.zeros(2, 1, 32, 32))
+
+
+# ----------------------------------------------------------------------------- Perlin-noise anomalies (DRAEM)
+def test_perlin_noise_is_zero_on_the_lattice_and_smooth_between():
+    cells = torch.tensor([[4, 4], [1, 2]])
+    noise = perlin_noise((2, 64, 64), cells, torch.Generator().manual_seed(0))
+    assert noise.shape == (2, 1, 64, 64) and noise.abs().max() <= 1.0 + 1e-5
+    # gradient noise vanishes at lattice points (16 px apart), here between pixels 15 and 16: half a pixel away the
+    # noise is at most √2 · |offset| ≤ √2 · √2 / 32 in lattice units
+    lattice = noise[0, 0, 15:17, 15:17].abs().max()
+    assert lattice <= 2 / 32 + 1e-4 < noise[0].abs().mean()
+    steps = (noise[:, :, 1:] - noise[:, :, :-1]).abs().max()
+    assert steps < 0.3  # no jumps between neighbouring pixels
+    again = perlin_noise((2, 64, 64), cells, torch.Generator().manual_seed(0))
+    assert torch.equal(noise, again)
+
+
+def test_perlin_masks_threshold_the_noise_and_draw_coarse_and_fine_scales():
+    mask, noise = perlin_masks((32, 64, 64), torch.Generator().manual_seed(1), max_scale_log2=6, threshold=0.5)
+    assert mask.dtype == torch.bool and torch.equal(mask, noise > 0.5)
+    share = mask.float().mean((1, 2, 3))
+    assert 0 < share.mean() < 0.3 and (share > 0).sum() > 8
+
+
+def test_texture_blend_is_drams_formula():
+    generator = torch.Generator().manual_seed(2)
+    x, texture = torch.rand(3, 1, 8, 8, generator=generator), torch.rand(3, 1, 8, 8, generator=generator)
+    mask = torch.rand(3, 1, 8, 8, generator=generator) > 0.5
+    beta = torch.tensor([0.0, 0.4, 1.0])
+    out = texture_blend(x, mask, texture, beta)
+    m, b = mask.float(), beta.view(-1, 1, 1, 1)
+    assert torch.allclose(out, x * (1 - m) + (1 - b) * texture * m + b * x * m)
+    assert torch.allclose(out[0][mask[0]], texture[0][mask[0]]) and torch.allclose(out[2], x[2])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_perlin_anomalies_change_only_the_masked_liver_of_half_the_batch(channels):
+    image, roi = liver_batch(64, size=48, channels=channels)
+    out, mask = perlin_anomalies(image, roi, torch.Generator().manual_seed(3))
+    assert mask.shape == (64, 1, 48, 48) and not mask[~roi].any()
+    changed = (out - image).abs().amax(1, keepdim=True) > 1e-6
+    assert not (changed & (mask == 0)).any() and changed.any()
+    assert out.min() >= 0 and out.max() <= 1
+    with_anomaly = mask.flatten(1).any(1)
+    assert 8 <= int(with_anomaly.sum()) <= 40  # p_anomaly 0.5, some masks empty inside the liver
+    darker = ((out - image) < 0)[mask.bool().expand_as(out)].float().mean()
+    assert 0.1 < darker < 0.9  # the texture makes the liver darker in places, brighter in others
+
+
+def test_rand_perlin_mask_is_a_seeded_monai_transform():
+    from monai.transforms import Compose
+
+    image = torch.rand(1, 64, 64)
+    masker = RandPerlinMask().set_random_state(seed=5)
+    first = masker(image)
+    again = RandPerlinMask().set_random_state(seed=5)(image)
+    assert first.shape == (1, 64, 64) and torch.equal(first, again)
+    assert not all(torch.equal(first, masker(image)) for _ in range(3))  # each call draws a new mask
+    pipeline = Compose([RandPerlinMaskd("image", mask_key="mask")]).set_random_state(seed=5)
+    assert set(pipeline({"image": image})) == {"image", "mask"}
+
+
+# ----------------------------------------------------------------------------- CutPaste augmentations
+def test_paste_patches_moves_a_rectangle_and_jitters_it():
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 4:8, 4:10] = torch.arange(24, dtype=torch.float32).view(4, 6) / 40 + 0.2
+    source, target = torch.tensor([[5.5, 6.5]]), torch.tensor([[20.5, 20.5]])
+    half, none = torch.tensor([[2.0, 3.0]]), torch.zeros(1)
+    out, pasted = paste_patches(x, source, target, half, none, torch.ones(1), torch.ones(1))
+    assert torch.allclose(out[..., 19:23, 18:24], x[..., 4:8, 4:10], atol=1e-5)
+    assert int(pasted.sum()) == 4 * 6 and torch.equal(out[~pasted.expand_as(out)], x[~pasted.expand_as(x)])
+    brighter, _ = paste_patches(x, source, target, half, none, torch.tensor([1.1]), torch.ones(1))
+    assert torch.allclose(brighter[..., 19:23, 18:24], 1.1 * x[..., 4:8, 4:10], atol=1e-5)
+    turned, turned_mask = paste_patches(x, source, target, half, torch.tensor([math.pi / 2]), torch.ones(1), torch.ones(1))
+    rows, cols = turned_mask[0, 0].nonzero().unbind(1)
+    assert int(rows.max() - rows.min()) + 1 == 6 and int(cols.max() - cols.min()) + 1 == 4  # rotated by 90°
+
+
+def test_cutpaste_and_scar_paste_inside_the_liver_at_their_sizes():
+    image, roi = liver_batch(16, size=64)
+    generator = torch.Generator().manual_seed(6)
+    out, pasted = cutpaste(image, roi, generator)
+    share = pasted.float().mean((1, 2, 3))
+    assert (share > 0.015).all() and (share < 0.2).all()  # 2–15 % of the slice (pixel rounding aside)
+    scar, scar_mask = cutpaste_scar(image, roi, generator)
+    scar_area = scar_mask.float().sum((1, 2, 3))  # 2–16 × 10–25 px at 256 px, a quarter of each side at 64 px
+    assert (scar_area >= 1).all() and (scar_area <= 4 * 7 + 12).all()
+    for changed, mask in ((out, pasted), (scar, scar_mask)):
+        assert torch.equal(changed[~mask.expand_as(changed)], image[~mask.expand_as(image)])
+        weight = mask[:, 0].float()  # the centre of each pasted patch lies in the liver
+        rows = (weight.sum(2) * torch.arange(64)).sum(1) / weight.sum((1, 2))
+        cols = (weight.sum(1) * torch.arange(64)).sum(1) / weight.sum((1, 2))
+        assert roi[torch.arange(16), 0, rows.round().long(), cols.round().long()].all()

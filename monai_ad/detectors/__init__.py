@@ -14,9 +14,13 @@ from monai_ad.detectors.cfa import CFA
 from monai_ad.detectors.cflow import CFLOW  # noqa: F401  (registers "cflow")
 from monai_ad.detectors.clip_reconstruction import CLIPReconstruction  # noqa: F401  (registers it)
 from monai_ad.detectors.csflow import CSFlow  # noqa: F401  (registers "csflow")
+from monai_ad.detectors.cutpaste import CutPaste  # noqa: F401  (registers "cutpaste")
+from monai_ad.detectors.deepsvdd import DeepSVDD  # noqa: F401  (registers "deepsvdd")
+from monai_ad.detectors.draem import DRAEM  # noqa: F401  (registers "draem")
 from monai_ad.detectors.density import PlainDensity
 from monai_ad.detectors.dpa import DeepPerceptualAutoencoder  # noqa: F401  (registers "dpa")
 from monai_ad.detectors.fused import DensityFused
+from monai_ad.detectors.ganomaly import GANomaly  # noqa: F401  (registers "ganomaly")
 from monai_ad.detectors.intensity import IntensityDeviation
 from monai_ad.detectors.mkd import MKD  # noqa: F401  (registers "mkd")
 from monai_ad.detectors.padim import PaDiM
