@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Sequence
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monai_ad.components.autocast import Autocast
+from monai_ad.components.cpu_threads import single_cpu_thread
 from monai_ad.networks.backbones import build_backbone
 
 
@@ -182,7 +182,7 @@ def greedy_coreset(
     anchor.square_()
     norms = points.square().sum(1)
     picked = torch.empty(k, dtype=torch.long, device=device)
-    with _single_cpu_thread(device):
+    with single_cpu_thread(device):
         for i in range(k):
             index = torch.argmax(anchor).view(1)  # stays on the device: no host synchronisation per pick
             picked[i : i + 1] = index
@@ -191,21 +191,6 @@ def greedy_coreset(
             torch.minimum(anchor, distance, out=anchor)
             anchor.index_fill_(0, index, -1.0)
     return picked.cpu()
-
-
-@contextlib.contextmanager
-def _single_cpu_thread(device: torch.device):
-    """The greedy loop is thousands of small memory-bound operations: on the CPU, thread start-up and
-    synchronisation cost more than they save (and far more when the cores are shared), so run it on one."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # the analogues of ResNet layer1 / layer2 / layer3 (strides 4, 8, 16): PaDiM's layers and RD4AD's teacher levels

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monai_ad.components.maps import max_in_roi_map
-from monai_ad.components.patch_features import _single_cpu_thread
+from monai_ad.components.cpu_threads import single_cpu_thread
 from monai_ad.components.training_loop import (
     FrozenFeatureTrainer,
     TrainingLoop,
@@ -192,7 +192,7 @@ class CFLOW(AnomalyDetector):
 
         total = int(p["epochs"]) * steps_per_epoch
         # thousands of steps of small matrix products: on a CPU, threads cost more than they save
-        with _single_cpu_thread(self.device), TrainingLoop("cflow", self.flows, total, progress) as loop:
+        with single_cpu_thread(self.device), TrainingLoop("cflow", self.flows, total, progress) as loop:
             self.train_losses = loop.run(total, step, window=steps_per_epoch)
         self._fit_reference(cached, batches, generator)
 

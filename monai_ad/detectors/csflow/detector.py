@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from monai_ad.components.maps import max_in_roi_map, roi_on_grid
-from monai_ad.components.patch_features import _single_cpu_thread
+from monai_ad.components.cpu_threads import single_cpu_thread
 from monai_ad.components.training_loop import FrozenFeatureTrainer, cache_budget
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.distributed import all_reduce_sum_, min_over_processes
@@ -124,7 +124,7 @@ class CSFlow(AnomalyDetector):
             self.trainable_parameters(), lr=float(p["lr"]), eps=float(p["eps"]), weight_decay=float(p["weight_decay"])
         )
         epochs = int(p["epochs"])
-        with _single_cpu_thread(self.device):  # see the module docstring
+        with single_cpu_thread(self.device):  # see the module docstring
             self.train_losses = trainer.train(self, cached, batches, self._loss, [optimizer], epochs, progress)
 
     def _loss(self, features: list[torch.Tensor]) -> torch.Tensor:

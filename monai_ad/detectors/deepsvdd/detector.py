@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import PatchScoreMap, max_in_roi, roi_on_grid
-from monai_ad.components.patch_features import _single_cpu_thread
+from monai_ad.components.cpu_threads import single_cpu_thread
 from monai_ad.components.training_loop import TrainingLoop, gather_slices
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.detectors.deepsvdd.torch_model import (
@@ -110,7 +110,7 @@ class DeepSVDD(AnomalyDetector):
             return windows_around(images[index].float(), roi_centers(rois[index], generator))
 
         # small convolutions: on a CPU one thread is faster than several (README.md)
-        with _single_cpu_thread(device), TrainingLoop("deepsvdd", self, pretrain_steps + steps, progress) as loop:
+        with single_cpu_thread(device), TrainingLoop("deepsvdd", self, pretrain_steps + steps, progress) as loop:
             if pretrain_steps:
                 self.pretrain_losses = self._pretrain(loop, draw, pretrain_steps, steps_per_epoch)
             self.centre.copy_(self._initial_centre(images, rois))
@@ -189,7 +189,7 @@ class DeepSVDD(AnomalyDetector):
         return distances - self.radius.pow(2) if self.hparams["objective"] == "soft-boundary" else distances
 
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
-        with _single_cpu_thread(image.device):
+        with single_cpu_thread(image.device):
             grid = self.window_scores(image)
         slice_scores = max_in_roi(grid.flatten(1), roi_on_grid(roi, self._grid()))
         return SliceScores(pixel=self.to_pixels(grid), slice=slice_scores)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import max_in_roi_map
-from monai_ad.components.patch_features import _single_cpu_thread
+from monai_ad.components.cpu_threads import single_cpu_thread
 from monai_ad.components.smoothing import GaussianBlur2d
 from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
@@ -133,7 +133,7 @@ class GANomaly(AnomalyDetector):
             return g_loss
 
         # small convolutions: on a CPU one thread is faster than several (README.md)
-        with _single_cpu_thread(device), TrainingLoop("ganomaly", self, steps, progress) as loop:
+        with single_cpu_thread(device), TrainingLoop("ganomaly", self, steps, progress) as loop:
             self.train_losses = loop.run(steps, step, window=steps_per_epoch)
 
     # ------------------------------------------------------------------ scoring
@@ -144,7 +144,7 @@ class GANomaly(AnomalyDetector):
         return self._crop((reconstruction.float() + 1) / 2), latent_distance(latent, latent_again)
 
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
-        with _single_cpu_thread(image.device):
+        with single_cpu_thread(image.device):
             reconstruction, distance = self.reconstruct(image)
         pixel = self.blur((image - reconstruction).abs().mean(1))  # the contextual (L1) term per pixel
         if self.hparams["slice_score"] == "residual":
