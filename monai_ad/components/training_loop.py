@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from monai_ad.distributed import average_batchnorm_statistics, min_over_processes, optimizer_step
+from monai_ad.distributed import average_batchnorm_statistics, min_over_processes, optimizer_step, rank
 from monai_ad.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,12 @@ def gather_slices(
     if not images:
         raise InputError(f"{name}: no training slices")
     return torch.cat(images), torch.cat(rois)
+
+
+def process_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and this process's rank, so that each torch.distributed process
+    draws its own samples and a run repeats exactly."""
+    return torch.Generator().manual_seed(int(seed) * 1009 + rank())
 
 
 def index_stream(n: int, size: int, generator: torch.Generator, drop_last: bool = False) -> Iterator[torch.Tensor]:

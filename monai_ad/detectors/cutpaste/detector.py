@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import max_in_roi_map
 from monai_ad.components.smoothing import GaussianBlur2d
-from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream
+from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream, process_generator
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.detectors.cutpaste.torch_model import CLASSES, GaussianDensity, ProjectionNet
-from monai_ad.distributed import all_gather_rows, optimizer_step, rank
+from monai_ad.distributed import all_gather_rows, optimizer_step
 from monai_ad.errors import InputError
 from monai_ad.networks.backbones import BACKBONES, build_backbone
 from monai_ad.settings import check_settings
@@ -103,7 +103,7 @@ class CutPaste(AnomalyDetector):
         p = self.hparams
         device = self.device
         images, rois = gather_slices("cutpaste", batches, device, self.check_slices)
-        generator = torch.Generator().manual_seed(int(p["seed"]) * 1009 + rank())
+        generator = process_generator(p["seed"])
         batch_size = int(p["batch_size"])
         indices = index_stream(images.shape[0], batch_size, generator)
         parameters = list(self.model.parameters())

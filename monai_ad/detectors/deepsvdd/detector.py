@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import PatchScoreMap, max_in_roi, roi_on_grid
 from monai_ad.components.cpu_threads import single_cpu_thread
-from monai_ad.components.training_loop import TrainingLoop, gather_slices
+from monai_ad.components.training_loop import TrainingLoop, gather_slices, process_generator
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.detectors.deepsvdd.torch_model import (
     STRIDE,
@@ -29,7 +29,7 @@ from monai_ad.detectors.deepsvdd.torch_model import (
     window_grid,
     windows_around,
 )
-from monai_ad.distributed import all_reduce_sum_, min_over_processes, optimizer_step, rank, world_size
+from monai_ad.distributed import all_reduce_sum_, min_over_processes, optimizer_step, world_size
 from monai_ad.errors import InputError
 from monai_ad.settings import check_settings
 from monai_ad.synthesis import roi_centers
@@ -101,7 +101,7 @@ class DeepSVDD(AnomalyDetector):
         # an epoch: one window per training slice, centred on a random liver pixel
         batch_size = int(p["batch_size"])
         steps_per_epoch = min_over_processes(-(-images.shape[0] // batch_size))
-        generator = torch.Generator().manual_seed(int(p["seed"]) * 1009 + rank())
+        generator = process_generator(p["seed"])
         pretrain_steps, steps = int(p["pretrain_epochs"]) * steps_per_epoch, int(p["epochs"]) * steps_per_epoch
         logger.info("deepsvdd: %d slices, %d pre-training and %d training steps", images.shape[0], pretrain_steps, steps)
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import max_in_roi_map
-from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream
+from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream, process_generator
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.detectors.draem.torch_model import DiscriminativeSubNetwork, DraemLoss, DraemModel
-from monai_ad.distributed import min_over_processes, optimizer_step, rank
+from monai_ad.distributed import min_over_processes, optimizer_step
 from monai_ad.errors import InputError
 from monai_ad.settings import check_settings
 from monai_ad.synthesis import perlin_anomalies
@@ -88,7 +88,7 @@ class DRAEM(AnomalyDetector):
         p = self.hparams
         device = self.device
         images, rois = gather_slices("draem", batches, device, self.check_slices)
-        generator = torch.Generator().manual_seed(int(p["seed"]) * 1009 + rank())
+        generator = process_generator(p["seed"])
         batch_size = min(int(p["batch_size"]), images.shape[0])
         steps_per_epoch = min_over_processes(math.ceil(images.shape[0] / batch_size))
         steps = int(p["epochs"]) * steps_per_epoch

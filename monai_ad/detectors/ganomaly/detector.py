@@ -14,7 +14,7 @@ from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import max_in_roi_map
 from monai_ad.components.cpu_threads import single_cpu_thread
 from monai_ad.components.smoothing import GaussianBlur2d
-from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream
+from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream, process_generator
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.detectors.ganomaly.torch_model import (
     LATENT_LOSSES,
@@ -25,7 +25,7 @@ from monai_ad.detectors.ganomaly.torch_model import (
     generator_loss,
     latent_distance,
 )
-from monai_ad.distributed import min_over_processes, optimizer_step, rank
+from monai_ad.distributed import min_over_processes, optimizer_step
 from monai_ad.errors import InputError
 from monai_ad.settings import check_settings
 
@@ -105,7 +105,7 @@ class GANomaly(AnomalyDetector):
         batch_size = min(int(p["batch_size"]), images.shape[0])
         steps_per_epoch = min_over_processes(images.shape[0] // batch_size)
         steps = int(p["epochs"]) * steps_per_epoch
-        indices = index_stream(images.shape[0], batch_size, torch.Generator().manual_seed(int(p["seed"]) * 1009 + rank()),
+        indices = index_stream(images.shape[0], batch_size, process_generator(p["seed"]),
                                drop_last=True)  # fmt: skip
         betas = (p["beta1"], 0.999)
         g_parameters, d_parameters = list(self.generator.parameters()), list(self.discriminator.parameters())

@@ -17,9 +17,9 @@ from monai.losses import DiceLoss
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import max_in_roi_map
 from monai_ad.components.smoothing import GaussianBlur2d
-from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream
+from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream, process_generator
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
-from monai_ad.distributed import optimizer_step, rank
+from monai_ad.distributed import optimizer_step
 from monai_ad.errors import InputError
 from monai_ad.detectors.synthetic_anomaly.torch_model import AnomalySegmenter
 from monai_ad.settings import check_settings
@@ -151,7 +151,7 @@ class SyntheticAnomaly(AnomalyDetector):
         p = self.hparams
         images, rois = gather_slices("synthetic_anomaly", batches, self.device, self.check_slices)
         device = self.device
-        generator = torch.Generator().manual_seed(int(p["seed"]) * 1009 + rank())
+        generator = process_generator(p["seed"])
         indices = index_stream(images.shape[0], int(p["batch_size"]), generator)
         config, pixel_mm, hu_scale = self.synthesis_config(), self.pixel_mm(), self.hu_scale().to(device)
         parameters = [q for q in self.network.parameters() if q.requires_grad]
