@@ -105,7 +105,7 @@ def real_datasets(work: Path, real_ct: Path, quick: bool, seed: int, n_sets: int
                                 lesion_model=lesion_model)  # fmt: skip
     return [{
         "fold": f"{f['held_out']} held out", "datalist": f["datalist"], "slices_per_scan": f["liver_slices_per_training_scan"],
-        "describe": (f"{f['held_out']} held out: fitted on {f['n_fit_slices']} slices of {', '.join(f['trained_on'])}, "
+        "describe": (f"{f['held_out']} ({' × '.join(f'{v:.2g}' for v in f['spacing_mm'])} mm voxels) held out: fitted on {f['n_fit_slices']} slices of {', '.join(f['trained_on'])}, "
                      f"calibrated on {f['n_calibration_slices']} others of it; tested on {f['held_out']} as it is and "
                      f"with {f['n_lesions']} inserted lesions in {1 if quick else n_sets} seeded set(s), "
                      f"{', '.join(f'{b:.0%}' for b in f['burden'])} of the liver"),
@@ -236,17 +236,20 @@ SIZE_KEYS = {"coverage <10 mm @5% FPR": "coverage_under_10mm", **{f"coverage {n}
              **{f"FROC ≤1 FP {n}": f"froc_{n}" for n in SIZE_NAMES}}  # fmt: skip
 
 
-def size_rows(results: dict[str, dict]) -> list[dict]:
+def size_rows(results: dict[str, dict], per_fold: bool = False) -> list[dict]:
     """The lesion-size table: per detector, each size class's coverage and detection at 5 % FPR and its FROC
-    sensitivity (means over folds), with the number of lesions of each class over all folds."""
+    sensitivity (means over folds, or ``per_fold`` one row per held-out scan), with the number of lesions of
+    each class."""
     rows = []
     for name, r in results.items():
-        counts = [sum(f.get(f"n_{n}", 0) for f in r["folds"]) for n in SIZE_NAMES]
-        row = {"detector": name, "lesions (<5 / 5-10 / 10-20 / >=20 mm)": " / ".join(str(c) for c in counts)}
-        for column, key in SIZE_KEYS.items():
-            value = r["mean"].get(key)
-            row[column] = "n/a" if value is None else value
-        rows.append(row)
+        for figures, folds in ([(f, [f]) for f in r["folds"]] if per_fold else [(r["mean"], r["folds"])]):
+            counts = [sum(f.get(f"n_{n}", 0) for f in folds) for n in SIZE_NAMES]
+            row = {"detector": name, **({"fold": figures["fold"]} if per_fold else {}),
+                   "lesions (<5 / 5-10 / 10-20 / >=20 mm)": " / ".join(str(c) for c in counts)}  # fmt: skip
+            for column, key in SIZE_KEYS.items():
+                value = figures.get(key)
+                row[column] = "n/a" if value is None else value
+            rows.append(row)
     return rows
 
 
@@ -403,6 +406,8 @@ def main() -> None:
                         for n, r in results.items() for f in r["folds"]]  # fmt: skip
                 tables.append(f"{title}, per held-out scan:\n\n" + format_table(
                     rows, ["detector", "fold", *[c for c in COLUMNS if c in KEYS], "normal slices flagged @cal"]))
+                tables.append(f"{title}, lesions by size, per held-out scan:\n\n" + format_table(
+                    size_rows(results, per_fold=True), [SIZE_COLUMNS[0], "fold", *SIZE_COLUMNS[1:]]))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -4,16 +4,22 @@ with its default settings, then its scoring speed on that data's slices.
     python benchmarks/detector_table.py                       # every bundle, on the CPU or CUDA
     python benchmarks/detector_table.py --bundles padim_liver_ct rd4ad_liver_ct
 
+    python benchmarks/detector_table.py --device cpu --write-metadata    # and each bundle's eval_metrics
+
 CLIP bundles run in their random-weights smoke mode unless ``--clip-checkpoint`` names a real open_clip file
 (the table says which). Prints a markdown table and writes it as its section of ``benchmarks/RESULTS.md`` (rows of
-bundles not measured in this run are kept from the previous table); each measured bundle's ``docs/README.md``
-"Results" section and its ``metadata.json`` ``eval_metrics`` are rewritten from the same run (``--no-record``:
-nothing is written).
+bundles not measured in this run are kept from the previous table), updated after each bundle so that an
+interrupted run keeps what it measured. ``--write-metadata`` also writes each measured bundle's ``metadata.json``
+``eval_metrics`` (keys prefixed ``phantom_``, with ``eval_metrics_note`` saying how they were measured; a bundle
+run with random CLIP weights gets the note and no figures), ``--write-readme`` its ``docs/README.md`` "Results"
+section; ``--no-record``: only the printed table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -49,8 +55,10 @@ def bundle_run(bundle: Path, run_id: str, configs: list[str], extra: list[str]) 
     return time.perf_counter() - start
 
 
-EVAL_METRICS = {"slice_auroc": "slice_auroc", "slice_auprc": "slice_auprc", "pixel_auroc_liver": "pixel_auroc_roi",
-                "aupro": "aupro", "dice": "dice_label_map", "lesion_froc_1fp": "lesion_froc_1fp"}
+# metadata eval_metrics key (what the figure was measured on, then the figure) -> key in the bundle's eval/metrics.json
+EVAL_METRICS = {"phantom_slice_auroc": "slice_auroc", "phantom_slice_auprc": "slice_auprc",
+                "phantom_pixel_auroc_liver": "pixel_auroc_roi", "phantom_aupro": "aupro",
+                "phantom_dice": "dice_label_map", "phantom_lesion_froc_1fp": "lesion_froc_1fp"}
 ROW_DATE = "measured"
 
 
@@ -77,8 +85,8 @@ def previous_rows(results: Path, heading: str, columns: list[str], keep: set[str
     return rows
 
 
-def write_bundle_results(bundle: Path, values: dict, row: dict, columns: list[str], machine: str, command: str) -> None:
-    """The bundle's ``docs/README.md`` "Results" section and ``metadata.json`` ``eval_metrics`` from this run."""
+def write_bundle_readme(bundle: Path, row: dict, columns: list[str], machine: str, command: str) -> None:
+    """The bundle's ``docs/README.md`` "Results" section from this run."""
     readme = bundle / "docs" / "README.md"
     text = readme.read_text()
     block = "\n".join([
@@ -100,10 +108,71 @@ def write_bundle_results(bundle: Path, values: dict, row: dict, columns: list[st
     else:
         text = text.rstrip("\n") + "\n\n" + block
     atomic_write(readme, lambda tmp: tmp.write_text(text))
+
+
+def write_bundle_metadata(bundle: Path, values: dict | None, note: str) -> None:
+    """The bundle's ``metadata.json`` ``eval_metrics`` from this run's ``values`` (``None``: no figures, only the
+    note) and ``eval_metrics_note`` saying what they were measured on; every other field is kept."""
     meta_file = bundle / "configs" / "metadata.json"
     meta = json.loads(meta_file.read_text())
-    meta["eval_metrics"] = {key: values.get(source) for key, source in EVAL_METRICS.items()}
+    meta.pop("eval_metrics", None)
+    if values is not None:
+        measured = {key: values.get(source) for key, source in EVAL_METRICS.items()}
+        meta["eval_metrics"] = {key: value for key, value in measured.items() if value is not None}
+    meta["eval_metrics_note"] = note
     atomic_write(meta_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=4) + "\n"))
+
+
+def metadata_note(name: str, day: str, machine: str, schedule: str, smoke: bool) -> str:
+    """What ``eval_metrics`` were measured on (or why there are none), for ``eval_metrics_note``."""
+    if smoke:
+        return ("No eval_metrics: the bundle needs CLIP weights, which it does not include and no package installs; "
+                "with random weights its figures would say nothing. `python benchmarks/detector_table.py "
+                f"--write-metadata --bundles {name} --clip-checkpoint FILE` measures them with a real checkpoint.")
+    defaults = "the bundle's defaults" + (f" except {schedule}" if schedule else "")
+    return (f"Measured by `python benchmarks/detector_table.py --write-metadata` ({day}, {machine}): `run training` "
+            f"then `run evaluating` with {defaults} on its default data, the test split of tiny generated CT "
+            "phantoms with inserted lesions (not real CT). Slice AUROC/AUPRC over the test slices in the liver, pixel "
+            "AUROC inside the liver mask, AUPRO up to FPR 0.3, Dice of the label map, lesion FROC sensitivity at 1 "
+            "false region per scan.")
+
+
+def command_line() -> str:
+    """This run's command as the bundles' README "Results" quote it (a scratch ``--work`` folder left out)."""
+    args = list(sys.argv[1:])
+    if "--work" in args[:-1]:
+        del args[args.index("--work") : args.index("--work") + 2]
+    return " ".join(["python benchmarks/detector_table.py", *args])
+
+
+def with_earlier(rows: list[dict], earlier: list[dict]) -> list[dict]:
+    """This run's rows plus the previous table's rows of bundles this run has not measured, by bundle name."""
+    measured = {r["bundle"].split(" (")[0] for r in rows}
+    return sorted(rows + [r for r in earlier if r["bundle"].split(" (")[0] not in measured], key=lambda r: r["bundle"])
+
+
+def record_table(rows: list[dict], cols: list[str], device, batch: int, results: Path | None, quiet: bool) -> None:
+    notes = ["each bundle's own defaults and default data (tiny phantoms it writes on first use); slices/s = the "
+             f"scoring core on batches of {batch} test slices; train/evaluate s include process start-up"]
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        record("Detectors on their bundles' default phantom data", device, [format_table(rows, cols)], notes,
+               results=results)  # fmt: skip
+
+
+def measure(bundle: Path, extra: list[str], device, batch: int) -> tuple[dict, int, float, float, float]:
+    """``run training`` then ``run evaluating`` in ``bundle``: its metrics, image size, scoring speed (slices/s on
+    batches of ``batch`` test slices) and the two runs' seconds."""
+    train_s = bundle_run(bundle, "training", ["configs/train.json"], extra)
+    eval_s = bundle_run(bundle, "evaluating", ["configs/train.json", "configs/evaluate.json"], extra)
+    values = json.loads((bundle / "eval" / "metrics.json").read_text())
+    detector = AnomalyDetector.load(bundle / "models" / "model.pt", device=device)
+    config = PreprocessConfig.from_dict(detector.preprocessing)
+    datalist = next((bundle / "data").rglob("datalist.json"))
+    slices = collect_slices(load_datalist(datalist, "test"), config, progress=False)
+    while slices["image"].shape[0] < batch:
+        slices = {k: v.repeat(2, 1, 1, 1) for k, v in slices.items()}
+    speed = throughput(detector, slices, batch, repeats=3)
+    return values, detector.image_size, speed["core slices/s"], train_s, eval_s
 
 
 def main() -> None:
@@ -118,17 +187,30 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--results", type=Path, default=RESULTS, help="write the table into this file")
     parser.add_argument("--no-record", action="store_true", help="print only")
+    parser.add_argument("--write-metadata", action="store_true",
+                        help="write each measured bundle's metadata.json eval_metrics (and eval_metrics_note)")
+    parser.add_argument("--write-readme", action="store_true", help="rewrite each measured bundle's README Results")
     args = parser.parse_args()
     device = resolve(args.device)
     batch = args.batch or (64 if device.type == "cuda" else 8)
     work = args.work or Path(tempfile.mkdtemp(prefix="monai_ad_table_"))
-    rows, measured = [], []
+    unknown = sorted(set(args.bundles) - set(names))
+    if unknown:
+        parser.error(f"--bundles: no bundle named {', '.join(unknown)} under bundles/ (known: {', '.join(names)})")
+    cols = ["bundle", "image size", "slice AUROC", "pixel AUROC (liver)", "AUPRO", "lesion FROC ≤1 FP",
+            f"{device.type.upper()} slices/s", "train s", "evaluate s", ROW_DATE]
+    heading = section_heading("Detectors on their bundles' default phantom data", device)
+    earlier = previous_rows(args.results, heading, cols, set(names)) if not args.no_record else []
+    command = command_line()
+    machine = machine_description(device)
+    rows, failed = [], []
     for name in args.bundles:
         bundle = work / name
         if not bundle.is_dir():
             shutil.copytree(BUNDLES_DIR / name, bundle, ignore=shutil.ignore_patterns("models", "data", "eval"))
         extra: list[str] = []
-        note = ""
+        note = schedule = ""
+        smoke = "clip" in name and not args.clip_checkpoint
         if "clip" in name:
             if args.clip_checkpoint:
                 extra = ["--clip_model", args.clip_model or "ViT-B-16-plus-240", "--clip_checkpoint", args.clip_checkpoint]
@@ -136,39 +218,32 @@ def main() -> None:
                 extra, note = list(CLIP_SMOKE), "random-weights smoke"
         if name in CPU_SCHEDULES and not args.full_schedules:
             extra += CPU_SCHEDULES[name]
-            note = ", ".join(filter(None, [note, " ".join(CPU_SCHEDULES[name]).replace("--network_def#", "")]))
-        train_s = bundle_run(bundle, "training", ["configs/train.json"], extra)
-        eval_s = bundle_run(bundle, "evaluating", ["configs/train.json", "configs/evaluate.json"], extra)
-        values = json.loads((bundle / "eval" / "metrics.json").read_text())
-        detector = AnomalyDetector.load(bundle / "models" / "model.pt", device=device)
-        config = PreprocessConfig.from_dict(detector.preprocessing)
-        datalist = next((bundle / "data").rglob("datalist.json"))
-        slices = collect_slices(load_datalist(datalist, "test"), config, progress=False)
-        while slices["image"].shape[0] < batch:
-            slices = {k: v.repeat(2, 1, 1, 1) for k, v in slices.items()}
-        speed = throughput(detector, slices, batch, repeats=3)
+            schedule = " ".join(CPU_SCHEDULES[name]).replace("--network_def#", "")
+            note = ", ".join(filter(None, [note, schedule]))
+        try:
+            values, image_size, slices_per_s, train_s, eval_s = measure(bundle, extra, device, batch)
+        except (SystemExit, Exception) as error:  # one bundle failing leaves the others to measure
+            failed.append(f"{name}: {str(error).strip().splitlines()[-1]}")
+            print(f"not measured: {failed[-1]}", file=sys.stderr)
+            continue
         rows.append({
-            "bundle": name + (f" ({note})" if note else ""), "image size": detector.image_size,
+            "bundle": name + (f" ({note})" if note else ""), "image size": image_size,
             "slice AUROC": values.get("slice_auroc"), "pixel AUROC (liver)": values.get("pixel_auroc_roi"),
-            "AUPRO": values.get("aupro"), f"{device.type.upper()} slices/s": speed["core slices/s"],
+            "AUPRO": values.get("aupro"), f"{device.type.upper()} slices/s": slices_per_s,
             "lesion FROC ≤1 FP": values.get("lesion_froc_1fp"), "train s": train_s, "evaluate s": eval_s,
             ROW_DATE: time.strftime("%Y-%m-%d", time.gmtime()),
         })  # fmt: skip
-        measured.append((name, values))
-    cols = ["bundle", "image size", "slice AUROC", "pixel AUROC (liver)", "AUPRO", "lesion FROC ≤1 FP",
-            f"{device.type.upper()} slices/s", "train s", "evaluate s", ROW_DATE]
-    heading = section_heading("Detectors on their bundles' default phantom data", device)
-    others = {p.name for p in BUNDLES_DIR.iterdir() if p.is_dir()} - set(args.bundles)
-    if not args.no_record:
-        rows = sorted(rows + previous_rows(args.results, heading, cols, others), key=lambda r: r["bundle"])
-        command = "python benchmarks/detector_table.py " + " ".join(sys.argv[1:])
-        for name, values in measured:
-            row = next(r for r in rows if r["bundle"].split(" (")[0] == name)
-            write_bundle_results(BUNDLES_DIR / name, values, row, cols, machine_description(device), command.strip())
-    notes = ["each bundle's own defaults and default data (tiny phantoms it writes on first use); slices/s = the "
-             f"scoring core on batches of {batch} test slices; train/evaluate s include process start-up"]
-    record("Detectors on their bundles' default phantom data", device, [format_table(rows, cols)], notes,
-           results=None if args.no_record else args.results)  # fmt: skip
+        if args.write_metadata:
+            note_text = metadata_note(name, rows[-1][ROW_DATE], machine, schedule, smoke)
+            write_bundle_metadata(BUNDLES_DIR / name, None if smoke else values, note_text)
+        if args.write_readme:
+            write_bundle_readme(BUNDLES_DIR / name, rows[-1], cols, machine, command)
+        if not args.no_record:  # after every bundle: an interrupted run keeps the rows it measured
+            record_table(with_earlier(rows, earlier), cols, device, batch, args.results, quiet=True)
+    results = None if args.no_record else args.results
+    record_table(with_earlier(rows, earlier), cols, device, batch, results, quiet=False)
+    if failed:
+        raise SystemExit("not measured:\n" + "\n".join(failed))
 
 
 if __name__ == "__main__":

@@ -485,7 +485,8 @@ def build_leave_one_out(
                                liver[..., z0:z1].astype(np.uint8), slab_affine(affine, z0))  # fmt: skip
             (calib if is_calib else fit).append({**entry, "case_id": f"{name}_z{z0}-{z1 - 1}", "slices": [z0, z1 - 1]})
         cases[name] = {"normal": {**normal, "case_id": f"{name}_normal", "abnormal": False}, "sets": sets,
-                       "fit": fit, "calibration": calib, "liver_slices": int(liver.any(axis=(0, 1)).sum())}  # fmt: skip
+                       "fit": fit, "calibration": calib, "liver_slices": int(liver.any(axis=(0, 1)).sum()),
+                       "spacing_mm": [float(v) for v in voxel_spacing(affine)]}  # fmt: skip
     folds = []
     for held_out in loaded:
         others = [n for n in loaded if n != held_out]
@@ -499,7 +500,7 @@ def build_leave_one_out(
         path = out / f"datalist_{held_out}.json"
         path.write_text(json.dumps(datalist, indent=1) + "\n")
         folds.append({
-            "held_out": held_out, "trained_on": others, "datalist": path,
+            "held_out": held_out, "trained_on": others, "datalist": path, "spacing_mm": cases[held_out]["spacing_mm"],
             "n_fit_slices": sum(e["slices"][1] - e["slices"][0] + 1 for e in datalist["training"]),
             "n_calibration_slices": sum(e["slices"][1] - e["slices"][0] + 1 for e in datalist["validation"]),
             "n_lesions": sum(len(s["lesions"]) for s in cases[held_out]["sets"]),

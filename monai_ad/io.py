@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -34,6 +34,7 @@ _PARTIAL_NAME = re.compile(r"^\..*\.(?P<host>[^.]*)-(?P<pid>\d+)\.[0-9a-f]{8}\.p
 _OLD_PARTIAL_NAME = re.compile(r"^\..*\.partial(\..*)?$")  # also those of earlier versions (no owner in the name)
 STALE_PARTIAL_S = 3600.0  # a partial file whose writer cannot be identified is stale after this long
 _swept_dirs: set[str] = set()
+K = TypeVar("K")
 _sweep_lock = threading.Lock()
 
 
@@ -87,16 +88,8 @@ def _sweep_once(directory: Path) -> None:
     remove_stale_partials(directory)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
-
-    The temporary name keeps the target's suffixes (``.nii.gz``, ``.png``) so writers that pick a format
-    from the extension behave as they would for the final name, and names its host and process, so that one
-    killed before it could clean up is removed the next time a process writes into that folder. The file is
-    created with the permissions the umask gives (as a plain ``open`` would), not private ones.
-    """
-    path = Path(path)
+def _new_partial(path: Path) -> Path:
+    """Create an empty hidden temporary file beside ``path``, named after it, its host and this process."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(path.parent)
     suffix = "".join(path.suffixes)
@@ -105,16 +98,70 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path = path.parent / f".{path.name.split('.')[0]}.{owner}.{secrets.token_hex(4)}{PARTIAL}{suffix}"
         try:
             os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
+            return tmp_path
         except FileExistsError:
             continue
+
+
+def _fsync(path: Path, folder: bool = False) -> None:
+    """Flush a file's data, or a folder's entries (after a rename), to disk."""
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
+        # some file systems cannot flush a folder: the rename stays atomic, only its durability is the system's
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Mapping[K, str | os.PathLike]) -> Iterator[dict[K, Path]]:
+    """Yield a temporary path beside each of ``paths`` (same keys); when the block succeeds, every temporary is
+    flushed to disk and moved onto its final name, on error all are removed.
+
+    One file: it is replaced in one rename (a reader sees the old file or the new one). Several files (one
+    result in several files) cannot be renamed at once, so the rule is that the last of ``paths`` is the set's
+    record: the previous files are removed, the record first, then the new ones are renamed in order, the record
+    last. Whenever the process stops, the final names hold whole files of one write only, old or new, never a
+    mix, and the record is there only when the whole set is.
+
+    The temporary names keep the target's suffixes (``.nii.gz``, ``.png``) so writers that pick a format from
+    the extension behave as they would for the final name, are hidden and contain ``.partial`` so that they are
+    never taken for outputs, and name their host and process, so that one left by a killed writer is removed
+    the next time a process writes into that folder. They are created with the permissions the umask gives (as
+    a plain ``open`` would), not private ones.
+    """
+    finals = {key: Path(path) for key, path in paths.items()}
+    partials: dict[K, Path] = {}
+    try:
+        for key, final in finals.items():
+            partials[key] = _new_partial(final)
+        yield dict(partials)
+        for partial in partials.values():
+            _fsync(partial)
+        if len(finals) > 1:
+            for final in reversed(finals.values()):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final)
+        for key, final in finals.items():
+            os.replace(partials[key], final)
+        for folder in dict.fromkeys(final.parent for final in finals.values()):
+            _fsync(folder, folder=True)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        for partial in partials.values():
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is flushed to disk and renamed onto ``path``, on error
+    removed (``atomic_paths`` for one file)."""
+    with atomic_paths({0: path}) as partials:
+        yield partials[0]
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:

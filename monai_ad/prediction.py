@@ -27,7 +27,7 @@ from monai_ad.data.datalists import case_name
 from monai_ad.detectors.base import AnomalyDetector
 from monai_ad.errors import InputError
 from monai_ad.inferers import SliceAnomalyInferer
-from monai_ad.io import atomic_path, save_nifti
+from monai_ad.io import atomic_paths, save_nifti
 from monai_ad.postprocess import MIN_LESION_MM3
 from monai_ad.training import resolve_device
 from monai_ad.transforms.pipeline import (
@@ -214,8 +214,7 @@ def write_outputs(result: VolumeResult, output_dir: str | os.PathLike) -> dict[s
         "summary": out / f"{result.case}_summary.json",
     }
     summary = {**result.summary, "files": {k: str(v) for k, v in files.items()}}
-    with contextlib.ExitStack() as stack:
-        tmp = {k: stack.enter_context(atomic_path(v)) for k, v in files.items()}
+    with atomic_paths(files) as tmp:  # the summary last: present only with both volumes of the same run
         with ThreadPoolExecutor(max_workers=2) as pool:  # compression releases the GIL: both volumes at once
             writes = [pool.submit(save_nifti, result.heatmap, result.affine, tmp["heatmap"]),
                       pool.submit(save_nifti, result.label_map, result.affine, tmp["label_map"], "label")]  # fmt: skip

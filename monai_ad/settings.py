@@ -125,6 +125,12 @@ HPARAM_RANGES: dict[str, Range] = {
     "hidden_channels": Range(1, None, integer=True),
     "clamp": Range(0, None, open_low=True),
     "eps": Range(0, None, open_low=True),
+    "d_model": Range(8, 4096, integer=True),
+    "heads": Range(1, 64, integer=True),
+    "encoder_layers": Range(1, 64, integer=True),
+    "decoder_layers": Range(1, 64, integer=True),
+    "feedforward_dim": Range(1, 65536, integer=True),
+    "dropout": Range(0, 0.99),
 }
 
 # the pipeline's settings (``PreprocessConfig``)

@@ -44,7 +44,10 @@ FAST = {"patchcore_liver_ct": ["--network_def#image_size", "64"],
         "csflow_liver_ct": ["--network_def#image_size", "64", "--network_def#epochs", "1"],
         "deepsvdd_liver_ct": ["--network_def#image_size", "64", "--network_def#pretrain_epochs", "1", "--network_def#epochs", "1"],
         "ganomaly_liver_ct": ["--network_def#image_size", "32", "--network_def#width", "8", "--network_def#epochs", "1"],
-        "synthetic_anomaly_liver_ct": ["--network_def#image_size", "64", "--network_def#steps", "5", "--network_def#crop_size", "32"]}  # fmt: skip
+        "fanogan_liver_ct": ["--network_def#image_size", "32", "--network_def#width", "8", "--network_def#epochs", "1",
+                             "--network_def#encoder_epochs", "1"],
+        "synthetic_anomaly_liver_ct": ["--network_def#image_size", "64", "--network_def#steps", "5", "--network_def#crop_size", "32"],
+        "utrad_liver_ct": ["--network_def#image_size", "32", "--network_def#patch_sizes", "[4,2]", "--network_def#epochs", "1"]}  # fmt: skip
 
 
 def bundle_run(bundle: Path, run_id: str | None, configs: list[str], *extra: str) -> subprocess.CompletedProcess:
@@ -204,6 +207,44 @@ def test_metadata_verifies_against_the_schema_offline(trained_bundle, tmp_path):
     (tmp_path / "metadata.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="network_data_format"):
         verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=schema)
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_repository_metadata_follows_the_model_zoo_schema(name):
+    """Each bundle's metadata as committed (no training) passes ``verify_metadata`` against the repository's copy of
+    the model zoo schema, cites the method's papers, and its eval_metrics are figures with a note on what they were
+    measured on (or the note alone saying why there are none)."""
+    from monai.bundle import verify_metadata
+
+    meta_file = BUNDLES_DIR / name / "configs" / "metadata.json"
+    verify_metadata(meta_file=str(meta_file), filepath=str(BUNDLES_DIR / "meta_schema.json"))
+    meta = json.loads(meta_file.read_text())
+    assert meta.get("references") and all(r.strip() for r in meta["references"]), "no references"
+    metrics = meta.get("eval_metrics", {})
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()), metrics
+    assert not metrics or meta.get("eval_metrics_note"), "eval_metrics without eval_metrics_note"
+
+
+def test_model_zoo_schema_rejects_what_the_model_zoo_rejects(tmp_path):
+    """The repository's schema keeps the model zoo's required fields and types: metadata missing one, or with a
+    field of the wrong type, fails ``verify_metadata``."""
+    from monai.bundle import verify_metadata
+
+    schema = str(BUNDLES_DIR / "meta_schema.json")
+    good = json.loads((BUNDLES_DIR / "padim_liver_ct" / "configs" / "metadata.json").read_text())
+    no_tensor_shape = json.loads(json.dumps(good))
+    del no_tensor_shape["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    # jsonschema names a missing field, and a wrong type by its value; a tensor without spatial_shape is none of the
+    # kinds a network input may be (number, string, boolean, tensor) and is reported as not the first of them
+    no_packages = {k: v for k, v in good.items() if k != "required_packages_version"}
+    broken = [(no_packages, "'required_packages_version' is a required property"),
+              ({**good, "references": "one string, not a list"}, "'one string, not a list' is not of type 'array'"),
+              ({**good, "numpy_version": 1.26}, "1.26 is not of type 'string'"),
+              (no_tensor_shape, "'value_range': .* is not of type 'number'")]  # fmt: skip
+    for meta, message in broken:
+        (tmp_path / "metadata.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=message):
+            verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=schema)
 
 
 def test_metadata_verifies_from_the_command_line(cli_trained_bundle):

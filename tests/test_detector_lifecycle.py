@@ -55,6 +55,9 @@ REFIT = {
     "intensity": {"image_size": 64, "pixel_mm": 1.5},
     "deepsvdd": {"image_size": 64, "pretrain_epochs": 1, "epochs": 2, "batch_size": 8},
     "ganomaly": {"image_size": 64, "width": 8, "epochs": 2, "batch_size": 2},
+    "fanogan": {"image_size": 64, "width": 8, "epochs": 2, "encoder_epochs": 2, "batch_size": 2, "n_critic": 2},
+    "utrad": {"image_size": 32, "patch_sizes": [4, 2], "d_model": 16, "heads": 2, "encoder_layers": 1,
+              "decoder_layers": 1, "feedforward_dim": 32, "epochs": 2, "batch_size": 2},
     "fused": {"image_size": 64, "detector_hparams": {"coreset_ratio": 0.5}, "intensity_hparams": {"pixel_mm": 1.5}},
 }
 

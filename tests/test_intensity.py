@@ -111,7 +111,8 @@ def test_tail_levels_a_small_sample_cannot_have_measured_continue_the_last_measu
 
 
 def test_intensity_rejects_bad_hyper_parameters():
-    for bad in ({"sigma_mm": 0}, {"sigma_mm": [1.0, -2.0]}, {"sigma_mm": []}, {"min_tail": 0.7}, {"depth_bands_mm": [4, 2]}, {"in_channels": 2}):
+    for bad in ({"sigma_mm": 0}, {"sigma_mm": [1.0, -2.0]}, {"sigma_mm": []}, {"min_tail": 0.7}, {"depth_bands_mm": [4, 2]},
+                {"in_channels": 2}, {"width_filter": "median"}, {"width_rank": 1.0}):
         with pytest.raises(InputError):
             create_detector("intensity", **bad)
 
@@ -245,3 +246,42 @@ def test_a_lesion_must_be_wider_than_a_vessel():
     assert disc_peak > 4.0 and line_peak < 0.25 * disc_peak
     disc_raw, line_raw = peaks[0.0]
     assert line_raw > 0.5 * disc_raw
+
+
+def test_width_filters_read_a_disc_as_their_names_say():
+    """``rank`` at quantile 0 is the grey erosion; ``disc_mean`` is the mean of the disc's liver pixels; each is
+    spread back over the disc, so a disc-shaped change is covered whole and a line narrower than the disc is not."""
+    from monai_ad.detectors.intensity.detector import _erode, dilate, disc_mean_inside, disc_quantile
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 24, 24, generator=g)
+    assert torch.equal(disc_quantile(x, 2, 0.0)[..., 2:-2, 2:-2], _erode(x, 2)[..., 2:-2, 2:-2])
+    ordered = disc_quantile(x, 2, 0.5)
+    assert bool((ordered >= disc_quantile(x, 2, 0.0)).all() and (ordered <= dilate(x, 2)).all())
+    roi = torch.zeros_like(x, dtype=torch.bool)
+    roi[..., 4:20, 4:20] = True
+    mean = disc_mean_inside(torch.where(roi, x, 100.0), roi, 1)
+    assert float(mean[0, 0, 10, 10]) == pytest.approx(float(x[0, 0, 9:12, 9:12].mean()), rel=1e-5)
+    assert float(mean[0, 0, 4, 4]) == pytest.approx(float(x[0, 0, 4:6, 4:6].mean()), rel=1e-5)  # liver pixels only
+    disc_and_line = torch.zeros(1, 1, 40, 40)
+    yy, xx = torch.meshgrid(torch.arange(40), torch.arange(40), indexing="ij")
+    disc = (yy - 12) ** 2 + (xx - 12) ** 2 <= 3**2
+    line = (xx == 30) & (yy >= 5) & (yy <= 35)
+    disc_and_line[0, 0][disc | line] = 1.0
+    for filtered in (dilate(disc_quantile(disc_and_line, 2, 0.25), 2), dilate(disc_mean_inside(disc_and_line, torch.ones_like(disc_and_line, dtype=torch.bool), 2), 2)):
+        assert float(filtered[0, 0][disc].min()) > 0.5 and float(filtered[0, 0][line].max()) < 0.5
+
+
+def test_every_width_filter_fits_and_ranks_a_disc_above_normal_liver():
+    normal, normal_roi, _ = synthetic_slices(16, seed=0)
+    image, roi, _ = synthetic_slices(2, seed=7)
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    disc = (yy - SIZE // 2) ** 2 + (xx - SIZE // 2) ** 2 <= 4**2
+    painted = image.clone()
+    painted[0, 0][disc] -= 0.15
+    for kind in ("opening", "rank", "disc_mean"):
+        detector = create_detector("intensity", image_size=SIZE, pixel_mm=1.5, width_filter=kind)
+        detector.fit([{"image": normal, "roi": normal_roi}])
+        scores = detector.score(painted, roi)
+        assert float(scores.pixel[0][disc].mean()) > 2 * float(scores.pixel[1][roi[1, 0]].mean()), kind
+        assert float(scores.slice[0]) > float(scores.slice[1]), kind

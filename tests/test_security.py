@@ -235,7 +235,7 @@ def test_a_good_upload_still_works_and_is_written_whole(server):
                             fields={"params": json.dumps({"normal": False})})  # fmt: skip
     assert status == 200, text
     assert (server["studies"] / "copy_of_case.nii.gz").read_bytes() == image
-    assert not list(server["studies"].rglob("*.partial"))
+    assert not list(server["studies"].rglob("*.partial*"))
     _still_serving(server)
 
 
@@ -304,8 +304,38 @@ def test_label_saves_are_atomic(tmp_path, monkeypatch):
             store.save_label("case", str(first), bad, {})
         with pytest.raises(Exception, match="plain name|outside"):
             store.add_image(bad, str(image), {})
-    assert not list(tmp_path.rglob("*.partial"))
+    assert not list(tmp_path.rglob("*.partial*"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_the_datastore_record_is_replaced_whole(tmp_path, monkeypatch):
+    """MONAI Label rewrites ``datastore_v2.json`` in place; a write cut short must leave the previous record, which
+    the datastore opens again."""
+    from pathlib import Path
+
+    from lib.datastore import SafeLocalDatastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    image = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), str(image))
+    store = SafeLocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+    store.add_image("case", str(image), {"normal": True})
+    record = studies / "datastore_v2.json"
+    before = record.read_bytes()
+
+    def cut_short(path, text, *args, **kwargs):
+        with open(path, "w") as out:
+            out.write(text[:20])
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError):
+        store.update_image_info("case", {"normal": False})
+    monkeypatch.undo()
+    assert record.read_bytes() == before
+    assert SafeLocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False).get_image_info("case")["normal"] is True
+    assert not [p.name for p in studies.iterdir() if p.name.startswith(".") and "partial" in p.name]
 
 
 def test_a_torn_final_label_is_skipped_not_fatal(tmp_path, caplog):
@@ -498,6 +528,22 @@ HOSTILE_REQUESTS = [
     _hostile("POST", "/train/patchcore_liver_ct", "cross-origin", body={}, headers={"Origin": "https://evil.example"}),
     _hostile("GET", "/datastore/", "Host", headers={"Host": "rebind.evil.example"}),
     _hostile("GET", "/datastore/", "Host", headers={"Host": "127.0.0.1@evil.example"}),
+    # batch inference: the model's options and MONAI Label's batch keys only, no image list, never on the event loop
+    _hostile("POST", f"/batch/infer/{MODEL}", "run_sync", query={"run_sync": "true"}, body={}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "images", query={"images": "../victims"}, body={}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "not accepted", query={"image": "x"}, body={}),
+    _hostile("POST", "/batch/infer/__class__", "unknown model", body={}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "not accepted", body={"images": ["../victims/dir/record.txt"]}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "not accepted", body={"model": "another_model"}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "not accepted", body={"bundle_path": "/tmp"}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "max_workers", body={"max_workers": 10**6}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "max_workers", body={"max_workers": 0}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "max_batch_size", body={"max_batch_size": -1}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "label tag", body={"label_tag": "../x"}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "gpus", body={"gpus": "0;1"}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "device", body={"device": "cuda; rm"}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "pixel_threshold", body={"pixel_threshold": "nan"}),
+    _hostile("POST", f"/batch/infer/{MODEL}", "JSON object", body=[1, 2]),
 ]
 
 
@@ -518,6 +564,24 @@ def test_hostile_request_is_refused_with_one_line(server, attack, tmp_path):
     else:
         _refused(answer, *([attack["words"]] if attack["words"] else []))
     assert _files(server["studies"]) - studies_before <= {"datastore_v2.json"}
+    _still_serving(server)
+
+
+def test_batch_inference_is_bounded(server):
+    """A large body is refused before it is parsed; an accepted run gets at most the server's infer workers, one
+    device, and runs in the background (it is stopped here before it starts)."""
+    _refused(_request(server, "POST", f"/batch/infer/{MODEL}", body={"label_info": [{"x": "y" * (1 << 20)}]}), "1 MB")
+    status, text = _request(server, "POST", f"/batch/infer/{MODEL}", query={"images": "labeled"},
+                            body={"label_tag": "no_such_tag", "max_batch_size": 1})  # fmt: skip
+    assert status == 200, text
+    request = json.loads(text)["request"]
+    assert request["max_workers"] == 2 and request["multi_gpu"] is False and request["images"] == "labeled", request
+    assert request["label_tag"] == "no_such_tag" and request["model"] == MODEL
+    assert _request(server, "DELETE", "/batch/infer")[0] == 200
+    deadline = time.time() + 60
+    while _request(server, "GET", "/batch/infer", query={"check_if_running": "true"})[0] == 200:
+        assert time.time() < deadline, "the batch run did not stop"
+        time.sleep(0.5)
     _still_serving(server)
 
 

@@ -72,6 +72,30 @@ def test_the_liver_mode_and_its_width_ignore_a_fifth_of_dark_tumour():
         liver_level(liver, "mean")
 
 
+def test_pixel_noise_reads_white_noise_and_ignores_a_smooth_dark_lesion():
+    from monai_ad.transforms.array import NormalizeLiverSpread, pixel_noise
+
+    g = torch.Generator().manual_seed(0)
+    noise = 12.0 * torch.randn(1, 96, 96, 6, generator=g)
+    roi = torch.zeros_like(noise)
+    roi[:, 8:88, 8:88] = 1
+    assert pixel_noise(100 + noise, roi) == pytest.approx(0.6745 * 12.0, rel=0.05)
+    yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    lesion = -50.0 * torch.exp(-((yy - 48) ** 2 + (xx - 48) ** 2) / (2 * 12.0**2))  # a broad, smooth hypodensity
+    with_lesion = 100 + noise + lesion[None, :, :, None]
+    assert pixel_noise(with_lesion, roi) == pytest.approx(pixel_noise(100 + noise, roi), rel=0.03)
+    scaled = NormalizeLiverSpread(10.0, spread="noise")(with_lesion, roi)
+    assert pixel_noise(scaled, roi) == pytest.approx(10.0, rel=0.01)
+    assert pixel_noise(noise, torch.zeros_like(roi)) == 0.0
+    with pytest.raises(ValueError, match="spread"):
+        NormalizeLiverSpread(10.0, spread="mad")
+    from monai_ad.errors import InputError
+    from monai_ad.transforms.pipeline import PreprocessConfig
+
+    with pytest.raises(InputError, match="liver_spread"):
+        PreprocessConfig.from_dict({"liver_spread": "mad"})
+
+
 def test_histogram_equalize_flattens_roi_histogram_and_keeps_outside():
     rng = np.random.default_rng(0)
     img = torch.as_tensor(rng.beta(8, 2, size=(1, 32, 32, 3)).astype(np.float32))

@@ -19,6 +19,7 @@ from monai_ad.detectors.deepsvdd import DeepSVDD  # noqa: F401  (registers "deep
 from monai_ad.detectors.draem import DRAEM  # noqa: F401  (registers "draem")
 from monai_ad.detectors.density import PlainDensity
 from monai_ad.detectors.dpa import DeepPerceptualAutoencoder  # noqa: F401  (registers "dpa")
+from monai_ad.detectors.fanogan import FAnoGAN  # noqa: F401  (registers "fanogan")
 from monai_ad.detectors.fused import DensityFused
 from monai_ad.detectors.ganomaly import GANomaly  # noqa: F401  (registers "ganomaly")
 from monai_ad.detectors.intensity import IntensityDeviation
@@ -29,6 +30,7 @@ from monai_ad.detectors.rd4ad import RD4AD
 from monai_ad.detectors.simplenet import SimpleNet
 from monai_ad.detectors.stfpm import STFPM
 from monai_ad.detectors.synthetic_anomaly import SyntheticAnomaly  # noqa: F401  (registers "synthetic_anomaly")
+from monai_ad.detectors.utrad import UTRAD  # noqa: F401  (registers "utrad")
 from monai_ad.detectors.winclip import WinCLIP  # noqa: F401  (registers it)
 
 __all__ = [

@@ -174,6 +174,24 @@ class NormalizeLiverHU(Transform):
         return img + (self.reference_hu - typical)
 
 
+LIVER_SPREADS = ("level", "noise")
+
+
+def pixel_noise(img: torch.Tensor, roi: torch.Tensor) -> float:
+    """The liver's in-plane pixel noise, in the units of a median absolute deviation: the MAD of each liver
+    voxel's difference from the mean of its four in-plane neighbours (all inside the liver), over ``√1.25``,
+    its ratio for white noise. Lesions are smooth inside, so tumour burden barely moves it. ``img`` and
+    ``roi``: ``[C, X, Y, Z]`` (the first channel is read); 0 when no voxel has four liver neighbours."""
+    x, inside = img[0].float(), roi[0] > 0
+    centre = x[1:-1, 1:-1]
+    neighbours = (x[:-2, 1:-1] + x[2:, 1:-1] + x[1:-1, :-2] + x[1:-1, 2:]) / 4
+    keep = inside[1:-1, 1:-1] & inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
+    residual = (centre - neighbours)[keep]
+    if residual.numel() == 0:
+        return 0.0
+    return float((residual - residual.median()).abs().median()) / math.sqrt(1.25)
+
+
 class NormalizeLiverSpread(Transform):
     """Scale intensities about the liver's typical value so the spread of HU inside the ROI (its median absolute
     deviation, or with ``level="mode"`` the parenchyma peak's own, see :func:`liver_level`) equals
@@ -183,16 +201,21 @@ class NormalizeLiverSpread(Transform):
     and low dose are noisier): a 2 mm series at 0.98 mm pixels can hold 2–3 times the MAD of a 3 mm scan of the
     same organ. A score calibrated on one then raises false alarms all over the other. Dividing by the scan's own
     spread makes deviations comparable in units of that scan's spread. The MAD grows with tumour burden (a liver
-    a fifth full of lesions 50 HU darker); the peak's width does not.
+    a fifth full of lesions 50 HU darker); the peak's width does not, nor does the pixel noise
+    (``spread="noise"``, :func:`pixel_noise`), which also leaves out the parenchyma's own texture and enhancement.
     """
 
-    def __init__(self, reference_mad_hu: float = 10.0, level: str = "median"):
+    def __init__(self, reference_mad_hu: float = 10.0, level: str = "median", spread: str = "level"):
         if not reference_mad_hu > 0:
             raise ValueError(f"reference_mad_hu must be positive, got {reference_mad_hu}")
-        self.reference_mad_hu, self.level = float(reference_mad_hu), level
+        if spread not in LIVER_SPREADS:
+            raise ValueError(f"liver spread must be one of {LIVER_SPREADS}, got {spread!r}")
+        self.reference_mad_hu, self.level, self.spread = float(reference_mad_hu), level, spread
 
     def __call__(self, img: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
         typical, spread = liver_level(img[roi.expand_as(img) > 0], self.level)
+        if self.spread == "noise":
+            spread = pixel_noise(img, roi)
         if spread <= 0:  # a constant liver (synthetic data): nothing to scale
             return img
         return (img - typical) * (self.reference_mad_hu / spread) + typical

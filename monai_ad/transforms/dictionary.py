@@ -208,6 +208,6 @@ class CheckLiverROId(_Applyd):
 
 class NormalizeLiverSpreadd(_Applyd):
     def __init__(self, keys: KeysCollection, roi_key: str = "roi", reference_mad_hu: float = 10.0, level: str = "median",
-                 allow_missing_keys: bool = False):  # fmt: skip
+                 spread: str = "level", allow_missing_keys: bool = False):  # fmt: skip
         super().__init__(keys, allow_missing_keys)
-        self.transform, self.roi_key = NormalizeLiverSpread(reference_mad_hu, level), roi_key
+        self.transform, self.roi_key = NormalizeLiverSpread(reference_mad_hu, level, spread), roi_key

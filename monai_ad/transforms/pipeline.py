@@ -29,7 +29,7 @@ from monai_ad.errors import InputError
 from monai_ad.io import NiftiReader, unreadable_message
 from monai_ad.postprocess import HEATMAP_CHANNEL, MIN_LESION_MM3, AnomalyOutputsd
 from monai_ad.settings import PREPROCESS_RANGES, check_setting
-from monai_ad.transforms.array import ABDOMEN_WINDOW, LIVER_LEVELS
+from monai_ad.transforms.array import ABDOMEN_WINDOW, LIVER_LEVELS, LIVER_SPREADS
 from monai_ad.transforms.dictionary import (
     AxialContextd,
     FillOutsideROIWithLiverd,
@@ -76,6 +76,9 @@ class PreprocessConfig:
     - ``liver_level``: how the liver's typical value and spread are read for the three steps above: ``"median"``
       (median and MAD) or ``"mode"`` (the parenchyma's histogram peak and its width, which heavy tumour burden
       does not move; ``transforms.array.liver_level``).
+    - ``liver_spread``: the spread ``normalize_liver_spread`` sets: ``"level"`` (the one ``liver_level`` reads) or
+      ``"noise"`` (the in-plane pixel noise, ``transforms.array.pixel_noise``, which tumour burden and the
+      parenchyma's enhancement do not move).
     """
 
     image_size: int = 224
@@ -91,6 +94,7 @@ class PreprocessConfig:
     pixel_mm: float | None = None
     outside_fill: str = "zero"
     liver_level: str = "median"
+    liver_spread: str = "level"
 
     @property
     def in_channels(self) -> int:
@@ -134,6 +138,8 @@ class PreprocessConfig:
                 check_setting(name, getattr(self, name), PREPROCESS_RANGES)
         if self.liver_level not in LIVER_LEVELS:
             raise InputError(f"liver_level must be one of {', '.join(LIVER_LEVELS)}, got {self.liver_level!r}")
+        if self.liver_spread not in LIVER_SPREADS:
+            raise InputError(f"liver_spread must be one of {', '.join(LIVER_SPREADS)}, got {self.liver_spread!r}")
         if self.outside_fill not in ("zero", "liver"):
             raise InputError(f"outside_fill must be 'zero' or 'liver', got {self.outside_fill!r}")
         if self.context_mm and self.windows:
@@ -243,7 +249,8 @@ def build_preprocessing(
     if cfg.normalize_liver_hu is not None:
         steps.append(NormalizeLiverHUd(IMAGE, roi_key=ROI, reference_hu=cfg.normalize_liver_hu, level=cfg.liver_level))
     if cfg.normalize_liver_spread is not None:
-        steps.append(NormalizeLiverSpreadd(IMAGE, roi_key=ROI, reference_mad_hu=cfg.normalize_liver_spread, level=cfg.liver_level))
+        steps.append(NormalizeLiverSpreadd(IMAGE, roi_key=ROI, reference_mad_hu=cfg.normalize_liver_spread,
+                                            level=cfg.liver_level, spread=cfg.liver_spread))
     steps.append(HUWindowsd(IMAGE, windows=cfg.windows) if cfg.windows else HUWindowd(IMAGE, window=cfg.window))
     if cfg.histogram_equalization:
         steps.append(HistogramEqualized(IMAGE, roi_key=ROI))

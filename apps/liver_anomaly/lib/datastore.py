@@ -4,7 +4,8 @@
 studies folder, and copies files in place, so a kill during a save leaves a torn file that is served after a
 restart. Here every id and tag must be a plain name whose file resolves inside the studies folder, and images and
 labels are written beside their destination, flushed to disk and renamed over it (a reader sees the old file or
-the new one, never half of one). The hidden ``.*.partial`` files match none of the datastore's patterns.
+the new one, never half of one); so is the datastore's own record (``datastore_v2.json``). The hidden
+``.*.partial*`` files are never listed, and those a killed server left are removed when the datastore opens.
 
 A file is served only when it is a regular file inside the studies folder once links are followed, with no
 other hard link: a symbolic link (of the file or of a folder on its way) pointing outside, or a hard link that
@@ -14,12 +15,11 @@ writes through it (the new file replaces the link).
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import os
 import shutil
 import stat
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.exception import ImageNotFoundException
 
+from monai_ad.io import atomic_write, remove_stale_partials
+
 from lib.security import check_name
 
 logger = logging.getLogger(__name__)
@@ -36,24 +38,12 @@ logger = logging.getLogger(__name__)
 
 def atomic_copy(source: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Copy ``source`` onto ``dest`` atomically: a hidden file beside it, fsync, rename, fsync of the folder."""
-    dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+
+    def copy(tmp: Path) -> None:
+        with open(tmp, "wb") as out, open(source, "rb") as src:
             shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        folder = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+
+    atomic_write(dest, copy)
 
 
 class SafeLocalDatastore(LocalDatastore):
@@ -77,7 +67,33 @@ class SafeLocalDatastore(LocalDatastore):
 
     def _list_files(self, path, patterns):
         listed = super()._list_files(path, patterns)
-        return {name: file for name, file in listed.items() if self.contained(os.path.join(path, file))}
+        return {
+            name: file for name, file in listed.items()
+            if not name.startswith(".") and self.contained(os.path.join(path, file))
+        }  # fmt: skip
+
+    def _reconcile_datastore(self):
+        labels = Path(self._datastore.label_path(None))
+        tags = [entry for entry in labels.iterdir() if entry.is_dir()] if labels.is_dir() else []
+        for folder in (self._datastore_path, self._datastore.image_path(), *tags):
+            remove_stale_partials(folder)  # what a server killed during a save left
+        return super()._reconcile_datastore()
+
+    def _update_datastore_file(self, lock=True):
+        """MONAI Label rewrites its datastore file in place: a kill then leaves a torn file and the server cannot
+        start again. Here it is replaced atomically."""
+
+        def write():
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            atomic_write(self._datastore_config_path, lambda tmp: Path(tmp).write_text(text))
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
 
     def _remove_non_existing(self) -> int:
         removed = super()._remove_non_existing()

@@ -12,7 +12,9 @@ to anyone and answers every browser origin with credentials. The app therefore, 
   or HTTP Basic with the token as password); ids and tags in the query must be plain names (``SAFE_NAME``),
   strategy and scoring names must be the app's, bodies larger than ``max_upload_mb`` are refused (413),
   ``/model/<name>`` (download, replace, delete) answers 403 unless ``allow_model_routes`` is set, sessions are
-  closed, and ``POST /train`` and ``/activelearning`` bodies are checked before anything runs;
+  closed, and ``POST /train``, ``/activelearning`` and ``/batch/infer`` bodies are checked before anything runs
+  (``/batch/infer``: the model's own infer options and MONAI Label's batch keys, no image list, never
+  ``run_sync`` (it would run the whole batch on the event loop), at most ``infer_workers`` volumes at a time);
 - replaces MONAI Label's CORS middleware (every origin, with credentials) by one for ``allowed_origins`` only
   (none by default), and answers a malformed request with a 422 of one line;
 - serves its own handlers at MONAI Label's paths for the routes that take files (``POST /infer/<model>``,
@@ -197,6 +199,12 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 MIN_TOKEN_CHARS = 16
 ACTIVE_LEARNING_KEYS = {"label_tag", "labels", "client_id"}  # what MONAI Label's strategies read from a request
+# what MONAI Label's batch inference reads besides the model's options (the images come from the datastore only)
+BATCH_INFER_KEYS = {"device", "multi_gpu", "gpus", "logging", "save_label", "label_tag", "max_workers", "max_batch_size"}
+BATCH_INFER_QUERY = {"images": ("all", "labeled", "unlabeled"), "run_sync": ("", "false", "0", "no", "off")}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+GPU_LIST = re.compile(r"^(all|\d{1,2}(,\d{1,2}){0,15})$")
+MAX_BATCH_SIZE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -280,9 +288,10 @@ class RequestGuard:
     route prefix (``activelearning``, ``scoring``) to the names the app serves there."""
 
     def __init__(self, app: Callable, limit: int, allow_model_routes: bool, check_train: Callable[[str, dict], None] | None = None,
-                 access: Access = Access(), names: dict[str, Any] | None = None):  # fmt: skip
+                 access: Access = Access(), names: dict[str, Any] | None = None,
+                 check_batch_infer: Callable[[str, dict, dict], dict] | None = None):  # fmt: skip
         self.app, self.limit, self.allow_model_routes, self.check_train = app, limit, allow_model_routes, check_train
-        self.access, self.names = access, dict(names or {})
+        self.access, self.names, self.check_batch_infer = access, dict(names or {}), check_batch_infer
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -292,10 +301,12 @@ class RequestGuard:
         except HTTPException as exc:
             refusal = exc
         route = scope["path"].rstrip("/")
-        if refusal is None and scope["method"] in ("POST", "PUT") and route.startswith(("/train", "/activelearning/")):
+        if refusal is None and scope["method"] in ("POST", "PUT") and route.startswith(("/train", "/activelearning/", "/batch/infer")):
             body, refusal = await self._checked_body(scope, receive)
             if refusal is None:
                 receive = _replay(body)
+                scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"content-length"]
+                         + [(b"content-length", str(len(body)).encode())]}  # fmt: skip
         if refusal is not None:
             return await _answer(send, refusal.status_code, refusal.detail, getattr(refusal, "headers", None))
         state = {"size": 0, "over": False, "started": False}
@@ -371,7 +382,8 @@ class RequestGuard:
         return None
 
     async def _checked_body(self, scope, receive) -> tuple[bytes, HTTPException | None]:
-        """Read a small JSON body (``/train``, ``/activelearning``) and check it before the route runs."""
+        """Read a small JSON body (``/train``, ``/activelearning``, ``/batch/infer``) and check it before the route
+        runs; the body passed on is the one read, or for ``/batch/infer`` the checked options."""
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -391,6 +403,11 @@ class RequestGuard:
                 raise HTTPException(422, "request options: a JSON object is needed")
             if parts[0] == "activelearning":
                 check_active_learning(params)
+            elif parts[0] == "batch":
+                if self.check_batch_infer is None:
+                    raise HTTPException(403, "batch inference is not served by this server")
+                query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+                body = json.dumps(self.check_batch_infer(parts[2] if len(parts) > 2 else "", query, params)).encode()
             elif self.check_train is not None:
                 self.check_train(parts[1] if len(parts) > 1 else "", params)
         except HTTPException as exc:
@@ -415,6 +432,40 @@ def check_active_learning(params: dict[str, Any]) -> None:
             raise HTTPException(422, "active learning option 'labels' must be a short list of label names")
         elif key == "client_id" and value is not None and not (isinstance(value, str) and len(value) <= 100 and value.isprintable()):
             raise HTTPException(422, "active learning option 'client_id' must be a short line of text")
+
+
+def batch_infer_request(query: dict[str, str], params: dict[str, Any], workers: int,
+                        model_options: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """The options a ``POST /batch/infer/<model>`` runs with: the query's ``images`` only (a datastore selection,
+    never a list of ids or paths), no ``run_sync``; MONAI Label's batch keys checked, at most ``workers`` volumes
+    at a time (its own default is a quarter of the CPUs), one device unless ``multi_gpu`` is asked for; every
+    other key one of the model's infer options (``model_options`` checks them)."""
+    for key, value in query.items():
+        if key not in BATCH_INFER_QUERY:
+            raise HTTPException(422, f"batch infer query {str(key)[:60]!r} is not accepted (query: {', '.join(sorted(BATCH_INFER_QUERY))})")
+        if value.strip().lower() not in BATCH_INFER_QUERY[key]:
+            if key == "run_sync":
+                raise HTTPException(422, "run_sync: batch inference runs in the background only; follow it with GET /batch/infer")
+            raise HTTPException(422, f"batch infer images {value[:40]!r}: use {', '.join(BATCH_INFER_QUERY['images'])}")
+    batch = {key: params[key] for key in BATCH_INFER_KEYS if key in params}
+    options = model_options({key: value for key, value in params.items() if key not in BATCH_INFER_KEYS or key == "device"})
+    for key, value in batch.items():
+        if key in ("multi_gpu", "save_label"):
+            ok, need = isinstance(value, bool), "true or false"
+        elif key in ("max_workers", "max_batch_size"):
+            low, high = (1, workers) if key == "max_workers" else (0, MAX_BATCH_SIZE)
+            ok, need = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high, f"a whole number from {low} to {high}"
+        elif key == "gpus":
+            ok, need = isinstance(value, str) and GPU_LIST.match(value) is not None, "'all' or GPU numbers such as '0,1'"
+        elif key == "logging":
+            ok, need = value in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)
+        elif key == "label_tag":
+            ok, need = check_name(value, "label tag") == value, ""
+        else:  # device: checked with the model's options
+            ok, need = True, ""
+        if not ok:
+            raise HTTPException(422, f"batch infer option {key!r} must be {need}, got {str(value)[:40]!r}")
+    return {**options, "multi_gpu": False, "max_workers": workers, **batch}
 
 
 class UploadTooLarge(Exception):
@@ -483,8 +534,25 @@ def install(instance: Any, limit: int, allow_model_routes: bool, workers: int, a
     from monailabel.endpoints.user.auth import RBAC
     from starlette.concurrency import run_in_threadpool
 
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="infer")
+    workers = max(1, workers)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
     router = APIRouter()
+
+    def model_options(model: str, params: Any) -> dict[str, Any]:
+        """The infer options of a request for ``model``: its own options, each in range (else 4xx)."""
+        task = instance._infers.get(model)
+        if task is None:
+            raise HTTPException(404, f"unknown model {model!r}; available: {sorted(instance._infers)}")
+        options = infer_options(params, dict(task.info().get("config") or {}), model)
+        if hasattr(task, "check_options"):
+            try:
+                task.check_options(options)
+            except ValueError as exc:
+                raise HTTPException(422, first_line(exc)) from None
+        return options
+
+    def check_batch_infer(model: str, query: dict[str, str], params: dict[str, Any]) -> dict[str, Any]:
+        return batch_infer_request(query, params, workers, lambda options: model_options(model, options))
 
     async def infer(
         background_tasks: BackgroundTasks,
@@ -503,15 +571,7 @@ def install(instance: Any, limit: int, allow_model_routes: bool, workers: int, a
                 raise HTTPException(422, f"output {str(output)[:40]!r}: use image, json or all")
             if session_id:
                 raise HTTPException(422, "sessions are not used by this app: send the image id or upload the file")
-            task = instance._infers.get(model)
-            if task is None:
-                raise HTTPException(404, f"unknown model {model!r}; available: {sorted(instance._infers)}")
-            options = infer_options(params, dict(task.info().get("config") or {}), model)
-            if hasattr(task, "check_options"):
-                try:
-                    task.check_options(options)
-                except ValueError as exc:
-                    raise HTTPException(422, first_line(exc)) from None
+            options = model_options(model, params)
             if file is None and not image:
                 raise HTTPException(422, "give an image id (?image=...) or upload the image as 'file'")
             request: dict[str, Any] = {"model": model, "image": check_name(image, "image id") if image else ""}
@@ -598,7 +658,7 @@ def install(instance: Any, limit: int, allow_model_routes: bool, workers: int, a
     names = {"activelearning": instance._strategies, "scoring": instance._scoring_methods}
     fastapi_app.user_middleware.append(
         Middleware(RequestGuard, limit=limit, allow_model_routes=allow_model_routes, check_train=instance.check_train_request,
-                   access=access, names=names)  # fmt: skip
+                   access=access, names=names, check_batch_infer=check_batch_infer)  # fmt: skip
     )
 
     async def malformed(request, exc):

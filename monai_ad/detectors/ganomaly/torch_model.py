@@ -1,5 +1,5 @@
-"""GANomaly's networks and losses: DCGAN encoders and decoder, the encoder–decoder–encoder generator, the
-discriminator and the generator's three-term loss."""
+"""GANomaly's networks and losses: the encoder–decoder–encoder generator and the discriminator (built from the
+DCGAN encoder and decoder of ``monai_ad.networks.dcgan``) and the generator's three-term loss."""
 
 from __future__ import annotations
 
@@ -7,60 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _halvings(size: int) -> int:
-    """Stride-2 convolutions from ``size`` down to 4 × 4."""
-    return max(0, (size // 4).bit_length() - 1)
-
-
-class DCGANEncoder(nn.Module):
-    """``[B, C, S, S]`` (S a power of two, at least 8) → ``[B, latent_dim, 1, 1]``: a 4 × 4 stride-2 convolution to
-    ``width`` channels with leaky ReLU (0.2), then stride-2 convolutions doubling the channels with BatchNorm and
-    leaky ReLU down to 4 × 4, then a 4 × 4 convolution to ``latent_dim``. ``features`` is the output before it."""
-
-    def __init__(self, size: int, in_channels: int, latent_dim: int, width: int):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
-        channels = width
-        for _ in range(_halvings(size) - 1):
-            layers += [nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(channels * 2),
-                       nn.LeakyReLU(0.2, inplace=True)]  # fmt: skip
-            channels *= 2
-        self.features = nn.Sequential(*layers)
-        self.last = nn.Conv2d(channels, latent_dim, 4, 1, 0, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.features(x))
-
-
-class DCGANDecoder(nn.Module):
-    """``[B, latent_dim, 1, 1]`` → ``[B, C, S, S]`` in [−1, 1]: the encoder mirrored with transposed convolutions,
-    BatchNorm and ReLU, ending in tanh."""
-
-    def __init__(self, size: int, out_channels: int, latent_dim: int, width: int):
-        super().__init__()
-        channels = width * 2 ** (_halvings(size) - 1)
-        layers: list[nn.Module] = [nn.ConvTranspose2d(latent_dim, channels, 4, 1, 0, bias=False), nn.BatchNorm2d(channels),
-                                   nn.ReLU(inplace=True)]  # fmt: skip
-        while channels > width:
-            layers += [nn.ConvTranspose2d(channels, channels // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(channels // 2),
-                       nn.ReLU(inplace=True)]  # fmt: skip
-            channels //= 2
-        layers += [nn.ConvTranspose2d(width, out_channels, 4, 2, 1, bias=False), nn.Tanh()]
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.body(z)
-
-
-def dcgan_init(module: nn.Module) -> None:
-    """DCGAN initialisation: convolution weights N(0, 0.02), BatchNorm weights N(1, 0.02) and biases 0."""
-    for layer in module.modules():
-        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(layer.weight, 0.0, 0.02)
-        elif isinstance(layer, nn.BatchNorm2d):
-            nn.init.normal_(layer.weight, 1.0, 0.02)
-            nn.init.zeros_(layer.bias)
+# the detector and its tests import the DCGAN parts from here
+from monai_ad.networks.dcgan import DCGANDecoder, DCGANEncoder, dcgan_init  # noqa: F401
 
 
 class GANomalyGenerator(nn.Module):

@@ -23,6 +23,10 @@ FIT_SAMPLE = 4_000_000  # liver values kept for the tail tables (a random subsam
 # a normal pixel just past it would rise along the steep last step of the table)
 MIN_TAIL_COUNT = 3
 MIN_BAND_PIXELS = 1000  # a depth band with fewer normal pixels takes the whole liver's tables
+# how a deviation is required to be ``min_width_mm`` wide, each spread back over the disc (a dilation): "opening",
+# the deviation a whole disc reaches (its minimum); "rank", the ``width_rank`` quantile of the disc's deviations;
+# "disc_mean", the disc's mean deviation (a matched filter for a disc-shaped lesion)
+WIDTH_FILTERS = ("opening", "rank", "disc_mean")
 
 
 def tail_probabilities(min_tail: float) -> torch.Tensor:
@@ -72,6 +76,8 @@ class IntensityDeviation(AnomalyDetector):
         min_tail: float = 1e-4,
         depth_bands_mm: Sequence[float] = (2.0, 4.0, 7.0, 12.0),
         min_width_mm: float | Sequence[float] | None = 3.0,
+        width_filter: str = "opening",
+        width_rank: float = 0.25,
         batch_size: int = 32,
         seed: int = 0,
     ):
@@ -90,6 +96,10 @@ class IntensityDeviation(AnomalyDetector):
                              f"[darker, brighter] of them, got {min_width_mm}")  # fmt: skip
         if pixel_mm is not None and not pixel_mm > 0:
             raise InputError(f"intensity: pixel_mm must be positive, got {pixel_mm}")
+        if width_filter not in WIDTH_FILTERS:
+            raise InputError(f"intensity: width_filter must be one of {', '.join(WIDTH_FILTERS)}, got {width_filter!r}")
+        if not 0.0 <= width_rank < 1.0:
+            raise InputError(f"intensity: width_rank must be a quantile in [0, 1), got {width_rank}")
         if not 1e-7 <= min_tail <= 0.05:
             raise InputError(f"intensity: min_tail must be in [1e-7, 0.05], got {min_tail}")
         bands = len(depth_bands_mm) + 1  # the last band: deeper than every listed depth
@@ -213,16 +223,25 @@ class IntensityDeviation(AnomalyDetector):
         lies at each scale, ``[2S, B, 1, H, W]`` (scale by scale: darker, brighter; 0 outside the liver), opened
         by the ``min_width_mm`` disc."""
         deviation = self._centred(image, roi) - self._tables()[0][:, band]  # [S, B, 1, H, W]
-        sides = torch.stack([-deviation, deviation], 1).flatten(0, 1).clamp_min(0.0)
-        sides = torch.where(roi, sides, 0.0)
+        sides = torch.stack([-deviation, deviation], 1).flatten(0, 1)
         widths = self.hparams["min_width_mm"]
         widths = widths if isinstance(widths, (list, tuple)) else (widths, widths)
+        kind = self.hparams["width_filter"]
+        inside = roi.repeat(len(self.scales), 1, 1, 1)
         for side, width in enumerate(widths):  # readings alternate darker, brighter
             radius = round(0.5 * float(width or 0.0) / self._pixel_mm())
-            if radius >= 1:
-                opened = open_within(sides[side::2].flatten(0, 1), radius).view_as(sides[side::2])
-                sides[side::2] = torch.where(roi, opened, 0.0)
-        return sides
+            if radius < 1:
+                continue
+            readings = sides[side::2].flatten(0, 1)  # [S*B, 1, H, W]
+            if kind == "disc_mean":
+                filtered = dilate(disc_mean_inside(readings, inside, radius).clamp_min(0.0), radius)
+            elif kind == "rank":
+                filtered = dilate(disc_quantile(torch.where(inside, readings.clamp_min(0.0), 0.0), radius,
+                                                float(self.hparams["width_rank"])), radius)  # fmt: skip
+            else:
+                filtered = open_within(torch.where(inside, readings.clamp_min(0.0), 0.0), radius)
+            sides[side::2] = filtered.view_as(sides[side::2])
+        return torch.where(roi, sides.clamp_min(0.0), 0.0)
 
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
         roi = torch.ones_like(image[:, :1], dtype=torch.bool) if roi is None else roi
@@ -258,10 +277,44 @@ def _erode(x: torch.Tensor, radius: int) -> torch.Tensor:
     return x
 
 
+def dilate(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Grey dilation of ``[B, 1, H, W]`` by the octagon of ``radius`` pixels (the negated erosion of the negated map)."""
+    return -_erode(-x, radius)
+
+
+def disc_kernel(radius: int) -> torch.Tensor:
+    """A disc of ``radius`` pixels as a ``[2r+1, 2r+1]`` 0/1 kernel."""
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    return ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= (radius + 0.5) ** 2).float()
+
+
+def disc_mean_inside(x: torch.Tensor, roi: torch.Tensor, radius: int) -> torch.Tensor:
+    """The mean of ``[B, 1, H, W]`` over the disc of ``radius`` pixels around each pixel, of the pixels inside
+    ``roi`` only (normalised convolution; 0 where the disc holds no ROI pixel)."""
+    weight = roi.to(x.dtype)
+    kernel = disc_kernel(radius).to(x.device, x.dtype)[None, None]
+    total = F.conv2d(x * weight, kernel, padding=radius)
+    count = F.conv2d(weight, kernel, padding=radius)
+    return torch.where(count > 0, total / count.clamp_min(1.0), 0.0)
+
+
+def disc_quantile(x: torch.Tensor, radius: int, q: float, chunk: int = 8) -> torch.Tensor:
+    """The ``q`` quantile (the lower order statistic) of ``[B, 1, H, W]`` over the disc of ``radius`` pixels
+    around each pixel, zero beyond the image (``q`` 0: the grey erosion by the disc)."""
+    offsets = disc_kernel(radius).flatten().nonzero().flatten()
+    k = int(q * len(offsets)) + 1
+    out = torch.empty_like(x)
+    for start in range(0, len(x), chunk):  # the unfolded discs of a few slices at a time
+        part = x[start : start + chunk]
+        patches = F.unfold(part, 2 * radius + 1, padding=radius)[:, offsets.to(x.device)]  # [b, n, H*W]
+        out[start : start + chunk] = patches.kthvalue(k, dim=1).values.view_as(part)
+    return out
+
+
 def open_within(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Grey opening of ``[B, 1, H, W]`` by an octagon of ``radius`` pixels: each pixel keeps the highest value
     that a whole octagon containing it reaches (dilation as the negated erosion of the negated map)."""
-    return -_erode(-_erode(x, radius), radius)
+    return dilate(_erode(x, radius), radius)
 
 
 def exponential_beyond_sample(quantiles: torch.Tensor, levels: torch.Tensor, n: int) -> torch.Tensor:
