@@ -47,7 +47,7 @@ class FAnoGAN(AnomalyDetector):
     # a CPU demonstration schedule: 64 px, width 32, 40 WGAN-GP and 20 encoder epochs, one critic step per generator
     # step at five times the paper's lr (README.md)
     schedules = {
-        "cpu": {"image_size": 64, "width": 32, "epochs": 40, "encoder_epochs": 20, "lr": 1e-3, "n_critic": 1},
+        "cpu": {"image_size": 64, "width": 32, "epochs": 40, "encoder_epochs": 20, "lr": 1e-3, "n_critic": 1, "batch_size": 8},
         "quick": {"epochs": 1, "encoder_epochs": 1},
     }
 
