@@ -8,7 +8,6 @@ import logging
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.maps import max_in_roi_map
@@ -27,17 +26,13 @@ from monai_ad.detectors.ganomaly.torch_model import (
 )
 from monai_ad.distributed import min_over_processes, optimizer_step
 from monai_ad.errors import InputError
+from monai_ad.networks.dcgan import from_tanh_range, padded_size, to_tanh_range
 from monai_ad.settings import check_settings
 
 logger = logging.getLogger(__name__)
 
 SLICE_SCORES = ("latent", "residual")
 COLLAPSED = 1e-5  # a discriminator loss below this re-initialises the discriminator (as anomalib)
-
-
-def padded_size(image_size: int) -> int:
-    """The power of two the slices are zero-padded to (the DCGAN networks halve down to 4 × 4)."""
-    return max(8, 1 << (int(image_size) - 1).bit_length())
 
 
 @register_detector("ganomaly")
@@ -88,15 +83,6 @@ class GANomaly(AnomalyDetector):
         self.blur = GaussianBlur2d(sigma)
         self.train_losses: list[float] = []
 
-    # ------------------------------------------------------------------ slices in the networks' range
-    def to_network(self, image: torch.Tensor) -> torch.Tensor:
-        """Slices in [0, 1] → [−1, 1] (the decoder's tanh range), zero-padded (black) to ``padded_size``."""
-        pad = padded_size(self.image_size) - self.image_size
-        return F.pad(image, (0, pad, 0, pad)) * 2 - 1
-
-    def _crop(self, x: torch.Tensor) -> torch.Tensor:
-        return x[..., : self.image_size, : self.image_size]
-
     # ------------------------------------------------------------------ training
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
         p = self.hparams
@@ -115,7 +101,7 @@ class GANomaly(AnomalyDetector):
         logger.info("ganomaly: %d slices, %d steps", images.shape[0], steps)
 
         def step(_: int) -> torch.Tensor:
-            x = self.to_network(images[next(indices).to(device)].float())
+            x = to_tanh_range(images[next(indices).to(device)].float())
             with cuda_autocast(device, p["amp"]):
                 reconstruction, latent, latent_again = self.generator(x)
                 _, real_features = self.discriminator(x)
@@ -140,8 +126,8 @@ class GANomaly(AnomalyDetector):
     def reconstruct(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(reconstruction [B, C, H, W] in [0, 1], latent distance [B])`` of slices on the device (eval mode)."""
         with cuda_autocast(image.device, self.hparams["amp"]):
-            reconstruction, latent, latent_again = self.generator(self.to_network(image))
-        return self._crop((reconstruction.float() + 1) / 2), latent_distance(latent, latent_again)
+            reconstruction, latent, latent_again = self.generator(to_tanh_range(image))
+        return from_tanh_range(reconstruction, self.image_size), latent_distance(latent, latent_again)
 
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
         with single_cpu_thread(image.device):
