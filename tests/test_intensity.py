@@ -285,3 +285,49 @@ def test_every_width_filter_fits_and_ranks_a_disc_above_normal_liver():
         scores = detector.score(painted, roi)
         assert float(scores.pixel[0][disc].mean()) > 2 * float(scores.pixel[1][roi[1, 0]].mean()), kind
         assert float(scores.slice[0]) > float(scores.slice[1]), kind
+
+
+def _disc(radius: float, centre: tuple[int, int] = (SIZE // 2, SIZE // 2)) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def test_blob_contrast_reads_dots_not_lines_or_edges():
+    """A darker dot curves up both ways (negative contrast), a brighter one down (positive); a line of the same
+    width and depth, and a straight edge, read as far weaker than either dot."""
+    from monai_ad.components.smoothing import smooth_inside
+    from monai_ad.detectors.intensity import blob_contrast, gaussian_kernel
+
+    image = torch.full((1, 1, SIZE, SIZE), 0.5)
+    image[0, 0][_disc(3, (24, 24))] -= 0.2
+    image[0, 0][_disc(3, (24, 72))] += 0.2
+    image[0, 0, 70:73, 10:60] -= 0.2  # a dark line 3 pixels wide
+    image[0, 0, :, 80:] += 0.2  # an edge
+    roi = torch.ones_like(image, dtype=torch.bool)
+    contrast = blob_contrast(smooth_inside(image, roi, gaussian_kernel(2.0)), 2.0)[0, 0]
+    dark, bright = float(contrast[24, 24]), float(contrast[24, 72])
+    assert dark < 0 < bright
+    assert float(contrast[60:84, 20:50].abs().max()) < 0.25 * abs(dark)
+    assert float(contrast[30:60, 84:].abs().max()) < 0.25 * bright
+
+
+def test_blob_readings_find_a_dot_the_width_filter_removes():
+    """A 2-pixel dark dot is erased by a 6 mm opening of the density readings; a blob reading at its scale
+    scores it above the whole of a normal slice."""
+    normal, normal_roi, _ = synthetic_slices(16, seed=0)
+    image, roi, _ = synthetic_slices(2, seed=7)
+    dot = _disc(2)
+    painted = image.clone()
+    painted[0, 0][dot] -= 0.15
+    scored = {}
+    for blobs in ([], [1.0]):
+        detector = create_detector("intensity", image_size=SIZE, pixel_mm=1.0, min_width_mm=6.0, blob_sigma_mm=blobs)
+        detector.fit([{"image": normal, "roi": normal_roi}])
+        scored[len(blobs)] = detector.score(painted, roi)
+    without, with_blobs = scored[0], scored[1]
+    dot_peak = float(with_blobs.pixel[0][dot].max())
+    assert dot_peak > float(with_blobs.pixel[1][roi[1, 0]].max())  # above everything the normal slice holds
+    assert float(with_blobs.slice[0]) > float(with_blobs.slice[1])
+    assert dot_peak > 2 * float(without.pixel[0][dot].max())
+    with pytest.raises(InputError, match="blob_sigma_mm"):
+        create_detector("intensity", blob_sigma_mm=[0.0])

@@ -3,8 +3,10 @@
 from monai_ad.detectors.intensity.detector import (
     MIN_TAIL_COUNT,
     IntensityDeviation,
+    blob_contrast,
+    gaussian_kernel,
     exponential_beyond_sample,
     tail_probabilities,
 )
 
-__all__ = ["MIN_TAIL_COUNT", "IntensityDeviation", "exponential_beyond_sample", "tail_probabilities"]
+__all__ = ["MIN_TAIL_COUNT", "IntensityDeviation", "blob_contrast", "gaussian_kernel", "exponential_beyond_sample", "tail_probabilities"]

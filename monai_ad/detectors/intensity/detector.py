@@ -27,6 +27,10 @@ MIN_BAND_PIXELS = 1000  # a depth band with fewer normal pixels takes the whole 
 # the deviation a whole disc reaches (its minimum); "rank", the ``width_rank`` quantile of the disc's deviations;
 # "disc_mean", the disc's mean deviation (a matched filter for a disc-shaped lesion)
 WIDTH_FILTERS = ("opening", "rank", "disc_mean")
+# the unit of a blob reading: "texture", the slice's own robust spread of its density's band-pass at the blob's
+# scale (scans whose noise grain differs, 3 mm voxels upsampled or a sharp 1 mm kernel, then read alike); "hu", none
+BLOB_UNITS = ("texture", "hu")
+MIN_TEXTURE_PIXELS = 200  # a slice with fewer liver pixels takes the whole batch's texture
 
 
 def tail_probabilities(min_tail: float) -> torch.Tensor:
@@ -78,6 +82,8 @@ class IntensityDeviation(AnomalyDetector):
         min_width_mm: float | Sequence[float] | None = 3.0,
         width_filter: str = "opening",
         width_rank: float = 0.25,
+        blob_sigma_mm: Sequence[float] = (),
+        blob_unit: str = "texture",
         batch_size: int = 32,
         seed: int = 0,
     ):
@@ -85,6 +91,7 @@ class IntensityDeviation(AnomalyDetector):
         sigma_mm = list(sigma_mm) if isinstance(sigma_mm, (list, tuple)) else sigma_mm
         min_width_mm = list(min_width_mm) if isinstance(min_width_mm, (list, tuple)) else min_width_mm
         scales = sigma_mm if isinstance(sigma_mm, list) else [sigma_mm]
+        blob_sigma_mm = [float(v) for v in blob_sigma_mm] if isinstance(blob_sigma_mm, (list, tuple)) else blob_sigma_mm
         super().__init__(**constructor_arguments())
         if list(depth_bands_mm) != sorted(depth_bands_mm) or any(b <= 0 for b in depth_bands_mm):
             raise InputError(f"intensity: depth_bands_mm must be increasing positive depths, got {list(depth_bands_mm)}")
@@ -100,18 +107,27 @@ class IntensityDeviation(AnomalyDetector):
             raise InputError(f"intensity: width_filter must be one of {', '.join(WIDTH_FILTERS)}, got {width_filter!r}")
         if not 0.0 <= width_rank < 1.0:
             raise InputError(f"intensity: width_rank must be a quantile in [0, 1), got {width_rank}")
+        if not isinstance(blob_sigma_mm, list) or not all(v > 0 for v in blob_sigma_mm):
+            raise InputError(f"intensity: blob_sigma_mm must be a list of positive widths in mm (empty: no blob "
+                             f"readings), got {blob_sigma_mm}")  # fmt: skip
+        if blob_unit not in BLOB_UNITS:
+            raise InputError(f"intensity: blob_unit must be one of {', '.join(BLOB_UNITS)}, got {blob_unit!r}")
         if not 1e-7 <= min_tail <= 0.05:
             raise InputError(f"intensity: min_tail must be in [1e-7, 0.05], got {min_tail}")
         bands = len(depth_bands_mm) + 1  # the last band: deeper than every listed depth
         levels = tail_probabilities(min_tail)
         self.register_buffer("rarity", -torch.log10(2 * levels).float())  # [K], 0 at the median
-        # per scale and band: distance from the median to the tail quantiles, darker side [.., 0, :], brighter [.., 1, :]
+        # per reading scale (the density scales, then the blob scales) and band: distance from the median to the
+        # tail quantiles, darker side [.., 0, :], brighter [.., 1, :]
         self.scales = [float(v) for v in scales]
-        self.register_buffer("centre", torch.zeros(len(scales), bands))
-        self.register_buffer("tail_distance", torch.linspace(0, 1, len(levels)).repeat(len(scales), bands, 2, 1))
+        self.blob_scales = blob_sigma_mm
+        readings = len(scales) + len(blob_sigma_mm)
+        self.register_buffer("centre", torch.zeros(readings, bands))
+        self.register_buffer("tail_distance", torch.linspace(0, 1, len(levels)).repeat(readings, bands, 2, 1))
 
     @classmethod
     def saved_hparams(cls, hparams, state):
+        hparams = {"blob_sigma_mm": [], "blob_unit": "hu", **hparams}  # saved before there were blob readings
         if "centre" in state and state["centre"].dim() == 1:
             return {**SINGLE_SCALE_DEFAULTS, **hparams}
         return hparams
@@ -120,9 +136,10 @@ class IntensityDeviation(AnomalyDetector):
         """``centre`` ``[S, bands]`` and ``tail_distance`` ``[S, bands, 2, K]``; a model saved with one scale,
         before there could be several, holds them without the scale axis."""
         centre, tails = (self.centre[None], self.tail_distance[None]) if self.centre.dim() == 1 else (self.centre, self.tail_distance)
-        if len(centre) != len(self.scales):
+        if len(centre) != len(self.scales) + len(self.blob_scales):
             raise RuntimeError(f"intensity: the tables were fitted at {len(centre)} scale(s), the detector has "
-                               f"sigma_mm {self.hparams['sigma_mm']}")  # fmt: skip
+                               f"sigma_mm {self.hparams['sigma_mm']} and blob_sigma_mm "
+                               f"{self.hparams['blob_sigma_mm']}")  # fmt: skip
         return centre, tails
 
     # ------------------------------------------------------------------ what the slices hold
@@ -142,6 +159,20 @@ class IntensityDeviation(AnomalyDetector):
         """The density smoothed at each scale, ``[S, B, 1, H, W]``."""
         density = self._density(image.float())
         return torch.stack([smooth_inside(density, roi, gaussian_kernel(s / self._pixel_mm())) for s in self.scales])
+
+    def _blob_contrasts(self, image: torch.Tensor, roi: torch.Tensor) -> list[torch.Tensor]:
+        """Each blob scale's ``blob_contrast`` of the density smoothed at that scale, ``[B, 1, H, W]`` each."""
+        density = self._density(image.float())
+        contrasts = []
+        for sigma_mm in self.blob_scales:
+            sigma_px = sigma_mm / self._pixel_mm()
+            smoothed = smooth_inside(density, roi, gaussian_kernel(sigma_px))
+            contrast = blob_contrast(smoothed, sigma_px)
+            if self.hparams.get("blob_unit", "hu") == "texture":
+                band_pass = smoothed - smooth_inside(density, roi, gaussian_kernel(2 * sigma_px))
+                contrast = contrast / robust_spread(band_pass, roi)
+            contrasts.append(contrast)
+        return contrasts
 
     def _bands(self, roi: torch.Tensor) -> torch.Tensor:
         """Each ROI pixel's band of in-plane depth from the mask's border, ``[B, 1, H, W]`` (long)."""
@@ -168,9 +199,10 @@ class IntensityDeviation(AnomalyDetector):
         keep = _sample(values.shape[-1], generator)
         values, bands = values[..., keep], bands[keep]
         n_bands = len(self.hparams["depth_bands_mm"]) + 1
-        self.centre = torch.zeros(len(self.scales), n_bands, device=self.rarity.device)
-        self.tail_distance = torch.zeros(len(self.scales), n_bands, 2, len(self.rarity), device=self.rarity.device)
-        for scale in range(len(self.scales)):
+        n_scales = len(self.scales) + len(self.blob_scales)
+        self.centre = torch.zeros(n_scales, n_bands, device=self.rarity.device)
+        self.tail_distance = torch.zeros(n_scales, n_bands, 2, len(self.rarity), device=self.rarity.device)
+        for scale in range(n_scales):
             overall = float(values[scale].median())
             for band in range(n_bands):
                 chosen = values[scale, bands == band]
@@ -188,7 +220,7 @@ class IntensityDeviation(AnomalyDetector):
             q = exponential_beyond_sample(q, levels, chosen.shape[-1])
             return torch.stack([strictly_increasing(side.clamp_min(0.0)) for side in q.float()])
 
-        for scale in range(len(self.scales)):
+        for scale in range(n_scales):
             sides = values[2 * scale : 2 * scale + 2]
             overall_tails = tails(sides)
             for band in range(n_bands):
@@ -212,27 +244,32 @@ class IntensityDeviation(AnomalyDetector):
 
     # ------------------------------------------------------------------ scoring
     def _centred(self, image: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
-        """The smoothed density, ``[S, B, 1, H, W]``; without self-reference, minus each slice's liver median."""
+        """The smoothed density at each density scale (without self-reference, minus each slice's liver median)
+        and the blob contrast at each blob scale, ``[S, B, 1, H, W]``."""
         smoothed = self._smoothed(image, roi)
         if not self._self_referenced():
             smoothed = torch.stack([s - slice_medians(s, roi) for s in smoothed])
-        return smoothed
+        if not self.blob_scales:
+            return smoothed
+        return torch.cat([smoothed, torch.stack(self._blob_contrasts(image, roi))])
 
     def _deviations(self, image: torch.Tensor, roi: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
         """How far below and above the centre of its depth band (``band``, ``[B, 1, H, W]``) each liver pixel
-        lies at each scale, ``[2S, B, 1, H, W]`` (scale by scale: darker, brighter; 0 outside the liver), opened
-        by the ``min_width_mm`` disc."""
+        lies at each scale, ``[2S, B, 1, H, W]`` (scale by scale: darker, brighter; 0 outside the liver); the
+        density scales' readings filtered by the ``min_width_mm`` disc (a blob contrast is already a width's)."""
         deviation = self._centred(image, roi) - self._tables()[0][:, band]  # [S, B, 1, H, W]
         sides = torch.stack([-deviation, deviation], 1).flatten(0, 1)
         widths = self.hparams["min_width_mm"]
         widths = widths if isinstance(widths, (list, tuple)) else (widths, widths)
         kind = self.hparams["width_filter"]
         inside = roi.repeat(len(self.scales), 1, 1, 1)
+        density_readings = 2 * len(self.scales)
         for side, width in enumerate(widths):  # readings alternate darker, brighter
             radius = round(0.5 * float(width or 0.0) / self._pixel_mm())
             if radius < 1:
                 continue
-            readings = sides[side::2].flatten(0, 1)  # [S*B, 1, H, W]
+            chosen = slice(side, density_readings, 2)
+            readings = sides[chosen].flatten(0, 1)  # [S*B, 1, H, W]
             if kind == "disc_mean":
                 filtered = dilate(disc_mean_inside(readings, inside, radius).clamp_min(0.0), radius)
             elif kind == "rank":
@@ -240,7 +277,7 @@ class IntensityDeviation(AnomalyDetector):
                                                 float(self.hparams["width_rank"])), radius)  # fmt: skip
             else:
                 filtered = open_within(torch.where(inside, readings.clamp_min(0.0), 0.0), radius)
-            sides[side::2] = filtered.view_as(sides[side::2])
+            sides[chosen] = filtered.view_as(sides[chosen])
         return torch.where(roi, sides.clamp_min(0.0), 0.0)
 
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:
@@ -256,6 +293,31 @@ class IntensityDeviation(AnomalyDetector):
                 rarity[reading][chosen] = interpolate(sides[reading][chosen], table, self.rarity)
         pixel = torch.where(roi, rarity.amax(0).clamp_min(0.0), 0.0)[:, 0]
         return SliceScores(pixel=pixel, slice=pixel.flatten(1).amax(1))
+
+
+def blob_contrast(smoothed: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """How strongly ``[B, 1, H, W]`` (already smoothed at ``sigma_px``) curves like a brighter (> 0) or darker
+    (< 0) blob at each pixel: the scale-normalised Hessian eigenvalue of the weaker curvature, where both curve the
+    same way, else 0. A line (a vessel, a fissure) curves across only, an edge both ways, so neither reads as a blob."""
+    padded = F.pad(smoothed, (1, 1, 1, 1), mode="replicate")
+    centre = padded[..., 1:-1, 1:-1]
+    dxx = padded[..., 1:-1, 2:] - 2 * centre + padded[..., 1:-1, :-2]
+    dyy = padded[..., 2:, 1:-1] - 2 * centre + padded[..., :-2, 1:-1]
+    dxy = 0.25 * (padded[..., 2:, 2:] - padded[..., 2:, :-2] - padded[..., :-2, 2:] + padded[..., :-2, :-2])
+    mean, spread = 0.5 * (dxx + dyy), torch.sqrt((0.5 * (dxx - dyy)) ** 2 + dxy**2)
+    lower, upper = mean - spread, mean + spread  # a darker blob curves up (both > 0), a brighter one down
+    return sigma_px**2 * (torch.where(upper < 0, -upper, 0.0) - torch.where(lower > 0, lower, 0.0))
+
+
+def robust_spread(values: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+    """Each slice's median absolute deviation of ``[B, 1, H, W]`` inside its ROI (× 1.4826, a normal's σ),
+    ``[B, 1, 1, 1]``; a slice with fewer than ``MIN_TEXTURE_PIXELS`` ROI pixels takes the whole batch's."""
+    def mad(chosen: torch.Tensor) -> torch.Tensor:
+        return 1.4826 * (chosen - chosen.median()).abs().median() if chosen.numel() else values.new_ones(())
+
+    pooled = mad(values[roi])
+    spreads = [mad(v[m]) if int(m.sum()) >= MIN_TEXTURE_PIXELS else pooled for v, m in zip(values, roi)]
+    return torch.stack(spreads).clamp_min(1e-6).view(-1, 1, 1, 1)
 
 
 def _sample(n: int, generator: torch.Generator) -> torch.Tensor | slice:
