@@ -131,6 +131,10 @@ HPARAM_RANGES: dict[str, Range] = {
     "decoder_layers": Range(1, 64, integer=True),
     "feedforward_dim": Range(1, 65536, integer=True),
     "dropout": Range(0, 0.99),
+    # DDAD: the autoencoders' own resolution, their fully connected width and the size of each ensemble
+    "input_size": Range(16, 1024, integer=True),
+    "fc_width": Range(1, 65536, integer=True),
+    "ensemble_size": Range(2, 64, integer=True),
 }
 
 # the pipeline's settings (``PreprocessConfig``)

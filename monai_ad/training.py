@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from monai_ad import distributed
-from monai_ad.data.datalists import load_datalist
+from monai_ad.data.datalists import load_datalist, load_unlabelled
 from monai_ad.data.slices import SliceBatches, collect_slices
 from monai_ad.detectors.base import AnomalyDetector, create_detector, detector_class
 from monai_ad.errors import InputError
@@ -30,9 +30,14 @@ def train(
     device: str | None = None,
     progress: bool = True,
     false_regions_per_scan: float = 1.0,
+    use_unlabelled: bool = True,
 ) -> AnomalyDetector:
     """Fit a detector on the datalist's ``training`` normals, set thresholds on its ``validation`` normals
     (or on a held-out fifth of the training volumes when there is none), save it to ``output``.
+
+    A detector that learns from unlabelled studies (``uses_unlabelled``, e.g. DDAD) is also given the datalist's
+    ``unlabelled`` section when it has one (``load_unlabelled``) and ``use_unlabelled`` is left on; other detectors
+    never read it.
 
     The operating thresholds allow about ``false_regions_per_scan`` false alarms per normal validation scan
     (``AnomalyDetector.calibrate``); ``quantile`` sets them as a plain quantile of normal slices instead."""
@@ -41,16 +46,25 @@ def train(
     detector = detector_for(detector, config, hparams).to(resolve_device(device))
     config.image_size = detector.image_size
     training = load_datalist(datalist, "training")
+    unlabelled = load_unlabelled(datalist)
     try:
         validation = load_datalist(datalist, "validation")
     except InputError:
         n_hold = max(1, len(training) // 5) if len(training) > 1 else 0
         validation, training = training[:n_hold], training[n_hold:] or training
     train_slices = collect_slices(distributed.shard(training), config, roi_labels, progress, desc="training volumes")
+    unlabelled_slices = None
+    if unlabelled and not (detector.uses_unlabelled and use_unlabelled):
+        logger.info("%s: the datalist's %d unlabelled studies are not used", detector.name, len(unlabelled))
+    elif unlabelled and distributed.shard(unlabelled):
+        unlabelled_slices = collect_slices(
+            distributed.shard(unlabelled), config, roi_labels, progress, desc="unlabelled volumes"
+        )
     valid_slices = functools.partial(collect_slices, validation, config, roi_labels, progress, desc="validation volumes")
     fit_and_calibrate(
         detector, train_slices, valid_slices, config, quantile=quantile,
         false_regions_per_scan=false_regions_per_scan, n_scans=len(validation), progress=progress,
+        unlabelled_slices=unlabelled_slices,
     )  # fmt: skip
     if distributed.is_main_process():
         detector.save(output)
@@ -92,13 +106,20 @@ def fit_and_calibrate(
     false_regions_per_scan: float = 1.0,
     n_scans: int | None = None,
     progress: bool = True,
+    unlabelled_slices: Mapping[str, torch.Tensor] | None = None,
 ) -> AnomalyDetector:
     """The one fitting path (``train``, ``select``, the bundles, the app and the benchmarks): fit on the normal
     ``train_slices`` with the pipeline settings that made them, then set the operating thresholds on the
-    held-out normal ``valid_slices`` (or a function that collects them, called after fitting)."""
+    held-out normal ``valid_slices`` (or a function that collects them, called after fitting). ``unlabelled_slices``
+    (slices of unlabelled studies) go to a detector that learns from them (``AnomalyDetector.uses_unlabelled``)."""
     logger.info("fitting %s on %d normal slices", detector.name, train_slices["image"].shape[0])
     batch_size = int(detector.hparams.get("batch_size", 16))
-    detector.fit(SliceBatches(train_slices, batch_size=batch_size), progress=progress, preprocessing=config.to_dict())
+    extra = {}
+    if unlabelled_slices is not None:
+        logger.info("%s: also %d unlabelled slices", detector.name, unlabelled_slices["image"].shape[0])
+        extra["unlabelled"] = SliceBatches(unlabelled_slices, batch_size=batch_size)
+    batches = SliceBatches(train_slices, batch_size=batch_size)
+    detector.fit(batches, progress=progress, preprocessing=config.to_dict(), **extra)
     valid = valid_slices() if callable(valid_slices) else valid_slices
     detector.calibrate(
         SliceBatches(valid, batch_size=32), quantile=quantile,

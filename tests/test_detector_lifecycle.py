@@ -54,6 +54,7 @@ REFIT = {
                  "freeze_steps": 1, "patch_window": 16, "patch_stride": 8},
     "intensity": {"image_size": 64, "pixel_mm": 1.5},
     "deepsvdd": {"image_size": 64, "pretrain_epochs": 1, "epochs": 2, "batch_size": 8},
+    "ddad": {"image_size": 32, "input_size": 32, "width": 4, "fc_width": 32, "latent_dim": 4, "epochs": 2, "batch_size": 2},
     "ganomaly": {"image_size": 64, "width": 8, "epochs": 2, "batch_size": 2},
     "fanogan": {"image_size": 64, "width": 8, "epochs": 2, "encoder_epochs": 2, "batch_size": 2, "n_critic": 2},
     "utrad": {"image_size": 32, "patch_sizes": [4, 2], "d_model": 16, "heads": 2, "encoder_layers": 1,

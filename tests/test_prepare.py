@@ -77,3 +77,33 @@ def test_prepare_writes_patient_level_splits_and_bmad_layout(sources, tmp_path):
 def test_prepare_refuses_missing_sources(tmp_path, capsys):
     assert main(["--quiet", "prepare", "--btcv", str(tmp_path), "--lits", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no BTCV cases found" in capsys.readouterr().err
+
+
+def test_prepare_lists_a_share_of_the_test_patients_as_unlabelled(sources, tmp_path):
+    """``--unlabelled-fraction``: a share of the LiTS/MSD test patients leaves ``test`` for ``unlabelled``, with an
+    image and a liver mask and no lesion label; without it the datalist is what it was."""
+    from monai_ad.data.datalists import load_unlabelled
+
+    common = ["--quiet", "prepare", "--btcv", sources / "btcv", "--lits", sources / "lits", "--msd", sources / "msd", "--seed", "3", "--no-slices"]
+    assert main([str(a) for a in [*common, "--out", tmp_path / "plain"]]) == 0
+    assert main([str(a) for a in [*common, "--out", tmp_path / "mixed", "--unlabelled-fraction", "0.5"]]) == 0
+    plain = json.loads((tmp_path / "plain" / "datalist.json").read_text())
+    mixed = json.loads((tmp_path / "mixed" / "datalist.json").read_text())
+    assert "unlabelled" not in plain
+    for section in ("training", "validation", "validation_labelled"):
+        assert [c["case_id"] for c in mixed[section]] == [c["case_id"] for c in plain[section]], section
+    unlabelled, test = mixed["unlabelled"], mixed["test"]
+    assert len(unlabelled) == round(0.5 * len(plain["test"])) and len(unlabelled) + len(test) == len(plain["test"])
+    assert {c["case_id"] for c in unlabelled} | {c["case_id"] for c in test} == {c["case_id"] for c in plain["test"]}
+    assert not {c["case_id"] for c in unlabelled} & {c["case_id"] for c in test}  # no scored patient is trained on
+    for item in unlabelled:
+        assert set(item) == {"case_id", "image", "roi"}
+        assert set(np.unique(np.asarray(nib.load(item["roi"]).dataobj))) == {0, 1}
+    assert [i["image"] for i in load_unlabelled(tmp_path / "mixed" / "datalist.json")] == [i["image"] for i in unlabelled]
+    assert load_unlabelled(tmp_path / "plain" / "datalist.json") == []
+
+
+def test_prepare_refuses_an_unlabelled_fraction_out_of_range(sources, tmp_path, capsys):
+    args = ["--quiet", "prepare", "--btcv", sources / "btcv", "--lits", sources / "lits", "--out", tmp_path / "o", "--unlabelled-fraction", "1"]
+    assert main([str(a) for a in args]) == 2
+    assert "the unlabelled fraction must be at least 0 and below 1, got 1.0" in capsys.readouterr().err

@@ -26,7 +26,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from monai_ad.data.prepare import datalist_summary, prepare_liver_benchmark
 
     datalist = prepare_liver_benchmark(
-        args.out, btcv=args.btcv, lits=args.lits, msd=args.msd, seed=args.seed, slices=not args.no_slices, progress=not args.quiet
+        args.out, btcv=args.btcv, lits=args.lits, msd=args.msd, seed=args.seed, slices=not args.no_slices, progress=not args.quiet,
+        unlabelled_fraction=args.unlabelled_fraction,
     )
     print(f"datalist: {datalist} {datalist_summary(datalist)}")
     if not args.no_slices:
@@ -48,6 +49,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         false_regions_per_scan=args.false_regions,
         device=args.device,
         progress=not args.quiet,
+        use_unlabelled=not args.no_unlabelled,
     )
     print(f"model: {args.out}")
     print(f"thresholds: {json.dumps(detector.thresholds)}")

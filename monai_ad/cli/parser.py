@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-level splits")
     p.add_argument("--no-slices", action="store_true", help="only the 3-D datalist, not BMAD's 2-D slice folders")
+    p.add_argument("--unlabelled-fraction", type=float, default=0.0, metavar="F",
+                   help="move this share of the LiTS/MSD test patients (seeded, patient level) to an 'unlabelled' "
+                        "section: image and liver mask, no tumour label; they leave the test section. Detectors that "
+                        "learn from unlabelled studies (ddad) train on it (default 0: none)")
     p.set_defaults(func=commands.cmd_prepare)
 
     p = sub.add_parser("train", parents=[shared], help="fit a detector on the normal volumes of a datalist")
@@ -79,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="operating point: about N false regions per normal validation scan (default 1)")
     p.add_argument("--quantile", type=float, default=None,
                    help="instead: thresholds = this quantile of held-out normal slice scores")
+    p.add_argument("--no-unlabelled", action="store_true",
+                   help="do not give the datalist's 'unlabelled' section (studies without labels, normal and abnormal "
+                        "mixed) to a detector that learns from it (ddad); other detectors never read it")
     p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser("infer", parents=[shared], help="heatmap, label map and summary for a volume or a folder of volumes")

@@ -140,6 +140,7 @@ def prepare_liver_benchmark(
     lits_validation_fraction: float = 0.1,
     slices: bool = True,
     progress: bool = True,
+    unlabelled_fraction: float = 0.0,
 ) -> Path:
     """Write ``out_dir/datalist.json`` (3-D) and, with ``slices``, the BMAD layout under ``out_dir/bmad``.
 
@@ -147,15 +148,29 @@ def prepare_liver_benchmark(
     ``validation_labelled`` (a few LiTS/MSD patients, for model selection) and ``test`` (the other LiTS/MSD
     patients). Every item has ``image``, ``roi`` (a binary liver mask written under ``out_dir/masks``) and,
     for LiTS/MSD, ``label`` (1 liver, 2 tumour).
+
+    ``unlabelled_fraction`` > 0: that share of the test patients (seeded, at patient level, at least one) moves
+    to an ``unlabelled`` section instead, each with ``image`` and ``roi`` only (no tumour label, no "abnormal"
+    flag): the unlabelled studies, normal and abnormal mixed, that DDAD's second ensemble learns from. They leave
+    ``test`` (and BMAD's test slices), so no scored patient was seen in training. With 0 (the default) the
+    output is what it was without the option.
     """
     out = Path(out_dir)
     if lits is None and msd is None:
         raise InputError("give LiTS and/or MSD Task03_Liver as test data")
+    if not 0 <= float(unlabelled_fraction) < 1:
+        raise InputError(f"the unlabelled fraction must be at least 0 and below 1, got {unlabelled_fraction}")
     rng = np.random.default_rng(seed)
     normals = find_btcv(btcv)
     abnormals = (find_lits(lits) if lits else []) + (find_msd_liver(msd) if msd else [])
     train, valid = _split(normals, [1 - normal_validation_fraction, normal_validation_fraction], rng)
     valid_labelled, test = _split(abnormals, [lits_validation_fraction, 1 - lits_validation_fraction], rng)
+    unlabelled: list[dict] = []
+    if unlabelled_fraction > 0:
+        if len(test) < 2:
+            raise InputError(f"{len(test)} test patient(s) leave none to list as unlabelled; give more LiTS/MSD cases")
+        n_unlabelled = min(len(test) - 1, max(1, int(round(float(unlabelled_fraction) * len(test)))))
+        unlabelled, test = _split(test, [n_unlabelled / len(test), 1 - n_unlabelled / len(test)], rng)
 
     sections: dict[str, list[dict[str, Any]]] = {}
     for name, cases, liver_labels, tumour in (
@@ -163,6 +178,7 @@ def prepare_liver_benchmark(
         ("validation", valid, [BTCV_LIVER], None),
         ("validation_labelled", valid_labelled, [LITS_LIVER], LITS_TUMOUR),
         ("test", test, [LITS_LIVER], LITS_TUMOUR),
+        *((("unlabelled", unlabelled, [LITS_LIVER], LITS_TUMOUR),) if unlabelled else ()),
     ):
         items = []
         for case in tqdm(cases, desc=f"masks ({name})", disable=not progress, unit="volume"):
@@ -173,7 +189,7 @@ def prepare_liver_benchmark(
                 raise InputError(f"no liver label {liver_labels} in the segmentation", case["label"])
             item = {"case_id": case["case_id"], "image": case["image"],
                     "roi": _write_mask(liver, label.affine, out / "masks" / f"{case['case_id']}_liver.nii.gz")}  # fmt: skip
-            if tumour:
+            if tumour and name != "unlabelled":
                 item.update({"label": case["label"], "abnormal": bool((values == tumour).any())})
             items.append(item)
         sections[name] = items

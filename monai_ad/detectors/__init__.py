@@ -15,6 +15,7 @@ from monai_ad.detectors.cflow import CFLOW  # noqa: F401  (registers "cflow")
 from monai_ad.detectors.clip_reconstruction import CLIPReconstruction  # noqa: F401  (registers it)
 from monai_ad.detectors.csflow import CSFlow  # noqa: F401  (registers "csflow")
 from monai_ad.detectors.cutpaste import CutPaste  # noqa: F401  (registers "cutpaste")
+from monai_ad.detectors.ddad import DDAD  # noqa: F401  (registers "ddad")
 from monai_ad.detectors.deepsvdd import DeepSVDD  # noqa: F401  (registers "deepsvdd")
 from monai_ad.detectors.draem import DRAEM  # noqa: F401  (registers "draem")
 from monai_ad.detectors.density import PlainDensity

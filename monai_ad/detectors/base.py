@@ -173,6 +173,10 @@ class AnomalyDetector(nn.Module, ABC):
     # the CPU demonstration its bundle trains and the accuracy benchmark measures; "quick", a smoke run over
     # "cpu" (the demo, ``--quick`` benchmarks). A detector without one uses its defaults.
     schedules: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    # a detector that also learns from unlabelled slices (a mix of normal and abnormal ones, e.g. DDAD) sets this:
+    # ``fit(..., unlabelled=...)`` then hands them to its ``_fit`` as a keyword ``unlabelled`` (re-iterable batches,
+    # or None when there are none), and ``monai_ad.training.train`` reads a datalist's ``unlabelled`` section for it
+    uses_unlabelled: ClassVar[bool] = False
 
     @classmethod
     def schedule(cls, name: str = "cpu") -> dict[str, Any]:
@@ -215,24 +219,39 @@ class AnomalyDetector(nn.Module, ABC):
 
     # ------------------------------------------------------------------ fitting
     def fit(
-        self, data: Any, *, batch_size: int = 16, progress: bool = True, preprocessing: Mapping[str, Any] | None = None
+        self,
+        data: Any,
+        *,
+        batch_size: int = 16,
+        progress: bool = True,
+        preprocessing: Mapping[str, Any] | None = None,
+        unlabelled: Any = None,
     ) -> "AnomalyDetector":
         """Learn from normal slices (see ``iter_slice_batches`` for the accepted forms). Returns ``self``.
 
         ``preprocessing``: the pipeline settings (``PreprocessConfig.to_dict()``) that made the slices; the
         detector keeps them, reads them while fitting (pixel size, normalisation) and saves them with its state.
 
+        ``unlabelled``: slices of unlabelled studies (normal and abnormal mixed, in the forms ``data`` takes), for a
+        detector whose ``uses_unlabelled`` is set; any other detector refuses them (``InputError``).
+
         Every call starts over, for every detector (as scikit-learn's ``fit``): a detector fitted before, loaded
         from a file or whose fit failed part-way first returns to the state its constructor gives (learned
         tensors and thresholds; ``preprocessing`` is kept), so ``fit(a)`` then ``fit(b)`` leaves the state that
         ``fit(b)`` leaves on a new detector. Nothing continues training from earlier data.
         """
+        if unlabelled is not None and not self.uses_unlabelled:
+            raise InputError(f"the {self.name} detector learns from normal slices only; it takes no unlabelled slices")
         if self._fit_started or self.is_fitted:
             self._start_over()
         if preprocessing is not None:
             self.preprocessing = dict(preprocessing)
         self._fit_started = True
-        self._fit(ReiterableBatches(data, batch_size), progress=progress)
+        if self.uses_unlabelled:
+            extra = None if unlabelled is None else ReiterableBatches(unlabelled, batch_size)
+            self._fit(ReiterableBatches(data, batch_size), progress=progress, unlabelled=extra)
+        else:
+            self._fit(ReiterableBatches(data, batch_size), progress=progress)
         self._fitted.fill_(True)
         return self
 
@@ -249,7 +268,8 @@ class AnomalyDetector(nn.Module, ABC):
 
     @abstractmethod
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
-        """Fit on batches ``{"image": [B,1,H,W], "roi"?: [B,1,H,W]}``; may iterate ``batches`` many times."""
+        """Fit on batches ``{"image": [B,1,H,W], "roi"?: [B,1,H,W]}``; may iterate ``batches`` many times. A detector
+        with ``uses_unlabelled`` also takes the keyword ``unlabelled`` (batches of the same form, or None)."""
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
