@@ -122,6 +122,13 @@ def normal_studies(datastore: Datastore, roi_dir: str | None = None) -> list[Stu
     return chosen
 
 
+def unlabelled_studies(datastore: Datastore, roi_dir: str | None = None) -> list[Study]:
+    """Studies with a liver ROI that are not marked normal (reviewed or not): the normal and abnormal mix that a
+    detector learning from unlabelled studies (DDAD) takes beside the normals."""
+    return [s for s in studies(datastore, roi_dir)
+            if s.roi is not None and not is_marked_normal(datastore, s.image_id, s.final)]  # fmt: skip
+
+
 def corrected_studies(datastore: Datastore, roi_dir: str | None = None) -> list[Study]:
     """Studies with a ``final`` label and a liver ROI."""
     return [s for s in studies(datastore, roi_dir) if s.final is not None and s.roi is not None]

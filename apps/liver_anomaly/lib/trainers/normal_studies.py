@@ -7,7 +7,8 @@ hyper-parameters of ``HYPER_PARAMETERS`` that the bundle has, as typed, range-ch
 ``{"network_def#image_size": 64}``); the server checks a request before a training process starts. The model is written atomically to the path the
 infer task serves, which reloads it on its next request (no restart).
 
-After fitting, when corrected studies exist (``final`` labels), the operating threshold is chosen on them
+A detector that learns from unlabelled studies (DDAD) also gets every study with a liver ROI that is not marked
+normal. After fitting, when corrected studies exist (``final`` labels), the operating threshold is chosen on them
 (``lib.scoring.feedback_threshold``) unless the request says ``select_threshold: false``.
 """
 
@@ -152,8 +153,16 @@ class NormalStudiesTrain(TrainTask):
                 f"{self.name}: {len(normals)} normal studies with a liver ROI; need at least {MIN_NORMAL_STUDIES} "
                 "(mark a study normal with image info {\"normal\": true} or an empty 'final' label, and save its liver mask with tag 'liver')"
             )
+        sections = {"training": [{"image": s.image, "roi": s.roi} for s in normals]}
+        bundle_config = json.loads((self.bundle / "configs" / "train.json").read_text())
+        unlabelled = []
+        if detector_class(bundle_config["network_def"]["name"]).uses_unlabelled:
+            unlabelled = study_rules.unlabelled_studies(datastore, self.roi_dir)
+            logger.info("[%s] %d studies not marked normal, as unlabelled studies: %s", self.name, len(unlabelled),
+                        [s.image_id for s in unlabelled])  # fmt: skip
+            sections["unlabelled"] = [{"image": s.image, "roi": s.roi} for s in unlabelled]
         with tempfile.TemporaryDirectory(prefix="monai_ad_train_") as work:
-            datalist = write_json(Path(work) / "datalist.json", {"training": [{"image": s.image, "roi": s.roi} for s in normals]})
+            datalist = write_json(Path(work) / "datalist.json", sections)
             parser = ConfigParser()
             parser.read_config(self.bundle / "configs" / "train.json")
             parser["bundle_root"] = str(self.bundle)
@@ -176,6 +185,7 @@ class NormalStudiesTrain(TrainTask):
             "model": self.name,
             "path": str(self.model_path),
             "normal_studies": [s.image_id for s in normals],
+            **({"unlabelled_studies": [s.image_id for s in unlabelled]} if unlabelled else {}),
             "thresholds": detector.thresholds,
             "seconds": round(time.time() - start, 1),
         }
