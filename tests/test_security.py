@@ -742,3 +742,26 @@ def test_monai_label_jwt_path_offline(monkeypatch):
         with pytest.raises(HTTPException) as refused:
             asyncio.run(auth.get_current_user(token))
         assert refused.value.status_code == 401, token
+
+
+def test_upload_folders_left_by_a_stopped_server_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+
+    from lib.security import UPLOAD_PREFIX, remove_stale_uploads, upload_folder
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    stale = tmp_path / f"{UPLOAD_PREFIX}{ended.pid}_abc"
+    stale.mkdir()
+    (stale / "image.nii.gz").write_bytes(b"partial")
+    live = upload_folder(str(tmp_path))  # this process's: a request in flight
+    (live / "image.nii.gz").write_bytes(b"in flight")
+    other = tmp_path / f"{UPLOAD_PREFIX}notapid"
+    other.mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    link = tmp_path / f"{UPLOAD_PREFIX}{ended.pid}_link"
+    link.symlink_to(outside)
+    assert remove_stale_uploads(str(tmp_path)) == 1
+    assert not stale.exists() and (live / "image.nii.gz").read_bytes() == b"in flight"
+    assert other.is_dir() and link.is_symlink() and outside.is_dir()

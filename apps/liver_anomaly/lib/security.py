@@ -147,7 +147,31 @@ async def receive_upload(upload: Any, folder: Path, stem: str, limit: int, what:
 
 
 def upload_folder(root: str | None = None) -> Path:
-    return Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX, dir=root))
+    """A new folder for one request's uploads, named after this server's process (``remove_stale_uploads``)."""
+    return Path(tempfile.mkdtemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}_", dir=root))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_uploads(root: str | None = None) -> int:
+    """Remove the upload folders that a server killed mid-request left (their process is gone); folders of live
+    servers, links and anything else in the temp folder are left alone. Returns how many were removed."""
+    removed = 0
+    for entry in Path(root or tempfile.gettempdir()).glob(f"{UPLOAD_PREFIX}*"):
+        pid = entry.name[len(UPLOAD_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit() or entry.is_symlink() or not entry.is_dir() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed += not entry.exists()
+    return removed
 
 
 def is_upload(path: Any) -> bool:
@@ -534,6 +558,9 @@ def install(instance: Any, limit: int, allow_model_routes: bool, workers: int, a
     from monailabel.endpoints.user.auth import RBAC
     from starlette.concurrency import run_in_threadpool
 
+    stale = remove_stale_uploads()
+    if stale:
+        logger.info("removed %d upload folder(s) left by a server that stopped mid-request", stale)
     workers = max(1, workers)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
     router = APIRouter()
