@@ -3,6 +3,7 @@
 - ``PatchScoreMap``: a patch-score grid → a pixel map (bilinear upsampling + Gaussian blur, as two matrix products).
 - ``roi_on_grid`` / ``max_in_roi`` / ``max_in_roi_map``: slice scores from the patches or pixels inside the ROI.
 - ``cosine_distance_map``: the teacher–student map of the distillation detectors (RD4AD, STFPM, MKD).
+- ``square_windows``: a square of each slice at given positions (training crops and windows).
 """
 
 from __future__ import annotations
@@ -107,3 +108,14 @@ def cosine_distance_map(
         else:
             combined = combined * distance
     return combined
+
+
+def square_windows(image: torch.Tensor, top_left: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, C, size, size]``: the square of each slice ``[B, C, H, W]`` whose top-left pixel is ``top_left``
+    ``[B, 2]`` (row, col; long, the whole square inside the slice)."""
+    offsets = torch.arange(size, device=image.device)
+    rows = (top_left[:, 0, None] + offsets)[:, None, :, None]
+    cols = (top_left[:, 1, None] + offsets)[:, None, None, :]
+    batch = torch.arange(image.shape[0], device=image.device)[:, None, None, None]
+    channels = torch.arange(image.shape[1], device=image.device)[None, :, None, None]
+    return image[batch, channels, rows, cols]

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_ad.components.maps import square_windows
+
 WINDOW = 32  # the paper's input size: the encoder describes a window of this many pixels
 STRIDE = 8  # scoring places a window on every cell of this size
 CENTRE_EPS = 0.1  # centre coordinates closer to 0 than this are pushed to ±CENTRE_EPS
@@ -61,13 +63,8 @@ def windows_around(image: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     col); the slice is extended by its border values where a window reaches past it."""
     half = WINDOW // 2
     padded = F.pad(image, (half, half, half, half), mode="replicate")
-    top = centres.round().long()  # in the padded slice, the window centred on (r, c) starts at (r, c)
-    offsets = torch.arange(WINDOW, device=image.device)
-    rows = (top[:, 0, None] + offsets)[:, None, :, None]
-    cols = (top[:, 1, None] + offsets)[:, None, None, :]
-    batch = torch.arange(image.shape[0], device=image.device)[:, None, None, None]
-    channels = torch.arange(image.shape[1], device=image.device)[None, :, None, None]
-    return padded[batch, channels, rows, cols]
+    # in the padded slice, the window centred on (r, c) starts at (r, c)
+    return square_windows(padded, centres.round().long(), WINDOW)
 
 
 def window_grid(image: torch.Tensor) -> torch.Tensor:

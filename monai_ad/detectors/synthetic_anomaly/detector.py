@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 
 from monai_ad.components.autocast import cuda_autocast
-from monai_ad.components.maps import max_in_roi_map
+from monai_ad.components.maps import max_in_roi_map, square_windows
 from monai_ad.components.smoothing import GaussianBlur2d
 from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream, process_generator
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
@@ -130,12 +130,7 @@ class SyntheticAnomaly(AnomalyDetector):
             return image, roi
         center = roi_centers(roi, generator).round().long()
         top = (center - size // 2).clamp(0, self.image_size - size)
-        offsets = torch.arange(size, device=image.device)
-        rows = (top[:, 0, None] + offsets)[:, None, :, None]
-        cols = (top[:, 1, None] + offsets)[:, None, None, :]
-        batch = torch.arange(image.shape[0], device=image.device)[:, None, None, None]
-        channels = torch.arange(image.shape[1], device=image.device)[None, :, None, None]
-        return image[batch, channels, rows, cols], roi[batch, torch.zeros_like(channels[:, :1]), rows, cols]
+        return square_windows(image, top, size), square_windows(roi, top, size)
 
     def loss(self, logits: torch.Tensor, label: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
         """BCE over the ROI's pixels + ``dice_weight`` × Dice of the batch (outside the ROI counts as predicted 0)."""
