@@ -259,7 +259,9 @@ def test_save_final_train_on_normals_and_infer_with_the_new_model(app):
 
 def test_ddad_trains_on_the_normal_studies_and_takes_the_others_as_unlabelled(app):
     """The app's training of a detector that learns from unlabelled studies (DDAD): the studies marked normal are
-    its normals, every other study with a liver mask is its unlabelled set, and the model it saves serves infer."""
+    its normals, every other study with a liver mask is its unlabelled set (one whose mask cannot be read, the real
+    series' organ map saved as its liver mask by an earlier test when the module runs whole, is left out with its
+    reason, not the training), and the model it saves serves infer."""
     client, model = app["client"], "ddad_liver_ct"
     task = client.train_start(model, {"network_def#epochs": 1, "network_def#batch_size": 8})
     assert task["status"] in ("SUBMITTED", "RUNNING")
@@ -267,8 +269,10 @@ def test_ddad_trains_on_the_normal_studies_and_takes_the_others_as_unlabelled(ap
     assert status["status"] == "DONE", "\n".join(status.get("details", []))
     stats = client.info()["train_stats"][model]
     assert len(stats["normal_studies"]) == 3
-    assert set(stats["unlabelled_studies"]) == {item["case_id"] for item in app["datalist"]["test"]}
+    assert {item["case_id"] for item in app["datalist"]["test"]} <= set(stats["unlabelled_studies"])
     assert not set(stats["unlabelled_studies"]) & set(stats["normal_studies"])
+    if "real_series" in stats["unlabelled_studies"]:
+        assert "left out of the unlabelled volumes" in app["log"].read_text()
     _, params = client.infer(model, _abnormal_case(app), {})
     assert any(s is not None for s in params["slice_scores"])
 

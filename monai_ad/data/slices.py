@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -11,6 +12,8 @@ from monai_ad.data.datalists import LESION_LABEL, roi_source
 from monai_ad.errors import InputError
 from monai_ad.transforms.pipeline import IMAGE, ROI, PreprocessConfig, build_preprocessing, require_roi, run_pipeline
 
+logger = logging.getLogger(__name__)
+
 
 def collect_slices(
     items: Sequence[Mapping[str, Any]],
@@ -19,12 +22,15 @@ def collect_slices(
     progress: bool = True,
     desc: str = "slices",
     lesions: bool = False,
+    skip_unreadable: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The scored axial slices of several volumes: ``{"image": [N,1,S,S] float16, "roi": [N,1,S,S] bool}``,
     with ``lesions``: also ``"lesion"`` ([N,1,S,S] bool, label ``LESION_LABEL`` of each item's ``label``) and
     ``"case"`` ([N] index of the item each slice comes from).
 
     Slices are kept in half precision (windowed intensities in [0, 1] lose nothing a detector sees).
+    With ``skip_unreadable`` (a pile of unlabelled studies), a volume the pipeline refuses is logged with its
+    one-line reason and left out instead of stopping the collection.
     """
     pipeline = build_preprocessing(config, roi_labels, mask_keys=["label"] if lesions else ())
     images, rois, lesion_masks, cases = [], [], [], []
@@ -33,8 +39,14 @@ def collect_slices(
         if lesions and not item.get("label"):
             raise InputError("a case has no 'label' to take lesion masks from", item.get(IMAGE))
         data = {IMAGE: item[IMAGE], ROI: roi_source(item), **inputs}
-        require_roi(data, item[IMAGE])
-        data = run_pipeline(pipeline, data)
+        try:
+            require_roi(data, item[IMAGE])
+            data = run_pipeline(pipeline, data)
+        except InputError as exc:
+            if not skip_unreadable:
+                raise
+            logger.warning("left out of the %s: %s", desc, exc)
+            continue
         img, roi = data[IMAGE].as_tensor(), data[ROI].as_tensor() > 0
         keep = roi.flatten(0, 2).sum(0) >= config.min_roi_pixels
         images.append(img[..., keep].permute(3, 0, 1, 2).half())
@@ -42,7 +54,7 @@ def collect_slices(
         if lesions:
             lesion_masks.append((data["label"].as_tensor() == LESION_LABEL)[..., keep].permute(3, 0, 1, 2))
             cases.append(torch.full((int(keep.sum()),), index))
-    image = torch.cat(images)
+    image = torch.cat(images) if images else torch.zeros(0)
     if image.shape[0] == 0:
         raise InputError("no slice of the given volumes contains enough of the liver ROI")
     out = {"image": image, "roi": torch.cat(rois)}
