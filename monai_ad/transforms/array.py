@@ -124,6 +124,11 @@ class SelectROI(Transform):
 LIVER_LEVELS = ("median", "mode")
 
 
+def median_absolute_deviation(values: torch.Tensor) -> torch.Tensor:
+    """The median absolute deviation from the median of ``values`` (all of them, flattened), a 0-d tensor."""
+    return (values - values.median()).abs().median()
+
+
 def liver_level(values: torch.Tensor, estimator: str = "median") -> tuple[float, float]:
     """The liver's typical value and spread (in the units of a median absolute deviation) from its voxels.
 
@@ -136,7 +141,7 @@ def liver_level(values: torch.Tensor, estimator: str = "median") -> tuple[float,
         raise ValueError(f"liver level estimator must be one of {LIVER_LEVELS}, got {estimator!r}")
     v = values.float().flatten()
     median = float(v.median())
-    mad = float((v - median).abs().median())
+    mad = float(median_absolute_deviation(v))
     if estimator == "median" or mad <= 0:
         return median, mad
     bins, per_mad = 321, 20  # bins of a twentieth of a MAD over median ± 8 MAD
@@ -189,7 +194,7 @@ def pixel_noise(img: torch.Tensor, roi: torch.Tensor) -> float:
     residual = (centre - neighbours)[keep]
     if residual.numel() == 0:
         return 0.0
-    return float((residual - residual.median()).abs().median()) / math.sqrt(1.25)
+    return float(median_absolute_deviation(residual)) / math.sqrt(1.25)
 
 
 class NormalizeLiverSpread(Transform):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from monai_ad.components.smoothing import gaussian_kernel1d, smooth_inside
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.errors import InputError
+from monai_ad.transforms.array import median_absolute_deviation
 
 CONTEXT_WEIGHTS = (0.25, 0.5, 0.25)
 # the defaults of models saved with one scale, before there could be several (their tables lack the scale axis)
@@ -155,20 +156,18 @@ class IntensityDeviation(AnomalyDetector):
             return (image * w).sum(1, keepdim=True)
         return image[:, image.shape[1] // 2 :][:, :1]  # several windows: the middle one
 
-    def _smoothed(self, image: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
-        """The density smoothed at each scale, ``[S, B, 1, H, W]``."""
-        density = self._density(image.float())
+    def _smoothed(self, density: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        """The density (``_density``) smoothed at each scale, ``[S, B, 1, H, W]``."""
         return torch.stack([smooth_inside(density, roi, gaussian_kernel(s / self._pixel_mm())) for s in self.scales])
 
-    def _blob_contrasts(self, image: torch.Tensor, roi: torch.Tensor) -> list[torch.Tensor]:
+    def _blob_contrasts(self, density: torch.Tensor, roi: torch.Tensor) -> list[torch.Tensor]:
         """Each blob scale's ``blob_contrast`` of the density smoothed at that scale, ``[B, 1, H, W]`` each."""
-        density = self._density(image.float())
         contrasts = []
         for sigma_mm in self.blob_scales:
             sigma_px = sigma_mm / self._pixel_mm()
             smoothed = smooth_inside(density, roi, gaussian_kernel(sigma_px))
             contrast = blob_contrast(smoothed, sigma_px)
-            if self.hparams.get("blob_unit", "hu") == "texture":
+            if self.hparams["blob_unit"] == "texture":
                 band_pass = smoothed - smooth_inside(density, roi, gaussian_kernel(2 * sigma_px))
                 contrast = contrast / robust_spread(band_pass, roi)
             contrasts.append(contrast)
@@ -246,12 +245,13 @@ class IntensityDeviation(AnomalyDetector):
     def _centred(self, image: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
         """The smoothed density at each density scale (without self-reference, minus each slice's liver median)
         and the blob contrast at each blob scale, ``[S, B, 1, H, W]``."""
-        smoothed = self._smoothed(image, roi)
+        density = self._density(image.float())
+        smoothed = self._smoothed(density, roi)
         if not self._self_referenced():
             smoothed = torch.stack([s - slice_medians(s, roi) for s in smoothed])
         if not self.blob_scales:
             return smoothed
-        return torch.cat([smoothed, torch.stack(self._blob_contrasts(image, roi))])
+        return torch.cat([smoothed, torch.stack(self._blob_contrasts(density, roi))])
 
     def _deviations(self, image: torch.Tensor, roi: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
         """How far below and above the centre of its depth band (``band``, ``[B, 1, H, W]``) each liver pixel
@@ -313,7 +313,7 @@ def robust_spread(values: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
     """Each slice's median absolute deviation of ``[B, 1, H, W]`` inside its ROI (× 1.4826, a normal's σ),
     ``[B, 1, 1, 1]``; a slice with fewer than ``MIN_TEXTURE_PIXELS`` ROI pixels takes the whole batch's."""
     def mad(chosen: torch.Tensor) -> torch.Tensor:
-        return 1.4826 * (chosen - chosen.median()).abs().median() if chosen.numel() else values.new_ones(())
+        return 1.4826 * median_absolute_deviation(chosen) if chosen.numel() else values.new_ones(())
 
     pooled = mad(values[roi])
     spreads = [mad(v[m]) if int(m.sum()) >= MIN_TEXTURE_PIXELS else pooled for v, m in zip(values, roi)]
