@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 from liver_slices import liver_like_slices, slice_data
 from monai_ad.data.datalists import load_unlabelled, with_unlabelled_section
 from monai_ad.detectors import AnomalyDetector, create_detector
-from monai_ad.detectors.ddad.detector import mean_in_roi_map, resize_slices
+from monai_ad.components.maps import mean_in_roi_map
+from monai_ad.detectors.ddad.detector import resize_slices
 from monai_ad.detectors.ddad.torch_model import (
     DDADAutoencoder,
     inter_discrepancy,

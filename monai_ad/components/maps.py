@@ -1,7 +1,8 @@
 """From scores to maps and back: patch grids to pixel maps, ROI-restricted slice scores.
 
 - ``PatchScoreMap``: a patch-score grid → a pixel map (bilinear upsampling + Gaussian blur, as two matrix products).
-- ``roi_on_grid`` / ``max_in_roi`` / ``max_in_roi_map``: slice scores from the patches or pixels inside the ROI.
+- ``roi_on_grid`` / ``max_in_roi`` / ``max_in_roi_map`` / ``mean_in_roi`` / ``mean_in_roi_map``: slice scores from the
+  patches or pixels inside the ROI.
 - ``cosine_distance_map``: the teacher–student map of the distillation detectors (RD4AD, STFPM, MKD).
 - ``square_windows``: a square of each slice at given positions (training crops and windows).
 """
@@ -81,6 +82,21 @@ def max_in_roi_map(pixel: torch.Tensor, roi: torch.Tensor | None) -> torch.Tenso
     """Per-slice maximum of pixel maps ``[B, H, W]`` inside the ROI ``[B, 1, H, W]`` (``max_in_roi`` on pixels:
     a slice without ROI pixels falls back to its whole map). The slice score of PaDiM and RD4AD."""
     return max_in_roi(pixel.flatten(1), None if roi is None else roi[:, 0].flatten(1) > 0)
+
+
+def mean_in_roi(scores: torch.Tensor, roi_grid: torch.Tensor | None) -> torch.Tensor:
+    """Per-slice mean of scores ``[B, N]`` over the patches in the ROI; a slice without any ROI patch falls back
+    to all its patches (the mean twin of ``max_in_roi``)."""
+    if roi_grid is None:
+        return scores.mean(1)
+    keep = (roi_grid | ~roi_grid.any(1, keepdim=True)).float()
+    return (scores * keep).sum(1) / keep.sum(1)
+
+
+def mean_in_roi_map(pixel: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
+    """Per-slice mean of pixel maps ``[B, H, W]`` inside the ROI ``[B, 1, H, W]`` (``mean_in_roi`` on pixels: a
+    slice without ROI pixels falls back to its whole map). DDAD's slice score."""
+    return mean_in_roi(pixel.flatten(1), None if roi is None else roi[:, 0].flatten(1) > 0)
 
 
 def cosine_distance_map(

@@ -14,6 +14,7 @@ from torch import nn
 
 from monai_ad.components.autocast import cuda_autocast
 from monai_ad.components.cpu_threads import single_cpu_thread
+from monai_ad.components.maps import mean_in_roi_map
 from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream, process_generator
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.detectors.ddad.torch_model import (
@@ -39,18 +40,6 @@ def resize_slices(image: torch.Tensor, size: int) -> torch.Tensor:
     if image.shape[-1] > size:
         return F.interpolate(image, size=(size, size), mode="area")
     return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def mean_in_roi_map(pixel: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
-    """``[B]``: the mean of each map ``[B, H, W]`` over its ROI ``[B, 1, H, W]`` (the whole map where there is no
-    ROI, or an empty one)."""
-    if roi is None:
-        return pixel.flatten(1).mean(1)
-    inside = roi[:, 0].flatten(1).to(pixel.dtype)
-    values = pixel.flatten(1)
-    count = inside.sum(1)
-    mean_inside = (values * inside).sum(1) / count.clamp_min(1)
-    return torch.where(count > 0, mean_inside, values.mean(1))
 
 
 @register_detector("ddad")

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from monai_ad.components.maps import PatchScoreMap, max_in_roi, roi_on_grid
+from monai_ad.components.maps import PatchScoreMap, max_in_roi, mean_in_roi, roi_on_grid
 from monai_ad.components.training_loop import TrainingLoop, gather_slices, index_stream
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
 from monai_ad.distributed import all_reduce_sum_, optimizer_step
@@ -43,14 +43,6 @@ class Phase:
     resolution: int
     transition: bool
     iterations: int
-
-
-def mean_in_roi(grid_scores: torch.Tensor, roi_grid: torch.Tensor | None) -> torch.Tensor:
-    """Per-slice mean of ``[B, N]`` cell scores over the cells in the ROI (all cells when none is)."""
-    if roi_grid is None:
-        return grid_scores.mean(1)
-    keep = (roi_grid | ~roi_grid.any(1, keepdim=True)).float()
-    return (grid_scores * keep).sum(1) / keep.sum(1)
 
 
 def to_signed(image: torch.Tensor) -> torch.Tensor:
