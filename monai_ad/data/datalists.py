@@ -61,6 +61,12 @@ def load_unlabelled(path: str | os.PathLike) -> list[dict[str, Any]]:
     return _absolute(path, entries)
 
 
+def unlabelled_count(n_cases: int, fraction: float) -> int:
+    """How many of ``n_cases`` (at least 2) a share ``fraction`` of them moves to the unlabelled section: at least
+    one, and at least one left behind."""
+    return min(n_cases - 1, max(1, int(round(float(fraction) * n_cases))))
+
+
 def with_unlabelled_section(
     datalist: str | os.PathLike,
     fraction: float,
@@ -85,7 +91,7 @@ def with_unlabelled_section(
     if not isinstance(cases, list) or len(cases) < 2:
         raise InputError(f"needs a {source!r} section of at least 2 cases to take unlabelled ones from", path)
     target = Path(out) if out is not None else path.with_name(f"{path.stem}_unlabelled.json")
-    count = min(len(cases) - 1, max(1, int(round(float(fraction) * len(cases)))))
+    count = unlabelled_count(len(cases), fraction)
     chosen = set(np.random.default_rng(int(seed)).permutation(len(cases))[:count].tolist())
     moved = [cases[i] for i in sorted(chosen)]
     relocate = target.parent.resolve() != path.parent.resolve()

@@ -26,6 +26,7 @@ from monai.transforms import Orientation
 from PIL import Image
 from tqdm.auto import tqdm
 
+from monai_ad.data.datalists import unlabelled_count
 from monai_ad.errors import InputError
 from monai_ad.io import atomic_write, save_nifti, write_json
 from monai_ad.report import radiological
@@ -169,7 +170,7 @@ def prepare_liver_benchmark(
     if unlabelled_fraction > 0:
         if len(test) < 2:
             raise InputError(f"{len(test)} test patient(s) leave none to list as unlabelled; give more LiTS/MSD cases")
-        n_unlabelled = min(len(test) - 1, max(1, int(round(float(unlabelled_fraction) * len(test)))))
+        n_unlabelled = unlabelled_count(len(test), unlabelled_fraction)
         unlabelled, test = _split(test, [n_unlabelled / len(test), 1 - n_unlabelled / len(test)], rng)
 
     sections: dict[str, list[dict[str, Any]]] = {}
