@@ -112,9 +112,18 @@ def check_request(request: dict[str, Any], bundle_keys: set[str] | None = None, 
     return config_overrides(request, bundle_keys)
 
 
+def _train_config(bundle: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(bundle) / "configs" / "train.json").read_text())
+
+
+def bundle_detector(bundle: str | os.PathLike) -> type:
+    """The detector class the bundle's ``train.json`` builds."""
+    return detector_class(_train_config(bundle)["network_def"]["name"])
+
+
 def bundle_hyper_parameters(bundle: str | os.PathLike) -> set[str]:
     """The ``HYPER_PARAMETERS`` the bundle's detector takes (its constructor's parameters) and its pipeline has."""
-    config = json.loads((Path(bundle) / "configs" / "train.json").read_text())
+    config = _train_config(bundle)
     takes = set(inspect.signature(detector_class(config["network_def"]["name"]).__init__).parameters)
     keys = {f"network_def#{name}" for name in REQUEST_HPARAMS if name in takes}
     if isinstance(config.get("preprocessing_config"), dict):
@@ -154,9 +163,8 @@ class NormalStudiesTrain(TrainTask):
                 "(mark a study normal with image info {\"normal\": true} or an empty 'final' label, and save its liver mask with tag 'liver')"
             )
         sections = {"training": [{"image": s.image, "roi": s.roi} for s in normals]}
-        bundle_config = json.loads((self.bundle / "configs" / "train.json").read_text())
         unlabelled = []
-        if detector_class(bundle_config["network_def"]["name"]).uses_unlabelled:
+        if bundle_detector(self.bundle).uses_unlabelled:
             unlabelled = study_rules.unlabelled_studies(datastore, self.roi_dir)
             logger.info("[%s] %d studies not marked normal, as unlabelled studies: %s", self.name, len(unlabelled),
                         [s.image_id for s in unlabelled])  # fmt: skip
