@@ -56,10 +56,10 @@ def train(
     unlabelled_slices = None
     if unlabelled and not (detector.uses_unlabelled and use_unlabelled):
         logger.info("%s: the datalist's %d unlabelled studies are not used", detector.name, len(unlabelled))
-    elif unlabelled and distributed.shard(unlabelled):
+    elif unlabelled and (mine := distributed.shard(unlabelled)):
         try:  # studies a hospital has in abundance: one that cannot be read is left out, not the whole training
-            unlabelled_slices = collect_slices(distributed.shard(unlabelled), config, roi_labels, progress,
-                                               desc="unlabelled volumes", skip_unreadable=True)  # fmt: skip
+            unlabelled_slices = collect_slices(mine, config, roi_labels, progress, desc="unlabelled volumes",
+                                               skip_unreadable=True)  # fmt: skip
         except InputError as exc:
             logger.warning("%s: no unlabelled study could be used (%s); fitting on the normals only", detector.name, exc)
     valid_slices = functools.partial(collect_slices, validation, config, roi_labels, progress, desc="validation volumes")
