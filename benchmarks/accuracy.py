@@ -14,6 +14,10 @@ Data sets:
   calibrated on a contiguous slab of them (the third quarter of the liver's extent) that it was not fitted on.
   Metrics are computed per held-out scan and averaged over the folds.
 
+``--data alarms``: the conformal operating point (``monai-ad infer --false-alarm-rate``) measured: the false-alarm
+rate realised on held-out normal phantoms against the rate asked for, and the abnormal phantoms flagged at it
+(``false_alarms.py``).
+
 Per detector: slice AUROC; in-liver pixel AUROC; AUPRO up to FPR 0.3 inside the liver; Dice of the model's own
 label map (calibrated pixel threshold); lesion sensitivity at ≤ 1 false region per scan from the FROC sweep, for
 all lesions and for lesions of ≥ 10 mm equivalent diameter; false regions per scan and lesion sensitivity of the
@@ -50,6 +54,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REAL_CT, RESULTS, format_table, record, resolve  # noqa: E402
 from lesion_insertion import build_leave_one_out  # noqa: E402
+import false_alarms  # noqa: E402
 
 import monai_ad.postprocess as postprocess  # noqa: E402
 from monai_ad import evaluation, metrics  # noqa: E402
@@ -329,7 +334,10 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=[], metavar="JSON",
                         help="a training config (sample_configs/): its hparams and preprocessing replace its "
                              "detector's schedule here (e.g. sample_configs/synthetic_anomaly_gpu.json on a GPU)")
-    parser.add_argument("--data", nargs="+", choices=["phantoms", "real"], default=["phantoms", "real"])
+    parser.add_argument("--data", nargs="+", choices=["phantoms", "real", "alarms"], default=["phantoms", "real"],
+                        help="alarms: the false-alarm rate realised on held-out normal phantoms against the rate "
+                             "asked for (benchmarks/false_alarms.py; its options below)")
+    false_alarms.add_arguments(parser.add_argument_group("alarms"))
     parser.add_argument("--lesions", nargs="+", choices=list(REAL_TITLES), default=list(REAL_TITLES),
                         help="the lesion models inserted into the real scans (lesion_insertion.LESION_MODELS)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny phantoms, one lesion set, shortest schedules")
@@ -408,6 +416,14 @@ def main() -> None:
                     rows, ["detector", "fold", *[c for c in COLUMNS if c in KEYS], "normal slices flagged @cal"]))
                 tables.append(f"{title}, lesions by size, per held-out scan:\n\n" + format_table(
                     size_rows(results, per_fold=True), [SIZE_COLUMNS[0], "fold", *SIZE_COLUMNS[1:]]))
+        if "alarms" in args.data:
+            rows = []
+            for name in detectors:
+                print(f"[alarms] {name}", file=sys.stderr, flush=True)
+                own = detector_class(name).schedule("quick" if args.quick else "cpu")
+                schedule = configured.get(name, (own, {}))[0]
+                rows += false_alarms.measure(name, work / "alarms" / name, args, device, {**schedule, **extra_hparams.get(name, {})})
+            tables.append(f"**calibrated alarms** ({false_alarms.describe(args)})\n\n" + format_table(rows, false_alarms.COLUMNS))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -11,6 +11,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import pdist
 
 ANOMALY_LABEL = 1
 MIN_LESION_MM3 = 20.0  # smallest region kept in a label map by default (the CLI, bundles and app use it too)
@@ -43,8 +45,8 @@ def label_lesions(
     found by its core is outlined where its scores fall back to normal, and regions with no core are dropped.
 
     Returns the label map (uint8, ``ANOMALY_LABEL`` = 1 for anomaly) and the lesions, largest first, each with
-    its centroid in world coordinates (mm, the affine's space), voxel centroid, volume in mm³, peak score and
-    the range of voxel indices along the axial axis.
+    its centroid in world coordinates (mm, the affine's space), voxel centroid, volume in mm³, largest diameter
+    (mm, edge to edge), peak score and the range of voxel indices along the axial axis.
     """
     extent = threshold if extent_threshold is None else min(float(extent_threshold), threshold)
     above = heatmap >= extent
@@ -75,7 +77,9 @@ def label_lesions(
         volume = float(count) * voxel_mm3
         if volume < min_volume_mm3 or peak < threshold:
             continue
-        local_map[local][components[local] == i] = ANOMALY_LABEL
+        member_voxels = components[local] == i
+        local_map[local][member_voxels] = ANOMALY_LABEL
+        corner = offset + np.array([b.start for b in local], dtype=float)
         first, last = local[axis].start + box[axis].start, local[axis].stop - 1 + box[axis].start
         world = np.asarray(affine, dtype=float) @ np.append(np.asarray(centroid, dtype=float), 1.0)
         lesions.append(
@@ -83,6 +87,7 @@ def label_lesions(
                 "centroid_mm": [round(float(v), 3) for v in world[:3]],
                 "centroid_voxel": [round(float(v), 2) for v in centroid],
                 "volume_mm3": round(volume, 3),
+                "max_diameter_mm": round(max_diameter_mm(np.argwhere(member_voxels) + corner, affine), 2),
                 "peak_score": float(peak),
                 "slices": [int(first), int(last)],
             }
@@ -91,6 +96,31 @@ def label_lesions(
     for rank, lesion in enumerate(lesions, start=1):
         lesion["id"] = rank
     return label_map, lesions
+
+
+def max_diameter_mm(voxels: np.ndarray, affine: np.ndarray) -> float:
+    """The largest distance across a region (``voxels``: its ``[N, 3]`` voxel indices), in mm, edge to edge:
+    the farthest pair of voxel centres (on their convex hull) plus the width of one voxel along that line."""
+    world = np.asarray(voxels, dtype=float) @ np.asarray(affine, dtype=float)[:3, :3].T
+    if len(world) > 8:
+        try:
+            world = world[ConvexHull(world).vertices]
+        except QhullError:  # all in one plane or line: the centres themselves
+            pass
+    if len(world) > 1500:  # a flat region's every voxel: its extremes along 13 directions are enough
+        directions = np.array([[x, y, z] for x in (-1, 0, 1) for y in (-1, 0, 1) for z in (0, 1) if (z, y, x) > (0, 0, 0)])
+        projections = world @ directions.T.astype(float)
+        world = world[np.unique(np.concatenate([projections.argmin(0), projections.argmax(0)]))]
+    if len(world) < 2:
+        direction, length = np.array([1.0, 0.0, 0.0]), 0.0
+    else:
+        distances = pdist(world)
+        best = int(np.argmax(distances))
+        a, b = (index[best] for index in np.triu_indices(len(world), 1))
+        length = float(distances[best])
+        direction = (world[b] - world[a]) / length if length > 0 else np.array([1.0, 0.0, 0.0])
+    voxel_width = float(np.abs(direction @ np.asarray(affine, dtype=float)[:3, :3]).sum())
+    return length + voxel_width
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:

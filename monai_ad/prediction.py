@@ -23,6 +23,7 @@ from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
 from monai_ad import distributed
+from monai_ad.calibration import operating_point
 from monai_ad.data.datalists import case_name
 from monai_ad.detectors.base import AnomalyDetector
 from monai_ad.errors import InputError
@@ -69,7 +70,11 @@ class Predictor:
     thresholds apply unless overridden: ``pixel_threshold`` / ``slice_threshold`` (a pixel threshold set by hand
     also outlines regions at itself; the model's own outlines at its calibrated ``extent`` threshold),
     ``min_lesion_mm3`` (smallest region kept), ``roi_labels`` (the liver's value(s) in the ROI; default any
-    non-zero voxel), ``batch_size`` (slices per scoring batch).
+    non-zero voxel), ``batch_size`` (slices per scoring batch). ``false_alarm_rate`` instead sets both thresholds
+    for a target share of normal scans that raise an alarm, from the model's conformal calibration
+    (``monai_ad.calibration.operating_point``: the guarantee is stated in each summary's ``operating_point``).
+    Every summary carries the study score, conformal p-values (study, slice, region) when the model has a
+    conformal calibration, and warnings when the scan is unlike the model's normals (``monai_ad.calibration``).
 
     The stages are separate chains, in the order a volume goes through them: ``loading`` (read the files),
     ``preprocessing`` (to square axial slices, image and ROI as channels), ``inferer`` (score the slices),
@@ -87,24 +92,35 @@ class Predictor:
         min_lesion_mm3: float = MIN_LESION_MM3,
         batch_size: int = 32,
         device: str | torch.device | None = None,
+        false_alarm_rate: float | None = None,
     ):
         if not isinstance(model, AnomalyDetector):
             model = AnomalyDetector.load(model, device=resolve_device(None if device is None else str(device)))
         self.detector = model
         self.config = PreprocessConfig.from_dict(model.preprocessing or {"image_size": model.image_size})
         thresholds = model.thresholds or {}
+        self.operating_point = None
+        if false_alarm_rate is not None:
+            if pixel_threshold is not None or slice_threshold is not None:
+                raise InputError("give either a false-alarm rate or thresholds, not both")
+            if not (thresholds.get("conformal") or {}).get("study"):
+                raise InputError("the model has no conformal calibration (retrain it with this version): a false-alarm "
+                                 "rate cannot be set; give thresholds instead")  # fmt: skip
+            self.operating_point = operating_point(thresholds["conformal"], false_alarm_rate)
+            pixel_threshold, slice_threshold = self.operating_point["pixel"], self.operating_point["slice"]
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
         self.slice_threshold = slice_threshold if slice_threshold is not None else thresholds.get("slice")
         if self.pixel_threshold is None or self.slice_threshold is None:
             raise InputError("the model has no stored thresholds: give a pixel and a slice threshold")
         # a pixel threshold set by hand outlines regions at itself; the model's own, at its calibrated extent
-        self.extent_threshold = thresholds.get("extent") if pixel_threshold is None else None
+        self.extent_threshold = thresholds.get("extent") if pixel_threshold is None or self.operating_point else None
         self.min_lesion_mm3, self.roi_labels = min_lesion_mm3, roi_labels
         self.loading = build_loading()
         self.preprocessing = build_preprocessing(self.config, roi_labels, concat=True, loading=False)
         self.inferer = SliceAnomalyInferer(batch_size=batch_size, min_roi_pixels=self.config.min_roi_pixels)
         self.reassembly = build_reassembly(self.preprocessing)
-        self.labelling = build_labelling(self.pixel_threshold, self.slice_threshold, min_lesion_mm3, self.extent_threshold)
+        self.labelling = build_labelling(self.pixel_threshold, self.slice_threshold, min_lesion_mm3, self.extent_threshold,
+                                         thresholds.get("conformal"), thresholds.get("normal_profiles") or ())  # fmt: skip
 
     def pre_transforms(self) -> list:
         """Loading and pre-processing as one list of dictionary transforms (paths in, detector input out)."""
@@ -167,8 +183,10 @@ class Predictor:
             **source,
             "detector": self.detector.name,
             **data["anomaly_summary"],
-            "calibration": self.detector.thresholds,
+            "calibration": calibration_record(self.detector.thresholds),
         }
+        if self.operating_point is not None:
+            summary["operating_point"] = self.operating_point
         heatmap = data["heatmap"]
         result = VolumeResult(
             name,
@@ -185,6 +203,16 @@ class Predictor:
             with stage_timer(timings, "write"):
                 result.files = write_outputs(result, output_dir)
         return result
+
+
+def calibration_record(thresholds: dict[str, Any] | None) -> dict[str, Any]:
+    """A model's thresholds as a summary states them: the calibration scans' figures counted, not listed."""
+    record = {k: v for k, v in (thresholds or {}).items() if k not in ("conformal", "normal_profiles")}
+    if (thresholds or {}).get("conformal"):
+        record["conformal_scans"] = int(thresholds["conformal"].get("n_scans") or len(thresholds["conformal"]["study"]))
+    if (thresholds or {}).get("normal_profiles"):
+        record["normal_profiles"] = len(thresholds["normal_profiles"])
+    return record
 
 
 @contextlib.contextmanager

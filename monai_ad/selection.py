@@ -35,7 +35,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from monai_ad.data.datalists import LESION_LABEL, load_datalist, roi_source
-from monai_ad.data.slices import collect_slices
+from monai_ad.data.slices import collect_slices, concat_slices
 from monai_ad.errors import InputError
 from monai_ad.io import atomic_path, write_json
 from monai_ad.postprocess import axial_axis
@@ -194,7 +194,7 @@ class _SliceCache:
                 config = self.config(image_size)
                 self._slices[key] = collect_slices([item], config, self.roi_labels, progress=False)
             parts.append(self._slices[key])
-        return {k: torch.cat([p[k] for p in parts]) for k in ("image", "roi")}
+        return concat_slices(parts)
 
 
 def _volume_slice_scores(predictor: Predictor, item: Mapping[str, Any], abnormal: bool):

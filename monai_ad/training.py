@@ -10,11 +10,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from monai_ad import distributed
-from monai_ad.data.datalists import load_datalist, load_unlabelled
+from monai_ad.calibration import calibrate_on_scans
+from monai_ad.data.datalists import load_datalist, load_unlabelled, roi_source
 from monai_ad.data.slices import SliceBatches, collect_slices
 from monai_ad.detectors.base import AnomalyDetector, create_detector, detector_class
 from monai_ad.errors import InputError
-from monai_ad.transforms.pipeline import PreprocessConfig
+from monai_ad.transforms.pipeline import IMAGE, PreprocessConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ def train(
     never read it.
 
     The operating thresholds allow about ``false_regions_per_scan`` false alarms per normal validation scan
-    (``AnomalyDetector.calibrate``); ``quantile`` sets them as a plain quantile of normal slices instead."""
+    (``AnomalyDetector.calibrate``); ``quantile`` sets them as a plain quantile of normal slices instead. The
+    validation scans are then read whole, as inference reads a scan, for the conformal calibration behind p-values
+    and operating points at a target false-alarm rate (``monai_ad.calibration.calibrate_on_scans``)."""
     kind = type(detector) if isinstance(detector, AnomalyDetector) else detector_class(detector)
     config = detector_preprocessing(kind, preprocessing)
     detector = detector_for(detector, config, hparams).to(resolve_device(device))
@@ -68,6 +71,11 @@ def train(
         false_regions_per_scan=false_regions_per_scan, n_scans=len(validation), progress=progress,
         unlabelled_slices=unlabelled_slices,
     )  # fmt: skip
+    if validation and distributed.is_main_process():  # the held-out normal scans once more, whole, as inference reads them
+        from monai_ad.prediction import Predictor
+
+        scans = [(item[IMAGE], roi_source(item)) for item in validation]
+        detector.thresholds["conformal"] = calibrate_on_scans(Predictor(detector, roi_labels=roi_labels), scans, progress)
     if distributed.is_main_process():
         detector.save(output)
     distributed.barrier()
@@ -112,7 +120,8 @@ def fit_and_calibrate(
 ) -> AnomalyDetector:
     """The one fitting path (``train``, ``select``, the bundles, the app and the benchmarks): fit on the normal
     ``train_slices`` with the pipeline settings that made them, then set the operating thresholds on the
-    held-out normal ``valid_slices`` (or a function that collects them, called after fitting). ``unlabelled_slices``
+    held-out normal ``valid_slices`` (or a function that collects them, called after fitting), and keep the
+    ``scan_profiles`` of both (``collect_slices``) as the model's ``normal_profiles``. ``unlabelled_slices``
     (slices of unlabelled studies) go to a detector that learns from them (``AnomalyDetector.uses_unlabelled``)."""
     logger.info("fitting %s on %d normal slices", detector.name, train_slices["image"].shape[0])
     batch_size = int(detector.hparams.get("batch_size", 16))
@@ -127,6 +136,9 @@ def fit_and_calibrate(
         SliceBatches(valid, batch_size=32), quantile=quantile,
         false_regions_per_scan=false_regions_per_scan, n_scans=n_scans,
     )  # fmt: skip
+    profiles = [*train_slices.get("scan_profiles", []), *valid.get("scan_profiles", [])]
+    if profiles:  # what the normals' scans are like, for warnings on scans unlike them (monai_ad.calibration)
+        detector.thresholds["normal_profiles"] = profiles
     return detector
 
 

@@ -62,6 +62,7 @@ def predict_options(args: argparse.Namespace) -> dict[str, Any]:
         "roi_labels": roi_labels(args.roi_label),
         "pixel_threshold": args.threshold,
         "slice_threshold": args.slice_threshold,
+        "false_alarm_rate": args.false_alarm_rate,
         "min_lesion_mm3": MIN_LESION_MM3 if args.min_lesion_mm3 is None else args.min_lesion_mm3,
         "device": args.device,
     }
@@ -81,7 +82,10 @@ def cmd_infer(args: argparse.Namespace) -> None:
     results = infer(predictor, images, rois, args.out, progress=not args.quiet)
     for result in results:
         s = result.summary
-        print(f"{result.case}: {len(s['abnormal_slices'])} abnormal slice(s), {len(s['lesions'])} region(s)")
+        p_value = "" if s.get("p_value") is None else f", p = {s['p_value']:.3g} against {s['conformal']['n_calibration_scans']} normal scans"
+        print(f"{result.case}: {len(s['abnormal_slices'])} abnormal slice(s), {len(s['lesions'])} region(s){p_value}")
+        for warning in s.get("warnings", []):
+            print(f"  warning: {warning}")
         for kind, path in result.files.items():
             print(f"  {kind}: {path}")
 

@@ -26,6 +26,10 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--roi-label", type=int, action="append", help="label value(s) of the liver in the mask (default: any non-zero; 5 for TotalSegmentator)")
     p.add_argument("--threshold", type=float, help="pixel threshold for the label map (default: the model's calibrated one)")
     p.add_argument("--slice-threshold", type=float, help="slice-score threshold for abnormal slices (default: the model's)")
+    p.add_argument("--false-alarm-rate", type=float, metavar="RATE",
+                   help="instead of thresholds: the share of normal studies allowed to raise an alarm (e.g. 0.05); both "
+                        "thresholds come from the model's conformal calibration on held-out normal scans, which "
+                        "guarantees at most that share (needs at least 1/RATE - 1 calibration scans)")
     p.add_argument("--min-lesion-mm3", type=float, help=_LazyHelp("smallest region kept in the label map (mm³; default {min_lesion_mm3})"))
 
 

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from monai_ad.data.datalists import LESION_LABEL, roi_source
 from monai_ad.errors import InputError
-from monai_ad.transforms.pipeline import IMAGE, ROI, PreprocessConfig, build_preprocessing, require_roi, run_pipeline
+from monai_ad.transforms.pipeline import IMAGE, ROI, SCAN_PROFILE, PreprocessConfig, build_preprocessing, require_roi, run_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +24,17 @@ def collect_slices(
     lesions: bool = False,
     skip_unreadable: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The scored axial slices of several volumes: ``{"image": [N,1,S,S] float16, "roi": [N,1,S,S] bool}``,
-    with ``lesions``: also ``"lesion"`` ([N,1,S,S] bool, label ``LESION_LABEL`` of each item's ``label``) and
-    ``"case"`` ([N] index of the item each slice comes from).
+    """The scored axial slices of several volumes: ``{"image": [N,1,S,S] float16, "roi": [N,1,S,S] bool,
+    "case": [N] index of the item each slice comes from}``, ``"scan_profiles"`` (one ``ScanProfile`` per volume
+    collected, in order), and with ``lesions`` also ``"lesion"`` ([N,1,S,S] bool, label ``LESION_LABEL`` of each
+    item's ``label``).
 
     Slices are kept in half precision (windowed intensities in [0, 1] lose nothing a detector sees).
     With ``skip_unreadable`` (a pile of unlabelled studies), a volume the pipeline refuses is logged with its
     one-line reason and left out instead of stopping the collection.
     """
     pipeline = build_preprocessing(config, roi_labels, mask_keys=["label"] if lesions else ())
-    images, rois, lesion_masks, cases = [], [], [], []
+    images, rois, lesion_masks, cases, profiles = [], [], [], [], []
     for index, item in enumerate(tqdm(items, desc=desc, disable=not progress, unit="volume")):
         inputs = {"label": item["label"]} if lesions else {}
         if lesions and not item.get("label"):
@@ -51,15 +52,32 @@ def collect_slices(
         keep = roi.flatten(0, 2).sum(0) >= config.min_roi_pixels
         images.append(img[..., keep].permute(3, 0, 1, 2).half())
         rois.append(roi[..., keep].permute(3, 0, 1, 2))
+        cases.append(torch.full((int(keep.sum()),), index))
+        if data.get(SCAN_PROFILE):
+            profiles.append(data[SCAN_PROFILE])
         if lesions:
             lesion_masks.append((data["label"].as_tensor() == LESION_LABEL)[..., keep].permute(3, 0, 1, 2))
-            cases.append(torch.full((int(keep.sum()),), index))
     image = torch.cat(images) if images else torch.zeros(0)
     if image.shape[0] == 0:
         raise InputError("no slice of the given volumes contains enough of the liver ROI")
-    out = {"image": image, "roi": torch.cat(rois)}
+    out = {"image": image, "roi": torch.cat(rois), "case": torch.cat(cases), "scan_profiles": profiles}
     if lesions:
-        out.update({"lesion": torch.cat(lesion_masks), "case": torch.cat(cases)})
+        out["lesion"] = torch.cat(lesion_masks)
+    return out
+
+
+def concat_slices(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several ``collect_slices`` results as one: tensors stacked, each part's scans numbered after the last's."""
+    out: dict[str, Any] = {k: torch.cat([p[k] for p in parts]) for k in ("image", "roi")}
+    offsets, cases = 0, []
+    for part in parts:
+        case = part.get("case")
+        if case is None:
+            return out  # a part without scan indices: none for the whole
+        cases.append(case + offsets)
+        offsets += int(case.max()) + 1 if case.numel() else 0
+    out["case"] = torch.cat(cases)
+    out["scan_profiles"] = [profile for part in parts for profile in part.get("scan_profiles", [])]
     return out
 
 
@@ -78,4 +96,7 @@ class SliceBatches:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            yield {"image": self.slices["image"][idx].float(), "roi": self.slices["roi"][idx]}
+            batch = {"image": self.slices["image"][idx].float(), "roi": self.slices["roi"][idx]}
+            if self.slices.get("case") is not None:
+                batch["case"] = self.slices["case"][idx]
+            yield batch

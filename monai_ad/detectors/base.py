@@ -177,6 +177,9 @@ class AnomalyDetector(nn.Module, ABC):
     # ``fit(..., unlabelled=...)`` then hands them to its ``_fit`` as a keyword ``unlabelled`` (re-iterable batches,
     # or None when there are none), and ``monai_ad.training.train`` reads a datalist's ``unlabelled`` section for it
     uses_unlabelled: ClassVar[bool] = False
+    # a detector with a memory of normal features (PatchCore, PaDiM) sets this and implements ``remember_normal``:
+    # a radiologist's erased false positive becomes normal memory at once, without retraining
+    learns_from_corrections: ClassVar[bool] = False
 
     @classmethod
     def schedule(cls, name: str = "cpu") -> dict[str, Any]:
@@ -315,6 +318,15 @@ class AnomalyDetector(nn.Module, ABC):
             raise InputError(
                 f"the {self.name} detector takes slices [B, {channels}, {size}, {size}], got {tuple(image.shape)}"
             )
+
+    def remember_normal(
+        self, image: torch.Tensor, roi: torch.Tensor | None, mask: torch.Tensor, avoid: torch.Tensor | None = None
+    ) -> int:
+        """Learn that the pixels under ``mask`` (``[B, 1, H, W]``) of these slices are normal, keeping away from
+        ``avoid`` (e.g. a lesion the radiologist kept); returns how many features were added. Only detectors
+        with a memory of normal features (``learns_from_corrections``) can."""
+        raise InputError(f"{self.name} has no memory of normal features to add a correction to (it learns from "
+                         "corrections through its threshold)")  # fmt: skip
 
     @abstractmethod
     def _score(self, image: torch.Tensor, roi: torch.Tensor | None) -> SliceScores:

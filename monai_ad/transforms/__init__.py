@@ -12,6 +12,7 @@ from monai_ad.transforms.array import (
     MaskOutsideROI,
     NormalizeLiverHU,
     PadToSquare,
+    ScanProfile,
     SelectROI,
     axial_slices,
     stack_axial_slices,
@@ -26,6 +27,7 @@ from monai_ad.transforms.dictionary import (
     MaskOutsideROId,
     NormalizeLiverHUd,
     PadToSquared,
+    ScanProfiled,
     SelectROId,
 )
 from monai_ad.transforms.pipeline import (

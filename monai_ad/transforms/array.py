@@ -579,3 +579,29 @@ class CheckLiverROI(Transform):
                     path,
                 )
         return roi
+
+
+class ScanProfile(Transform):
+    """What a scan is, in the terms that make a detector's normals comparable to it: the liver's typical HU and
+    spread (its histogram's mode, which tumour burden does not move: :func:`liver_level`), the liver's volume and
+    its extent along the last (axial, after RAS orientation) axis, and the voxel spacing. Read once per scan
+    before any intensity or spatial change, stored with a model for its normals and compared at inference
+    (``monai_ad.calibration.profile_warnings``). Returns the profile; changes nothing."""
+
+    max_voxels = 400_000  # the liver level from a regular subsample: the same figure to a fraction of a HU
+
+    def __call__(self, image: torch.Tensor, roi: torch.Tensor) -> dict[str, float | list[float]]:
+        inside = _plain(roi)[0] > 0
+        values = _plain(image)[0][inside.to(_plain(image).device)]
+        if values.numel() > self.max_voxels:
+            values = values[:: values.numel() // self.max_voxels]
+        level, spread = liver_level(values, "mode") if values.numel() else (float("nan"), float("nan"))
+        spacing = [float(v) for v in pixdim(roi)[:3]]
+        slices_with_liver = int(inside.flatten(0, -2).any(0).sum())
+        return {
+            "liver_hu": round(float(level), 2),
+            "liver_spread_hu": round(float(spread), 2),
+            "liver_ml": round(int(inside.sum()) * float(np.prod(spacing)) / 1000.0, 1),
+            "liver_extent_mm": round(slices_with_liver * spacing[2], 1),
+            "spacing_mm": [round(v, 4) for v in spacing],
+        }

@@ -26,6 +26,7 @@ from monai_ad.transforms.array import (
     NormalizeLiverHU,
     NormalizeLiverSpread,
     PadToSquare,
+    ScanProfile,
     SelectROI,
 )
 
@@ -211,3 +212,18 @@ class NormalizeLiverSpreadd(_Applyd):
                  spread: str = "level", allow_missing_keys: bool = False):  # fmt: skip
         super().__init__(keys, allow_missing_keys)
         self.transform, self.roi_key = NormalizeLiverSpread(reference_mad_hu, level, spread), roi_key
+
+
+class ScanProfiled(MapTransform):
+    """``ScanProfile`` of the image ``keys`` inside ``roi_key``'s liver, stored as ``profile_key``; the items
+    themselves are left as they are."""
+
+    def __init__(self, keys: KeysCollection, roi_key: str = "roi", profile_key: str = "scan_profile", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform, self.roi_key, self.profile_key = ScanProfile(), roi_key, profile_key
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.profile_key] = self.transform(d[key], d[self.roi_key])
+        return d

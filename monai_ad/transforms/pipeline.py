@@ -25,6 +25,7 @@ from monai.transforms import (
     Spacingd,
 )
 
+from monai_ad.calibration import CalibratedSummaryd
 from monai_ad.errors import InputError
 from monai_ad.io import NiftiReader, unreadable_message
 from monai_ad.postprocess import HEATMAP_CHANNEL, MIN_LESION_MM3, AnomalyOutputsd
@@ -47,11 +48,13 @@ from monai_ad.transforms.dictionary import (
     NormalizeLiverHUd,
     NormalizeLiverSpreadd,
     PadToSquared,
+    ScanProfiled,
     SelectROId,
 )
 
 IMAGE, ROI, PRED = "image", "roi", "pred"
 ROI_SOURCE = "roi_source"  # the liver mask in the scan's own geometry, for the way back
+SCAN_PROFILE = "scan_profile"  # the scan's liver HU, spacing and extent (``ScanProfile``), read before any change
 
 
 @dataclass
@@ -226,7 +229,7 @@ def build_preprocessing(
 
     Output: ``image`` and ``roi`` as ``[1, S, S, Z]`` (RAS; axial slices along the last axis; S =
     ``config.image_size``), the image windowed to ``[0, 1]``, and ``roi_source``: the liver mask in the scan's own
-    geometry. ``roi_labels`` selects the liver in the mask
+    geometry, and ``scan_profile`` (``ScanProfile``: liver HU, spacing, extent, as read). ``roi_labels`` selects the liver in the mask
     (default: any non-zero label, which suits LiTS-style 1 liver / 2 lesion labels; 5 for TotalSegmentator).
     ``mask_keys`` name further label maps in the scan's geometry (e.g. lesion labels) that follow the ROI through
     every spatial step (nearest-neighbour), so they line up with the slices.
@@ -244,6 +247,7 @@ def build_preprocessing(
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         CheckSameGeometryd(masks, ref_key=IMAGE),  # after re-orientation: the same grid stored in another axis order is fine
         CheckLiverROId(ROI, image_key=IMAGE),  # a liver's volume, not the body
+        ScanProfiled(IMAGE, roi_key=ROI, profile_key=SCAN_PROFILE),
         CropROId(keys, source_key=ROI, margin_mm=cfg.margin_mm),
     ]
     if cfg.normalize_liver_hu is not None:
@@ -292,11 +296,18 @@ def build_labelling(
     slice_threshold: float,
     min_lesion_mm3: float = MIN_LESION_MM3,
     extent_threshold: float | None = None,
+    conformal: Mapping[str, Any] | None = None,
+    normal_profiles: Sequence[Mapping[str, Any]] = (),
 ) -> Compose:
     """Heatmap, label map and summary from the reassembled ``pred`` (``AnomalyOutputsd``: regions found at
-    ``pixel_threshold``, outlined at ``extent_threshold`` when given)."""
+    ``pixel_threshold``, outlined at ``extent_threshold`` when given), then what the model's normals say about it
+    (``CalibratedSummaryd``: study score, conformal p-values against ``conformal``, warnings against
+    ``normal_profiles``)."""
     return Compose(
-        [AnomalyOutputsd(PRED, ROI_SOURCE, pixel_threshold, slice_threshold, min_lesion_mm3, extent_threshold=extent_threshold)]
+        [
+            AnomalyOutputsd(PRED, ROI_SOURCE, pixel_threshold, slice_threshold, min_lesion_mm3, extent_threshold=extent_threshold),
+            CalibratedSummaryd(PRED, ROI_SOURCE, conformal, normal_profiles, profile_key=SCAN_PROFILE),
+        ]
     )
 
 
@@ -306,10 +317,12 @@ def build_postprocessing(
     slice_threshold: float,
     min_lesion_mm3: float = MIN_LESION_MM3,
     extent_threshold: float | None = None,
+    conformal: Mapping[str, Any] | None = None,
+    normal_profiles: Sequence[Mapping[str, Any]] = (),
 ) -> Compose:
     """``build_reassembly`` then ``build_labelling``, as one chain."""
     reassembly = build_reassembly(preprocessing)
-    labelling = build_labelling(pixel_threshold, slice_threshold, min_lesion_mm3, extent_threshold)
+    labelling = build_labelling(pixel_threshold, slice_threshold, min_lesion_mm3, extent_threshold, conformal, normal_profiles)
     return Compose([*reassembly.transforms, *labelling.transforms])
 
 

@@ -8,8 +8,10 @@ lesions in the result params. Registered as a segmentation task, so the 3D Slice
 segment from ``label_names``.
 
 Request params (all optional; Slicer shows them as the model's config): ``pixel_threshold`` and
-``slice_threshold`` (empty: the model's stored operating point), ``min_lesion_mm3``, ``roi_label`` (the liver's
-value in the ROI; empty: any non-zero voxel).
+``slice_threshold`` (empty: the model's stored operating point), or ``false_alarm_rate`` (the share of normal
+studies allowed to raise an alarm: the thresholds from the model's conformal calibration), ``min_lesion_mm3``,
+``roi_label`` (the liver's value in the ROI; empty: any non-zero voxel). The result holds the study score, its
+conformal p-value, each region's p-value and diameter, and warnings when the study is unlike the model's normals.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monai_ad.detectors.base import AnomalyDetector
 from monai_ad.errors import InputError
 from monai_ad.postprocess import MIN_LESION_MM3
-from monai_ad.prediction import Predictor
+from monai_ad.prediction import Predictor, calibration_record
 from monai_ad.settings import Range, check_setting
 
 from lib.studies import ANOMALY_NAMES
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 PREDICTOR = "_anomaly_predictor"  # the request's predictor, carried in the data dict between stages
 BUNDLE_SETTINGS = ("roi_labels", "min_lesion_mm3", "batch_size")  # what a bundle's inference.json may set
-OPTIONS = {"pixel_threshold": "", "slice_threshold": "", "min_lesion_mm3": MIN_LESION_MM3, "roi_label": ""}
+OPTIONS = {"pixel_threshold": "", "slice_threshold": "", "false_alarm_rate": "", "min_lesion_mm3": MIN_LESION_MM3, "roi_label": ""}
 
 
 # the request options' accepted values: thresholds are heatmap scores (any finite number; a client may set one far
@@ -47,6 +49,7 @@ OPTIONS = {"pixel_threshold": "", "slice_threshold": "", "min_lesion_mm3": MIN_L
 OPTION_RANGES = {
     "pixel_threshold": Range(-1e12, 1e12),
     "slice_threshold": Range(-1e12, 1e12),
+    "false_alarm_rate": Range(1e-6, 0.999),  # a share of normal studies: the conformal operating point instead of thresholds
     "min_lesion_mm3": Range(0.0, 1e7),
     "roi_label": Range(0, 65535, integer=True),
 }
@@ -180,7 +183,7 @@ class AnomalyInfer(BasicInferTask):
             "detector": network.name,
             "bundle": self.bundle.name,
             "model": {"path": str(self.get_path()), "modified": os.path.getmtime(self.get_path())},
-            "operating_point": network.thresholds,
+            "operating_point": {**calibration_record(network.thresholds), **(predictor.operating_point or {})},
         }
         # the label map without its channel: MONAI Label's writer expects a 3-D array
         return [*predictor.post_transforms(), SummaryToResultd(extra=extra), SqueezeDimd(self.output_label_key, dim=0)]
