@@ -14,6 +14,10 @@ Data sets:
   calibrated on a contiguous slab of them (the third quarter of the liver's extent) that it was not fitted on.
   Metrics are computed per held-out scan and averaged over the folds.
 
+A detector that learns from unlabelled studies (``ddad``) gets each fold's test scans as its ``unlabelled``
+section, images and liver masks without labels (``with_test_as_unlabelled``), as the MONAI Label app trains it on
+every study not marked normal.
+
 ``--data alarms``: the conformal operating point (``monai-ad infer --false-alarm-rate``) measured: the false-alarm
 rate realised on held-out normal phantoms against the rate asked for, and the abnormal phantoms flagged at it
 (``false_alarms.py``).
@@ -65,7 +69,7 @@ from monai_ad.detectors.base import detector_class  # noqa: E402
 from monai_ad.errors import InputError  # noqa: E402
 from monai_ad.postprocess import axial_axis  # noqa: E402
 
-from monai_ad.data.datalists import load_datalist  # noqa: E402
+from monai_ad.data.datalists import load_datalist, roi_source  # noqa: E402
 from monai_ad.prediction import Predictor  # noqa: E402
 from monai_ad.training import train  # noqa: E402
 
@@ -129,14 +133,31 @@ def calibration_quantile(false_regions_per_scan: float, slices_per_scan: float) 
     return float(min(max(1.0 - false_regions_per_scan / slices_per_scan, 0.5), 1.0))
 
 
+def with_test_as_unlabelled(datalist: Path, out: Path) -> Path:
+    """The fold's datalist with an ``unlabelled`` section holding its test scans without their labels (image and
+    liver mask): a detector that learns from unlabelled studies (DDAD) sees the scans it will read, as the MONAI
+    Label app trains it on every study not marked normal; the labels stay with the evaluation."""
+    content = json.loads(Path(datalist).read_text())
+    base = Path(datalist).parent
+    unlabelled = [{"image": str(base / item["image"]), "roi": str(base / roi_source(item))} for item in content["test"]]
+    out.write_text(json.dumps({**{k: v for k, v in content.items() if k not in ("training", "validation", "test")},
+                               **{k: [{**i, **{f: str(base / i[f]) for f in ("image", "label", "roi") if i.get(f)}}
+                                      for i in content.get(k, [])] for k in ("training", "validation", "test")},
+                               "unlabelled": unlabelled}, indent=1))  # fmt: skip
+    return out
+
+
 # ----------------------------------------------------------------------------- one detector on one fold
 def run_fold(name: str, hparams: dict, preprocessing: dict, fold: dict, work: Path, device, fa_rate: float,
              keep_cases: bool = False) -> dict:
     """Fit and calibrate ``name`` on the fold, score its test scans, and measure; with ``keep_cases``, the
     per-scan maps behind the figures are returned too (``cases``: one dict per test scan)."""
     quantile = calibration_quantile(fa_rate, fold["slices_per_scan"])
+    datalist = fold["datalist"]
+    if detector_class(name).uses_unlabelled:
+        datalist = with_test_as_unlabelled(datalist, work / "datalist_unlabelled.json")
     start = time.perf_counter()
-    detector = train(name, fold["datalist"], work / f"{name}.pt", hparams=hparams, preprocessing=preprocessing,
+    detector = train(name, datalist, work / f"{name}.pt", hparams=hparams, preprocessing=preprocessing,
                      quantile=quantile, device=str(device), progress=False)  # fmt: skip
     train_s = time.perf_counter() - start
     predictor = Predictor(detector, device=str(device), min_lesion_mm3=MIN_LESION_MM3)

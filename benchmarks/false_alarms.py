@@ -17,6 +17,7 @@ exchangeable given the fitted model.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -65,6 +66,10 @@ def measure(name: str, work: Path, args, device, hparams: dict | None = None) ->
     rng = np.random.default_rng(args.seed)
     rows = []
     for rate in args.rates:
+        if rate * (args.calibration + 1) < 1:
+            rows.append({"detector": name, "rate asked": rate, "calibration scans": args.calibration,
+                         "bounds": f"needs {math.ceil(1 / rate - 1 - 1e-9)} calibration scans"})  # fmt: skip
+            continue
         study_far, region_far, sensitivity, region_sensitivity = [], [], [], []
         for _ in range(args.splits):
             order = rng.permutation(len(normals))
