@@ -148,18 +148,23 @@ def write_series(datasets: Sequence, out_dir: str | os.PathLike) -> list[Path]:
 
 def ingest_series(folder: str | os.PathLike, dicomweb_url: str, repaired_dir: str | os.PathLike | None = None) -> SeriesUIDs:
     """Repair a series' UIDs and store it through DICOMweb STOW-RS (``<url>/studies``); returns its UIDs."""
-    from dicomweb_client.api import DICOMwebClient
-
     datasets = read_series(folder)
     uids = repair_uids(datasets)
     if repaired_dir is not None:
         write_series(datasets, repaired_dir)
+    store_datasets(datasets, dicomweb_url, "the series")
+    return uids
+
+
+def store_datasets(datasets: Sequence, dicomweb_url: str, what: str = "the DICOM objects") -> None:
+    """Store datasets through DICOMweb STOW-RS (``<url>/studies``); a one-line ``InputError`` when it fails."""
+    from dicomweb_client.api import DICOMwebClient
+
     client = DICOMwebClient(url=dicomweb_url.rstrip("/"))
     try:
         client.store_instances(datasets=list(datasets))
     except Exception as exc:
-        raise InputError(f"storing the series failed ({type(exc).__name__}: {str(exc)[:200]})", dicomweb_url) from None
-    return uids
+        raise InputError(f"storing {what} failed ({type(exc).__name__}: {str(exc)[:200]})", dicomweb_url) from None
 
 
 # ----------------------------------------------------------------------------- a local Orthanc

@@ -9,13 +9,14 @@ and label map whichever way it comes in.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -234,11 +235,13 @@ def stage_timer(timings: dict[str, float] | None, stage: str, device: torch.devi
 
 
 def write_outputs(result: VolumeResult, output_dir: str | os.PathLike) -> dict[str, str]:
-    """Heatmap and label map as NIfTI in the input's geometry, and the JSON summary; all or nothing."""
+    """Heatmap and label map as NIfTI in the input's geometry, and the JSON summary; all or nothing. The label
+    map's name ends in ``-label`` so that 3D Slicer loads it as a label map (its volume loader keys on the words
+    "label" / "seg" in a file's base name)."""
     out = Path(output_dir)
     files = {
         "heatmap": out / f"{result.case}_heatmap.nii.gz",
-        "label_map": out / f"{result.case}_anomaly.nii.gz",
+        "label_map": out / f"{result.case}_anomaly-label.nii.gz",
         "summary": out / f"{result.case}_summary.json",
     }
     summary = {**result.summary, "files": {k: str(v) for k, v in files.items()}}
@@ -260,6 +263,7 @@ def infer(
     output_dir: str | os.PathLike,
     progress: bool = True,
     prefetch: bool = True,
+    on_result: Callable[[VolumeResult], None] | None = None,
     **options: Any,
 ) -> list[VolumeResult]:
     """Read many volumes and write each one's outputs as soon as it is done.
@@ -267,18 +271,22 @@ def infer(
     ``model``: a ``Predictor``, or a model to build one from (``options``: its overrides by name). Volumes
     stream: while one is scored, the next is loaded and pre-processed in a background thread, and only the
     summaries are kept (the returned results carry no arrays). Under torch.distributed (torchrun) each process
-    reads its share of the volumes and the returned list holds this process's results.
+    reads its share of the volumes and the returned list holds this process's results. ``on_result`` is called
+    with each result while it still holds its arrays (and the image and liver mask as read: ``keep_inputs``).
     """
     predictor = _predictor(model, options)
+    prepare = functools.partial(predictor.prepare, keep_inputs=on_result is not None)
     cases = distributed.shard(list(zip(images, rois)))
     results = []
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for i, (image, roi) in enumerate(tqdm(cases, desc="inference", disable=not progress, unit="volume")):
-            data = pending.result() if pending is not None else predictor.prepare(image, roi)
-            pending = pool.submit(predictor.prepare, *cases[i + 1]) if prefetch and i + 1 < len(cases) else None
+            data = pending.result() if pending is not None else prepare(image, roi)
+            pending = pool.submit(prepare, *cases[i + 1]) if prefetch and i + 1 < len(cases) else None
             result = predictor.finish(data, output_dir, name=case_name(image))
-            result.heatmap = result.label_map = None
+            if on_result is not None:
+                on_result(result)
+            result.heatmap = result.label_map = result.image = result.roi = None
             results.append(result)
     return results
 

@@ -11,6 +11,7 @@ Rendering uses matplotlib's Agg canvas directly (no pyplot state, no display); t
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from monai_ad.io import atomic_write
 
-__all__ = ["MontageItem", "ScoreCurve", "radiological", "select_most_abnormal", "render_report"]
+__all__ = ["MontageItem", "ScoreCurve", "radiological", "select_most_abnormal", "render_report", "render_montage", "montage_png"]
 
 GT_COLOUR = "#00e5ff"  # cyan, solid
 PRED_COLOUR = "#7dff4f"  # light green, dashed
@@ -203,7 +204,8 @@ def _draw_tile(ax, item: MontageItem, heat_range: tuple[float, float], crop: boo
         spine.set_visible(False)
 
 
-def _draw_montage(subfig, montage: Sequence[MontageItem], heat_range, crop: bool) -> None:
+def _draw_montage(subfig, montage: Sequence[MontageItem], heat_range, crop: bool,
+                  heading: str = "most abnormal slices (radiological view: anterior up, patient's right on the left)") -> None:
     cols = _montage_columns(len(montage))
     rows = math.ceil(len(montage) / cols)
     axes = subfig.subplots(rows, cols, squeeze=False)
@@ -215,13 +217,12 @@ def _draw_montage(subfig, montage: Sequence[MontageItem], heat_range, crop: bool
     bar = subfig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6 if rows > 1 else 0.85, aspect=30, pad=0.01)
     bar.set_label(f"anomaly score (overlay hidden below {heat_range[0]:.3g})", fontsize=10)
     bar.ax.tick_params(labelsize=9)
-    handles = [
-        Line2D([], [], color=GT_COLOUR, lw=2, label="lesion (ground truth)"),
-        Line2D([], [], color=PRED_COLOUR, lw=2, ls="--", label="predicted anomaly"),
-    ]
-    subfig.legend(handles=handles, loc="outside upper right", ncols=2, fontsize=10, frameon=False)
+    handles = [Line2D([], [], color=PRED_COLOUR, lw=2, ls="--", label="predicted anomaly")]
+    if any(item.gt is not None for item in montage):  # an unlabelled scan has no ground truth to name
+        handles.insert(0, Line2D([], [], color=GT_COLOUR, lw=2, label="lesion (ground truth)"))
+    subfig.legend(handles=handles, loc="outside upper right", ncols=len(handles), fontsize=10, frameon=False)
     subfig.suptitle(
-        "most abnormal slices (radiological view: anterior up, patient's right on the left)",
+        heading,
         fontsize=12,
         x=0.01,
         ha="left",
@@ -380,3 +381,45 @@ def render_report(
     _draw_curves(curve_ax, curves, slice_threshold)
     _draw_roc(roc_ax, roc, slice_threshold)
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, facecolor="white"))
+
+
+def _montage_figure(montage: list[MontageItem], heat_range: tuple[float, float] | None, title: str, crop: bool, width_in: float) -> Figure:
+    if not montage:
+        raise ValueError("a montage needs at least one slice")
+    for item in montage:
+        _validate(item)
+    lo, hi = (float(v) for v in (heat_range or _default_heat_range(montage)))
+    cols = _montage_columns(len(montage))
+    rows = math.ceil(len(montage) / cols)
+    tile_in = (width_in - 1.4) / cols
+    height = rows * (min(tile_in, 4.6) + 0.45) + 0.6 + (0.5 if title else 0.0)
+    fig = Figure(figsize=(width_in, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    if title:
+        fig.suptitle(title, fontsize=15 if width_in >= 10 else 11, fontweight="bold")
+    narrow = {} if width_in >= 10 else {"heading": "radiological view"}  # the full heading would not fit
+    _draw_montage(fig.subfigures(1, 1), montage, (lo, hi if hi > lo else lo + 1e-6), crop, **narrow)
+    return fig
+
+
+def render_montage(
+    path: str | os.PathLike,
+    montage: list[MontageItem],
+    heat_range: tuple[float, float] | None = None,
+    title: str = "",
+    crop: bool = True,
+    width_in: float = WIDTH_IN,
+) -> Path:
+    """Write the montage alone as a PNG (``width_in`` × 100 px wide), drawn as :func:`render_report` draws it:
+    the picture of a scan without labels (no curves against ground truth, no ROC). Written atomically."""
+    fig = _montage_figure(montage, heat_range, title, crop, width_in)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, facecolor="white"))
+
+
+def montage_png(
+    montage: list[MontageItem], heat_range: tuple[float, float] | None = None, title: str = "", crop: bool = True, width_in: float = 6.0
+) -> bytes:
+    """The montage of :func:`render_montage` as PNG bytes (e.g. to embed in an HTML page)."""
+    buffer = io.BytesIO()
+    _montage_figure(montage, heat_range, title, crop, width_in).savefig(buffer, format="png", dpi=DPI, facecolor="white")
+    return buffer.getvalue()

@@ -9,8 +9,11 @@
    SeriesInstanceUID (the series' TotalSegmentator map, liver = 5);
 5. run the detector on the series by its SeriesInstanceUID; save the result as ``final`` (a DICOM SEG stored
    back to Orthanc); choose the operating threshold on it (``/scoring/feedback_threshold``);
+   the infer task stores the reading back to Orthanc as DICOM SEG (one segment per lesion), Parametric Map
+   (the heatmap) and TID 1500 SR (``monai_ad.dicom_results``);
 6. open ``/ohif/viewer?StudyInstanceUIDs=...`` in headless Chromium (Selenium + Debian chromium/chromedriver),
-   wait until the viewport shows the CT, save a screenshot;
+   wait until the viewport shows the CT, save a screenshot; check that the study browser lists the SEG, the
+   Parametric Map and the SR, open each in the viewport (double-click its thumbnail) and screenshot it;
 7. open OHIF's MONAI Label mode (``/ohif/monai-label?...``), point its panel at the server, run the detector
    from there and screenshot the segment it draws.
 
@@ -106,6 +109,53 @@ def changed_fraction(before: Path, after: Path) -> float:
     return float((np.abs(a[region] - b[region]).sum(-1) > 30).mean())
 
 
+RESULT_SERIES = {"segmentation": "Anomaly lesions", "parametric_map": "Anomaly heatmap", "report": "Anomaly findings"}
+
+
+def study_series(dicomweb_url: str, study_uid: str) -> list[dict]:
+    """The study's series as QIDO-RS lists them: UID, modality and description."""
+    with urllib.request.urlopen(f"{dicomweb_url}/studies/{study_uid}/series?includefield=0008103E") as response:
+        series = json.loads(response.read())
+    value = lambda s, tag: (s.get(tag, {}).get("Value") or [""])[0]  # noqa: E731
+    return [{"uid": value(s, "0020000E"), "modality": value(s, "00080060"), "description": value(s, "0008103E")} for s in series]
+
+
+def open_results_in_ohif(url: str, study_uid: str, out: Path, timeout: float = 90.0) -> dict:
+    """OHIF's viewer on the study: which of the DICOM results its study browser lists (by series description), and
+    each one opened in the viewport by a double-click on its thumbnail, screenshot before and after."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    driver = chromium()
+    start, shown = time.time(), {}
+    try:
+        driver.get(f"{url}/ohif/viewer?StudyInstanceUIDs={study_uid}")
+        base = out / "ohif_results_base.png"
+        while time.time() - start < timeout:
+            time.sleep(3)
+            driver.save_screenshot(str(base))
+            if viewport_shows_image(base) > 20:
+                break
+        time.sleep(3)
+        driver.save_screenshot(str(base))
+        text = driver.find_element(By.TAG_NAME, "body").text
+        for kind, description in RESULT_SERIES.items():
+            entry = {"listed": description in text}
+            labels = driver.find_elements(By.XPATH, f"//*[contains(text(), '{description}')]")
+            if labels:
+                png = out / f"ohif_{kind}.png"
+                ActionChains(driver).double_click(labels[0]).perform()
+                time.sleep(8)  # the series loads (a SEG is hydrated over its CT)
+                driver.save_screenshot(str(png))
+                entry.update(opened=True, screenshot=str(png), viewport_changed=round(changed_fraction(base, png), 4),
+                             page_mentions=[w for w in ("Segmentation", "Lesion 1", "Volume", "Anomaly score", "not supported",
+                                                         "Unable", "Error") if w in driver.find_element(By.TAG_NAME, "body").text])  # fmt: skip
+            shown[kind] = entry
+    finally:
+        driver.quit()
+    return {**shown, "seconds": round(time.time() - start, 1)}
+
+
 def run_detector_in_ohif(url: str, study_uid: str, server_log: Path, out: Path, timeout: float = 120.0) -> dict:
     """OHIF's MONAI Label mode: point its panel at the server, check the detector is listed, press Run, wait
     for the server to answer, and screenshot the viewport before and after (the anomaly segment is drawn)."""
@@ -192,13 +242,14 @@ def run_check(out: Path) -> dict:
                             "abnormal_slices": params["abnormal_slices"], "lesions": len(params["lesions"]),
                             "label_names": params["label_names"], "anomaly_voxels": int(np.count_nonzero(np.asarray(label.dataobj)))}  # fmt: skip
         timings["infer"] = time.time() - t
+        stored = params.get("dicom_results") or {}
+        ours = {v["SeriesInstanceUID"] for v in stored.values() if isinstance(v, dict)}
+        summary["dicom_results"] = {"stored": stored, "series": [s for s in study_series(dicomweb_url, uids.study) if s["uid"] in ours]}
 
         t = time.time()
         client.save_label(uids.series, label_file, tag="final", params={"label_info": [{"name": "anomaly", "idx": 1}]})
-        with urllib.request.urlopen(f"{dicomweb_url}/studies/{uids.study}/series") as response:
-            series = json.loads(response.read())
-        summary["after_save"] = {"series_in_study": len(series),
-                                 "modalities": sorted(s.get("00080060", {}).get("Value", [""])[0] for s in series)}  # fmt: skip
+        series = [s for s in study_series(dicomweb_url, uids.study) if s["uid"] not in ours]  # the CT and the saved label
+        summary["after_save"] = {"series_in_study": len(series), "modalities": sorted(s["modality"] for s in series)}
         timings["save_final_seg"] = time.time() - t
 
         t = time.time()  # the saved correction drives the operating threshold (run in the server: run_sync)
@@ -212,6 +263,10 @@ def run_check(out: Path) -> dict:
         t = time.time()
         summary["ohif"] = screenshot_ohif(f"{url}/ohif/viewer?StudyInstanceUIDs={uids.study}", out / "ohif_viewer.png")
         timings["ohif"] = time.time() - t
+
+        t = time.time()
+        summary["ohif_dicom_results"] = open_results_in_ohif(url, uids.study, out)
+        timings["ohif_dicom_results"] = time.time() - t
 
         t = time.time()
         summary["ohif_monai_label"] = run_detector_in_ohif(url, uids.study, out / "server.log", out)

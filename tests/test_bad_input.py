@@ -100,7 +100,7 @@ def test_cli_refuses_each_case_with_one_line_and_no_output(name, corpus, model, 
 def test_organ_map_with_the_liver_label_is_read(corpus, model, tmp_path, capsys):
     code, lines = _cli(capsys, "infer", "--model", model, "--image", corpus["image"], "--roi", corpus["organs"], "--roi-label", "5", "--out", tmp_path)
     assert code == 0, lines
-    assert len(list(tmp_path.glob("*_anomaly.nii.gz"))) == 1
+    assert len(list(tmp_path.glob("*_anomaly-label.nii.gz"))) == 1
 
 
 def _bundle(tmp_path: Path, model: Path) -> Path:

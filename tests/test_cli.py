@@ -48,7 +48,7 @@ def test_infer_writes_heatmap_label_map_and_summary_in_input_geometry(workspace,
     name = image.name.replace(".nii.gz", "")
     src = nib.load(str(image))
     heat = nib.load(str(tmp_path / f"{name}_heatmap.nii.gz"))
-    lab = nib.load(str(tmp_path / f"{name}_anomaly.nii.gz"))
+    lab = nib.load(str(tmp_path / f"{name}_anomaly-label.nii.gz"))
     assert heat.shape == src.shape and lab.shape == src.shape
     assert np.allclose(heat.affine, src.affine, atol=1e-4) and np.allclose(lab.affine, src.affine, atol=1e-4)
     assert set(np.unique(np.asarray(lab.dataobj))) <= {0, 1}
@@ -169,7 +169,7 @@ def test_infer_a_folder_with_masks_named_as_the_images(workspace, tmp_path):
     code, out, err = run_cli("infer", "--model", workspace["model"], "--image", base / "imagesTr", "--roi", base / "labelsTr", "--out", tmp_path)
     assert code == 0, err
     n_images = len(list((base / "imagesTr").glob("*.nii.gz")))
-    assert len(list(tmp_path.glob("*_summary.json"))) == n_images == len(list(tmp_path.glob("*_anomaly.nii.gz")))
+    assert len(list(tmp_path.glob("*_summary.json"))) == n_images == len(list(tmp_path.glob("*_anomaly-label.nii.gz")))
 
 
 def test_infer_real_dicom_series_with_an_organ_segmentation(workspace, real_ct, tmp_path):

@@ -74,7 +74,7 @@ def test_cli_bundle_and_app_read_a_volume_alike(bundle, tmp_path):
 
     outputs = {"cli": tmp_path / "cli", "bundle": bundle / "eval" / "volumes"}
     heatmaps = {k: np.asarray(nib.load(str(d / f"{name}_heatmap.nii.gz")).dataobj) for k, d in outputs.items()}
-    labels = {k: np.asarray(nib.load(str(d / f"{name}_anomaly.nii.gz")).dataobj) for k, d in outputs.items()}
+    labels = {k: np.asarray(nib.load(str(d / f"{name}_anomaly-label.nii.gz")).dataobj) for k, d in outputs.items()}
     heatmaps["app"], labels["app"] = app_heatmap, app_label
     for way in ("bundle", "app"):
         assert heatmaps[way].shape == heatmaps["cli"].shape and np.array_equal(heatmaps[way], heatmaps["cli"]), way

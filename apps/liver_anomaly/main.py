@@ -23,6 +23,8 @@ scoring method re-selects operating thresholds from corrected (``final``) labels
   (``Authorization: Bearer <token>``, or the token as the Basic-auth password); required, unless MONAI Label's
   authentication is on, when the server listens beyond 127.0.0.1
 - ``scoring_timeout_s``: a scoring run still going after this many seconds is stopped (default 600)
+- ``triage_model``: the bundle whose model orders the ``most_abnormal`` next-sample strategy (default: the first,
+  by name, with a trained model)
 
 A folder datastore may hold NIfTI/NRRD files and DICOM series sub-folders (served as ``<folder>.nii.gz``).
 What clients may send is checked by ``lib.security`` (installed into the server when it starts) and
@@ -46,12 +48,15 @@ from monai_ad.label_server import state_dir
 from monai_ad.resources import shared_dir
 
 from lib import security, tasks
+from lib.activelearning.most_abnormal import MostAbnormalUnreviewed
 from lib.activelearning.random_unlabeled import RandomUnlabeled
 from lib import studies as study_rules
 from lib.configs.detector import DetectorConfig, find_bundles
 from lib.datastore import SafeLocalDatastore
 from lib.dicom_folder import convert_dicom_series
 from lib.errors import http_error
+from lib.infers.anomaly import DICOM_SERIES, DICOM_STORE
+from lib.scoring.feedback_memory import FeedbackMemory, MemoryUpdates, UndoMemoryUpdate
 from lib.scoring.feedback_threshold import FeedbackThreshold
 from lib.trainers.normal_studies import bundle_hyper_parameters, check_request
 
@@ -129,10 +134,22 @@ class LiverAnomalyApp(MONAILabelApp):
         return {name: config.trainer() for name, config in self.detectors.items()}
 
     def init_strategies(self):
-        return {"random": RandomUnlabeled()}
+        most_abnormal = MostAbnormalUnreviewed(self.detectors, self.roi_dir, self.conf.get("roi_label"), self.conf.get("triage_model"))
+        return {"random": RandomUnlabeled(), "most_abnormal": most_abnormal}
 
     def init_scoring_methods(self):
-        return {"feedback_threshold": FeedbackThreshold(self.detectors, self.roi_dir, self.conf.get("roi_label"))}
+        memory = FeedbackMemory(self.detectors, self.roi_dir, self.conf.get("roi_label"))
+        self.memory_updates = MemoryUpdates(memory)
+        return {
+            "feedback_threshold": FeedbackThreshold(self.detectors, self.roi_dir, self.conf.get("roi_label")),
+            "feedback_memory": memory,
+            "undo_memory_update": UndoMemoryUpdate(self.detectors),
+        }
+
+    def on_save_label(self, image_id, label_id):
+        """A saved label: the memory detectors learn the regions it erased, at once (``lib.scoring.feedback_memory``)."""
+        super().on_save_label(image_id, label_id)
+        return self.memory_updates.label_saved(image_id, self.datastore())
 
     def on_init_complete(self):
         try:
@@ -196,11 +213,22 @@ class LiverAnomalyApp(MONAILabelApp):
                 raise HTTPException(404, f"unknown model {request.get('model')!r}; available: {sorted(self._infers)}")
             if not self._infers[request["model"]].is_valid():
                 raise HTTPException(409, f"{request['model']} has no trained model yet: start training first (POST /train/{request['model']})")
-            request = dict(request)
+            request = {k: v for k, v in request.items() if k not in (DICOM_SERIES, DICOM_STORE)}  # the server's to set
             request["roi"] = self._roi_for(request, datastore or self.datastore())
+            request.update(self._dicom_destination(request, datastore or self.datastore()))
             return super().infer(request, datastore)
         except Exception as exc:
             raise http_error(exc, request.get("model")) from None
+
+    def _dicom_destination(self, request: dict[str, Any], datastore) -> dict[str, str]:
+        """For a study of a DICOMweb store: its cached DICOM series folder and the store's root, where the infer task
+        stores the reading as SEG, Parametric Map and SR (MONAI Label itself stores only a saved ``final`` label, as SEG)."""
+        image = request.get("image")
+        if not self.studies.startswith(("http://", "https://")) or security.is_upload(image):
+            return {}
+        uri = datastore.get_image_uri(image)
+        series = uri[: -len(".nii.gz")] if uri.endswith(".nii.gz") else uri  # the NIfTI MONAI Label made sits beside its series
+        return {DICOM_SERIES: series, DICOM_STORE: self.studies} if os.path.isdir(series) else {}
 
     def _roi_for(self, request: dict[str, Any], datastore) -> str:
         """The liver mask: an uploaded ``label`` file, else the study's ``liver`` label / ``roi_dir`` file."""

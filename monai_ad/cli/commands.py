@@ -70,6 +70,7 @@ def predict_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_infer(args: argparse.Namespace) -> None:
     from monai_ad.prediction import Predictor, infer
+    from monai_ad.triage import hu_window, write_scan_picture
 
     images = volumes_in(Path(args.image))
     if args.roi is None:
@@ -78,10 +79,23 @@ def cmd_infer(args: argparse.Namespace) -> None:
             args.image,
         )
     rois = match_rois(images, Path(args.roi))
+    if args.dicom_store and not any(Path(image).is_dir() for image in images):
+        raise InputError("--dicom-store stores the DICOM results of DICOM series inputs: none is a DICOM series folder", args.image)
     predictor = Predictor(args.model, **predict_options(args))
-    results = infer(predictor, images, rois, args.out, progress=not args.quiet)
+    window = hu_window(predictor)
+
+    def picture(result) -> None:  # the top slices with overlays, drawn while the result holds its arrays
+        path = write_scan_picture(result, Path(args.out) / f"{result.case}_picture.png", window)
+        if path is not None:
+            result.files["picture"] = str(path)
+
+    results = infer(predictor, images, rois, args.out, progress=not args.quiet, on_result=picture)
     for result in results:
         s = result.summary
+        if Path(s["image"]).is_dir():  # a DICOM series: SEG, parametric map and SR beside the NIfTI outputs
+            from monai_ad.dicom_results import dicom_results_for
+
+            result.files.update(dicom_results_for(s["image"], result, args.out, model=args.model, store_url=args.dicom_store))
         p_value = "" if s.get("p_value") is None else f", p = {s['p_value']:.3g} against {s['conformal']['n_calibration_scans']} normal scans"
         print(f"{result.case}: {len(s['abnormal_slices'])} abnormal slice(s), {len(s['lesions'])} region(s){p_value}")
         for warning in s.get("warnings", []):
@@ -97,6 +111,31 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     predictor = Predictor(args.model, **predict_options(args))
     values = evaluate(predictor, args.datalist, args.out, key=args.key, progress=not args.quiet)
     print_metrics(values)
+
+
+def cmd_triage(args: argparse.Namespace) -> None:
+    from monai_ad.triage import StudyPredictor, remote_rois, remote_series, triage
+
+    if args.studies.startswith(("http://", "https://")):
+        images = remote_series(args.studies)
+        rois = remote_rois(images, args.roi)
+    else:
+        if args.roi is None:
+            raise InputError("no liver masks given: pass --roi with a liver label file or a folder of masks named as the studies", args.studies)
+        images = volumes_in(Path(args.studies))
+        rois = match_rois(images, Path(args.roi))
+    worklist = triage(StudyPredictor(args.model, **predict_options(args)), images, rois, args.out, progress=not args.quiet)
+    if not worklist["files"]:  # under torchrun, another process wrote the worklist
+        return
+    for row in worklist["rows"][:10]:
+        score = "" if row["study_score"] is None else f"score {row['study_score']:.4g}"
+        p_value = "" if row["p_value"] is None else f", p = {row['p_value']:.3g}"
+        print(f"{row['rank']:4d}. {row['study']}: {score or row['status']}{p_value}")
+    failed = sum(row["status"] != "ok" for row in worklist["rows"])
+    if failed:
+        print(f"  {failed} of {len(worklist['rows'])} studies could not be scored (their reasons are in the worklist)")
+    for kind, path in worklist["files"].items():
+        print(f"  {kind}: {path}")
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:

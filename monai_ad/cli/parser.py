@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="a volume (NIfTI, NRRD, MHA), a DICOM series folder, or a folder of them")
     p.add_argument("--roi", help="liver mask or organ segmentation (file, or folder with masks named as the images)")
     p.add_argument("--out", required=True)
+    p.add_argument("--dicom-store", metavar="URL",
+                   help="DICOMweb root to also store the DICOM results (SEG, parametric map, SR) of DICOM series inputs in")
     _add_predict_options(p)
     p.set_defaults(func=commands.cmd_infer)
 
@@ -107,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_predict_options(p)
     p.set_defaults(func=commands.cmd_evaluate)
+
+    p = sub.add_parser("triage", parents=[shared], help="score many studies and write a worklist ranked by abnormality (CSV, JSON, HTML)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--studies", required=True, help="a folder of volumes (NIfTI, NRRD, MHA) or DICOM series folders, or a DICOMweb root URL")
+    p.add_argument("--roi", help="liver mask or organ segmentation (file, or folder with masks named as the images; for a "
+                                 "DICOMweb store, named <SeriesInstanceUID>.nii.gz)")
+    p.add_argument("--out", required=True, help="folder for worklist.csv, worklist.json, worklist.html and each study's outputs")
+    _add_predict_options(p)
+    p.set_defaults(func=commands.cmd_triage)
 
     p = sub.add_parser("benchmark", parents=[shared], help="train + evaluate over several seeds; BMAD-style mean ± std table")
     p.add_argument("--datalist", required=True)

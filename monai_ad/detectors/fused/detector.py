@@ -75,6 +75,24 @@ class DensityFused(AnomalyDetector):
     def unsaved_prefixes(self) -> tuple[str, ...]:  # the feature detector's frozen backbone is rebuilt, not saved
         return tuple("feature." + p for p in type(self.feature).unsaved_prefixes)
 
+    @property
+    def learns_from_corrections(self) -> bool:  # as its feature detector does
+        return self.feature.learns_from_corrections
+
+    def remember_normal(
+        self, image: torch.Tensor, roi: torch.Tensor | None, mask: torch.Tensor, avoid: torch.Tensor | None = None
+    ) -> int:
+        """The feature detector's ``remember_normal``. The fusion's own calibration (the feature scores' tail table,
+        the thresholds) is kept as it is and stays valid: added normal memory can only lower feature scores (a
+        nearest-neighbour distance to a larger memory), and only near the corrected features, so the table still
+        maps the rest of the normal liver as tabulated and a lowered score reads as more normal, never as less.
+        The intensity map has no memory and is not changed."""
+        if not self.feature.learns_from_corrections:
+            return super().remember_normal(image, roi, mask, avoid)
+        if not self.tabulated:
+            raise InputError("fused: calibrate it on held-out normal slices before adding corrections")
+        return self.feature.remember_normal(image, roi, mask, avoid)
+
     def _fit(self, batches: Iterable[dict[str, torch.Tensor]], progress: bool) -> None:
         for part in (self.feature, self.density):
             part.preprocessing = self.preprocessing

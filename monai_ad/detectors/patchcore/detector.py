@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from monai_ad.components.maps import PatchScoreMap, max_in_roi, roi_on_grid
 from monai_ad.components.patch_features import PatchFeatures, greedy_coreset
 from monai_ad.detectors.base import AnomalyDetector, SliceScores, constructor_arguments, register_detector
+from monai_ad.detectors.patchcore.corrections import check_correction, correction_positions, sub_cell_shifts
 from monai_ad.distributed import all_gather_rows
 from monai_ad.errors import InputError
 
@@ -64,6 +65,7 @@ class PatchCore(AnomalyDetector):
     default_preprocessing = {"outside_fill": "liver", "windows": [[-160.0, 240.0], [40.0, 180.0], [-40.0, 260.0]]}
     # the greedy coreset search is the slow part of fitting: a 2 % coreset for smoke runs
     schedules = {"cpu": {"coreset_ratio": 0.1}, "quick": {"coreset_ratio": 0.02}}
+    learns_from_corrections = True
 
     def __init__(
         self,
@@ -120,6 +122,37 @@ class PatchCore(AnomalyDetector):
             seed=p["seed"], device=device,
         )  # fmt: skip
         self.memory_bank = features.index_select(0, index).to(device, torch.float32)
+
+    # ------------------------------------------------------------------ corrections
+    @torch.no_grad()
+    def remember_normal(
+        self, image: torch.Tensor, roi: torch.Tensor | None, mask: torch.Tensor, avoid: torch.Tensor | None = None
+    ) -> int:
+        """Append to the memory bank the patch features of the positions under ``mask`` (an erased false positive;
+        ``corrections.correction_positions``), in the embedding space the bank is searched in, at the four
+        half-cell offsets of ``corrections.sub_cell_shifts``. Every such feature is kept: a correction holds too
+        few patches for a coreset to thin out. Anomalib's re-weighting,
+        when on, then sees them as neighbours like any bank item. Returns the number of features added."""
+        check_correction(self, image, mask, avoid)
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.device
+            inputs = [None if t is None else t.to(device) for t in (image, roi, mask, avoid)]
+            added = []
+            for image_, roi_, mask_, avoid_ in sub_cell_shifts(self.features.stride, *inputs):
+                patches, grid = self.features(image_.float())
+                chosen = correction_positions(
+                    mask_ > 0, grid, None if roi_ is None else roi_ > 0, None if avoid_ is None else avoid_ > 0
+                )
+                added.append(patches[chosen].to(self.memory_bank.dtype))
+            added = torch.cat(added)
+            if not torch.isfinite(added).all():
+                raise InputError("patchcore: the corrected slices give non-finite features (inputs outside [0, 1]?)")
+            self.memory_bank = torch.cat([self.memory_bank, added])
+            return int(added.shape[0])
+        finally:
+            self.train(was_training)
 
     # ------------------------------------------------------------------ scoring
     def patch_scores(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor]:

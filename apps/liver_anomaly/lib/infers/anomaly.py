@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.transforms import MapTransform, SqueezeDimd
@@ -30,16 +31,20 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from monai_ad.detectors.base import AnomalyDetector
+from monai_ad.dicom_results import build_results, model_version, read_source_series
+from monai_ad.dicomweb import store_datasets
 from monai_ad.errors import InputError
 from monai_ad.postprocess import MIN_LESION_MM3
-from monai_ad.prediction import Predictor, calibration_record
+from monai_ad.prediction import Predictor, VolumeResult, calibration_record
 from monai_ad.settings import Range, check_setting
+from monai_ad.triage import study_score
 
 from lib.studies import ANOMALY_NAMES
 
 logger = logging.getLogger(__name__)
 
 PREDICTOR = "_anomaly_predictor"  # the request's predictor, carried in the data dict between stages
+DICOM_SERIES, DICOM_STORE = "dicom_series", "dicom_store"  # set by the app for a study of a DICOMweb store
 BUNDLE_SETTINGS = ("roi_labels", "min_lesion_mm3", "batch_size")  # what a bundle's inference.json may set
 OPTIONS = {"pixel_threshold": "", "slice_threshold": "", "false_alarm_rate": "", "min_lesion_mm3": MIN_LESION_MM3, "roi_label": ""}
 
@@ -112,8 +117,45 @@ class SummaryToResultd(MapTransform):
 
     def __call__(self, data):
         d = dict(data)
-        d[self.result_key] = {**dict(d.get(self.result_key) or {}), **d.pop(self.summary_key), **self.extra}
+        summary = d.pop(self.summary_key)
+        # the study's place on the triage worklist: its study score and (with conformal calibration) p-value
+        study = {"study_score": study_score(summary), "p_value": summary.get("p_value")}
+        d[self.result_key] = {**dict(d.get(self.result_key) or {}), **summary, **study, **self.extra}
         d.pop("heatmap", None)  # the label map is the answer; the float heatmap stays on the server
+        return d
+
+
+class StoreDicomResultsd(MapTransform):
+    """For a study of a DICOMweb store (``dicom_series``: its cached DICOM folder; ``dicom_store``: the store's
+    DICOMweb root, both set by the app, never by a client): the reading as DICOM SEG, Parametric Map and TID 1500
+    SR (``monai_ad.dicom_results``), stored back to the store, their UIDs in the result params under
+    ``dicom_results``. A failure is logged and reported there; the label map is returned all the same."""
+
+    def __init__(self, detector: str, model_path: str, summary_key: str = "anomaly_summary", result_key: str = "result"):
+        super().__init__(keys=[summary_key])
+        self.detector, self.model_path, self.summary_key, self.result_key = detector, model_path, summary_key, result_key
+
+    def __call__(self, data):
+        d = dict(data)
+        series, store = d.get(DICOM_SERIES), d.get(DICOM_STORE)
+        if not (series and store):
+            return d
+        try:
+            heatmap = d["heatmap"]
+            result = VolumeResult(
+                Path(series).name, torch.as_tensor(heatmap)[0].detach().cpu().numpy(),
+                torch.as_tensor(d["pred"])[0].detach().cpu().numpy().astype("uint8"), np.asarray(heatmap.affine, dtype=np.float64),
+                {"detector": self.detector, **d[self.summary_key]},
+            )  # fmt: skip
+            results = build_results(read_source_series(series), result, model_version(self.model_path))
+            store_datasets(list(results.datasets().values()), store, "the DICOM results")
+            stored = {kind: {"SeriesInstanceUID": str(ds.SeriesInstanceUID), "SOPInstanceUID": str(ds.SOPInstanceUID)}
+                      for kind, ds in results.datasets().items()}  # fmt: skip
+            logger.info("DICOM results stored: %s", ", ".join(stored))
+        except Exception as exc:  # the label map still goes back to the client; the params say what failed
+            logger.warning("DICOM results not stored: %s", exc)
+            stored = {"error": str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}
+        d[self.result_key] = {**dict(d.get(self.result_key) or {}), "dicom_results": stored}
         return d
 
 
@@ -186,7 +228,8 @@ class AnomalyInfer(BasicInferTask):
             "operating_point": {**calibration_record(network.thresholds), **(predictor.operating_point or {})},
         }
         # the label map without its channel: MONAI Label's writer expects a 3-D array
-        return [*predictor.post_transforms(), SummaryToResultd(extra=extra), SqueezeDimd(self.output_label_key, dim=0)]
+        store = StoreDicomResultsd(network.name, str(self.get_path()))
+        return [*predictor.post_transforms(), store, SummaryToResultd(extra=extra), SqueezeDimd(self.output_label_key, dim=0)]
 
     def writer(self, data, extension=None, dtype=None):
         data.pop(PREDICTOR, None)
