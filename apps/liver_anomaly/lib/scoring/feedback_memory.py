@@ -124,6 +124,7 @@ def remember_corrections(
     without a memory; otherwise the update's record (``added`` 0 when nothing was new)."""
     with _lock(model_path):
         source = Path(source_path or model_path)
+        loaded_stamp = _stamp(source)
         detector = AnomalyDetector.load(source, device=resolve_device(device))
         if not detector.learns_from_corrections:
             return None
@@ -157,10 +158,22 @@ def remember_corrections(
         if added:
             history.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "added": added, "studies": [s["image"] for s in studies]})
         detector.thresholds = {**detector.thresholds, RECORD: {"taught": taught, "updates": history}}
-        version = keep_version(model_path, source) if source.is_file() else None
-        detector.save(model_path)
+        if _stamp(source) != loaded_stamp or (Path(model_path) != source and Path(model_path).is_file()):
+            # replaced meanwhile (a training finished): teach the new model instead of overwriting it
+            logger.info("[%s] the model changed during the memory update: teaching the new one", name)
+            replaced = True
+        else:
+            replaced = False
+            version = keep_version(model_path, source) if source.is_file() else None
+            detector.save(model_path)
+    if replaced:
+        return remember_corrections(name, bundle, model_path, cases, device, model_path, roi_label)
     logger.info("[%s] memory update: %d features from %d corrected studies; previous model kept as %s", name, added, len(studies), version)
     return {"taught": taught, "updates": history, "added": added, "studies": studies, "version": str(version) if version else None}
+
+
+def _stamp(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.is_file() else None
 
 
 def served_model(config) -> str | None:
