@@ -59,7 +59,7 @@ POLL_S = 0.0002
 DETECTOR = "density"  # fast to fit; two of its settings give two distinguishable models the runs alternate between
 VARIANTS = ({"sigma_mm": 1.0}, {"sigma_mm": 2.0})
 LABEL_TAG = "final"
-OUTPUT_KINDS = ("heatmap", "anomaly", "summary")
+OUTPUT_KINDS = ("heatmap", "anomaly-label", "summary")  # the file name endings infer writes
 
 
 @dataclass
@@ -307,7 +307,8 @@ def infer_kills(work: Path, kills: int, rng: random.Random, datalist: Path, mode
 
 def _infer_outcome(out: Path, case: str, references: list[dict], previous: int, new: int) -> tuple[str, str]:
     files = _outputs(out, case)
-    unexpected = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p not in files.values())
+    picture = out / f"{case}_picture.png"  # a view of the outputs, drawn after them (itself written atomically)
+    unexpected = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p not in (*files.values(), picture))
     if unexpected:
         return "torn", f"unexpected files under output names: {unexpected}"
     try:

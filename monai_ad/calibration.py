@@ -30,18 +30,25 @@ from monai_ad.errors import InputError
 from monai_ad.postprocess import label_lesions
 
 
+LOWEST_SCORE = float(np.finfo(np.float64).min)  # a scan with nothing scored: below every score, and valid JSON
+
+
 def region_score(
     heatmap: np.ndarray, affine: np.ndarray, roi: np.ndarray, min_volume_mm3: float, extent_threshold: float | None
 ) -> float:
     """The highest pixel threshold at which a scan holds a region its label map keeps: the highest peak among the
     regions outlined at ``extent_threshold`` that reach ``min_volume_mm3`` (``label_lesions``' rule: at any
-    threshold above the outline's, a region is kept when its peak reaches the threshold); -inf when none is."""
-    level = -math.inf if extent_threshold is None else float(extent_threshold)
-    if not math.isfinite(level):  # no outline threshold: the regions of the top tenth of a percent of the liver
+    threshold above the outline's, a region is kept when its peak reaches the threshold). When none is, the
+    value just below the outline threshold: no threshold at or above it flags the scan (a finite number, so a
+    model's calibration stays plain JSON)."""
+    level = None if extent_threshold is None else float(extent_threshold)
+    if level is None or not math.isfinite(level):  # no outline threshold: the regions of the liver's top 0.1 %
         inside = heatmap[roi > 0]
-        level = float(np.quantile(inside, 0.999)) if inside.size else math.inf
+        level = float(np.quantile(inside, 0.999)) if inside.size else None
+    if level is None:
+        return LOWEST_SCORE
     _, regions = label_lesions(heatmap, affine, level, min_volume_mm3, roi, level)
-    return max((r["peak_score"] for r in regions), default=-math.inf)
+    return max((r["peak_score"] for r in regions), default=float(np.nextafter(level, -math.inf)))
 
 
 def calibrate_on_scans(predictor: Any, scans: Sequence[tuple[Any, Any]], progress: bool = False) -> dict[str, Any]:
@@ -52,7 +59,7 @@ def calibrate_on_scans(predictor: Any, scans: Sequence[tuple[Any, Any]], progres
     study, region = [], []
     for image, roi in tqdm(scans, desc="conformal calibration", disable=not progress, unit="volume"):
         result = predictor(image, roi, keep_inputs=True)
-        study.append(result.summary["study_score"] if result.summary["study_score"] is not None else -math.inf)
+        study.append(result.summary["study_score"] if result.summary["study_score"] is not None else LOWEST_SCORE)
         region.append(region_score(result.heatmap, result.affine, result.roi, predictor.min_lesion_mm3, predictor.extent_threshold))
     return {
         "study": sorted(float(v) for v in study), "region": sorted(float(v) for v in region), "n_scans": len(study),
@@ -95,7 +102,7 @@ def conformal_threshold(calibration: Sequence[float], false_alarm_rate: float, w
             f"{1.0 / (c.size + 1):.3g})"
         )
     if k >= c.size:  # every score is flagged: a rate this high allows it
-        return -math.inf
+        return LOWEST_SCORE
     return float(np.nextafter(c[c.size - 1 - k], math.inf))
 
 

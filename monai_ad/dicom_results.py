@@ -5,12 +5,16 @@
   per lesion is what 3D Slicer's QuantitativeReporting and OHIF's SEG viewport list segment by segment, and what
   lets each SR measurement group reference its lesion alone. No lesion: no SEG (a SEG needs a segment).
 - **Parametric Map** (float pixels): the heatmap, with a real-world value mapping (identity) over the score's range.
-- **Comprehensive 3D SR, TID 1500** measurement report: one volumetric ROI group per lesion referencing its SEG
-  segment (volume, largest diameter, peak score, p-value when there is one, centroid in patient coordinates), the
-  same measurements once more in a planar group marking the centroid (a POINT on the nearest slice, the same
-  tracking UID; for viewers that draw image-plane regions only, not segment references), and
-  one study group (study score, its p-value, abnormal slice count; qualitative evaluation normal / abnormal), all
-  with the algorithm's name (monai_ad + detector) and version (monai_ad's version, the model's as a parameter).
+- **Comprehensive SR, TID 1500** measurement report: per lesion a volumetric ROI group referencing its SEG
+  segment (volume, largest diameter, peak score, p-value when there is one, centroid in patient coordinates) and,
+  with the same tracking UID (one finding), a planar group holding its long axis: a "Length" measurement (the
+  longest in-plane diameter, RECIST style, on the axial source slice where it is largest) with a two-point
+  SCOORD POLYLINE on that source image. Then one study group (study score, its p-value, abnormal slice count;
+  qualitative evaluation normal / abnormal), all with the algorithm's name (monai_ad + detector) and version
+  (monai_ad's version, the model's as a parameter). Comprehensive SR, not Comprehensive 3D SR: nothing in it
+  needs 3-D coordinates, and OHIF's SR viewport draws image-plane regions of a Comprehensive SR over their
+  source image (it sends a Comprehensive 3D SR to its 3-D point display instead, which leaves the viewport
+  black); 3D Slicer's QuantitativeReporting reads both.
 
 The maps of a ``VolumeResult`` are in the scan's geometry as the pipeline read it (MONAI's RAS affine); each
 source instance's frame is taken from them by its own ImagePositionPatient / ImageOrientationPatient /
@@ -19,7 +23,6 @@ PixelSpacing, so the instances' order in the folder never matters.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 from dataclasses import dataclass
@@ -50,6 +53,7 @@ def _codes():
         "liver": codes.SCT.Liver,
         "volume": codes.SCT.Volume,
         "diameter": codes.SCT.Diameter,
+        "length": codes.SCT.Length,
         "maximum": codes.SCT.Maximum,
         "anomaly_score": local("ANOMALY_SCORE", "Anomaly score"),
         "p_value": local("P_VALUE", "Conformal p-value"),
@@ -185,7 +189,7 @@ def build_results(sources: Sequence, result, model_version: str = "unsaved", wor
                   device_serial_number=model_version)  # fmt: skip
     lesions = list(summary.get("lesions", []))
 
-    segmentation = None
+    segmentation, segments = None, None
     if lesions:
         segments = frames_of(lesion_segments(result.label_map, lesions), sources, result.affine)
         algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name, family=code["ai"], version=monai_ad.__version__,
@@ -222,7 +226,7 @@ def build_results(sources: Sequence, result, model_version: str = "unsaved", wor
         **common,
     )  # fmt: skip
 
-    report = build_report(sources, segmentation, summary, algorithm_name, model_version, code)
+    report = build_report(sources, segmentation, segments, summary, algorithm_name, model_version, code)
     return DicomResults(segmentation, parametric_map, report)
 
 
@@ -232,10 +236,12 @@ def _measurement(name, value: float, unit, algorithm, derivation=None):
     return Measurement(name=name, value=float(value), unit=unit, derivation=derivation, algorithm_id=algorithm)
 
 
-def build_report(sources: Sequence, segmentation, summary: dict, algorithm_name: str, model_version: str, code: dict):
-    """The TID 1500 measurement report (Comprehensive 3D SR) of a summary; lesion groups reference ``segmentation``."""
+def build_report(sources: Sequence, segmentation, segments: np.ndarray | None, summary: dict, algorithm_name: str,
+                 model_version: str, code: dict):  # fmt: skip
+    """The TID 1500 measurement report (Comprehensive SR) of a summary; lesion groups reference ``segmentation``,
+    and their long axes are taken from ``segments`` (one frame per source instance, lesion ids as values)."""
     from highdicom.sr import (
-        AlgorithmIdentification, Comprehensive3DSR, FindingSite, MeasurementReport, MeasurementsAndQualitativeEvaluations,
+        AlgorithmIdentification, ComprehensiveSR, FindingSite, MeasurementReport, MeasurementsAndQualitativeEvaluations,
         ObservationContext, ObserverContext, PlanarROIMeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
         ReferencedSegment, TrackingIdentifier,
         DeviceObserverIdentifyingAttributes, VolumetricROIMeasurementsAndQualitativeEvaluations,
@@ -255,19 +261,22 @@ def build_report(sources: Sequence, segmentation, summary: dict, algorithm_name:
         centroid_lps = RAS_TO_LPS @ np.asarray(lesion["centroid_mm"], dtype=float)
         measurements += [_measurement(name, value, code["mm"], algorithm) for name, value in zip(code["centroid"], centroid_lps)]
         finding = dict(finding_type=code["lesion"], finding_category=code["category"], finding_sites=[FindingSite(code["liver"])],
-                       algorithm_id=algorithm, measurements=measurements)  # fmt: skip
-        tracking_uid = generate_uid()  # one finding: its volumetric and its planar group share it
-        # first the centroid on its nearest slice, for viewers that draw image-plane regions only (not segment references)
-        groups.append(
-            PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=f"Lesion {lesion['id']} centroid"),
-                referenced_region=centroid_region(sources, centroid_lps), **{**finding, "measurements": copy.deepcopy(measurements)},
-            )  # fmt: skip
-        )
+                       algorithm_id=algorithm)  # fmt: skip
+        tracking_uid = generate_uid()  # one finding: its long axis and its volumetric group share it
+        axis = long_axis(sources, segments, int(lesion["id"])) if segments is not None else None
+        if axis is not None:  # first: OHIF merges one finding's groups and lists the first one's measurements first
+            length = _measurement(code["length"], axis.length_mm, code["mm"], algorithm)
+            groups.append(
+                PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=f"Lesion {lesion['id']} long axis"),
+                    referenced_region=axis.region(), measurements=[length], **finding,
+                )  # fmt: skip
+            )
         groups.append(
             VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=f"Lesion {lesion['id']}"),
-                referenced_segment=ReferencedSegment.from_segmentation(segmentation, int(lesion["id"])), **finding,
+                referenced_segment=ReferencedSegment.from_segmentation(segmentation, int(lesion["id"])),
+                measurements=measurements, **finding,
             )  # fmt: skip
         )
     study = []
@@ -295,32 +304,64 @@ def build_report(sources: Sequence, segmentation, summary: dict, algorithm_name:
         imaging_measurements=groups, referenced_images=library_entries(sources),
     )  # fmt: skip
     evidence = [*sources, *([segmentation] if segmentation is not None else [])]
-    return Comprehensive3DSR(
+    return ComprehensiveSR(
         evidence=evidence, content=content[0], series_instance_uid=generate_uid(), series_number=SERIES_NUMBERS["report"],
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="monai_ad", is_complete=True,
         series_description=f"Anomaly findings ({algorithm_name.split(' ', 1)[-1]})",
     )  # fmt: skip
 
 
-def centroid_region(sources: Sequence, point_lps: np.ndarray):
-    """A POINT region at ``point_lps`` (patient mm) on the source instance whose plane lies nearest to it, in that
-    image's pixel coordinates (column, row; DICOM's origin is the top-left pixel's outer corner)."""
-    from highdicom.sr import GraphicTypeValues, ImageRegion, SourceImageForRegion
+@dataclass
+class LongAxis:
+    """A lesion's longest in-plane diameter: its two ends (pixel centres, ``(row, column)``) on one source image."""
 
-    def offset(ds):
-        orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
-        return point_lps - np.asarray(ds.ImagePositionPatient, dtype=float), orientation[:3], orientation[3:]
+    source: Any
+    ends: np.ndarray  # [2, 2]: (row, column) of each end
+    length_mm: float
 
-    def distance(ds):
-        delta, row_direction, column_direction = offset(ds)
-        return abs(float(np.dot(delta, np.cross(row_direction, column_direction))))
+    def region(self):
+        """The axis as a POLYLINE in the image's pixel coordinates (column, row; DICOM's origin is the top-left
+        pixel's outer corner, so a pixel's centre is at +0.5)."""
+        from highdicom.sr import GraphicTypeValues, ImageRegion, SourceImageForRegion
 
-    nearest = min(sources, key=distance)
-    delta, row_direction, column_direction = offset(nearest)
-    row_spacing, column_spacing = (float(v) for v in nearest.PixelSpacing)
-    column, row = float(np.dot(delta, row_direction)) / column_spacing, float(np.dot(delta, column_direction)) / row_spacing
-    return ImageRegion(graphic_type=GraphicTypeValues.POINT, graphic_data=np.array([[column + 0.5, row + 0.5]]),
-                       source_image=SourceImageForRegion.from_source_image(nearest))  # fmt: skip
+        return ImageRegion(graphic_type=GraphicTypeValues.POLYLINE, graphic_data=self.ends[:, ::-1].astype(float) + 0.5,
+                           source_image=SourceImageForRegion.from_source_image(self.source))  # fmt: skip
+
+
+def farthest_pair(points: np.ndarray) -> tuple[int, int]:
+    """Indices of the two points (``[N, d]``, N ≥ 2) farthest apart; they are vertices of the points' convex hull."""
+    from scipy.spatial import ConvexHull, QhullError
+    from scipy.spatial.distance import pdist
+
+    candidates = np.arange(len(points))
+    if len(points) > 3:
+        try:
+            candidates = ConvexHull(points).vertices
+        except QhullError:  # all on one line: every point stays a candidate
+            pass
+    best = int(np.argmax(pdist(points[candidates])))
+    first, second = (index[best] for index in np.triu_indices(len(candidates), 1))
+    return int(candidates[first]), int(candidates[second])
+
+
+def long_axis(sources: Sequence, segments: np.ndarray, lesion_id: int) -> LongAxis | None:
+    """The lesion's long axis (RECIST): on each source image the farthest pair of its boundary pixels (distance
+    in mm by the image's PixelSpacing, between pixel centres), and of those the longest. None when the lesion has
+    fewer than two pixels on every image."""
+    from scipy import ndimage
+
+    best = None
+    for source, frame in zip(sources, segments):
+        mask = frame == lesion_id
+        if np.count_nonzero(mask) < 2:
+            continue
+        boundary = np.argwhere(mask & ~ndimage.binary_erosion(mask))
+        spacing = np.asarray(source.PixelSpacing, dtype=float)  # (between rows, between columns)
+        first, second = farthest_pair(boundary * spacing)
+        length = float(np.linalg.norm((boundary[first] - boundary[second]) * spacing))
+        if best is None or length > best.length_mm:
+            best = LongAxis(source, boundary[[first, second]], length)
+    return best
 
 
 def library_entries(sources: Sequence) -> list:

@@ -13,7 +13,9 @@
    (the heatmap) and TID 1500 SR (``monai_ad.dicom_results``);
 6. open ``/ohif/viewer?StudyInstanceUIDs=...`` in headless Chromium (Selenium + Debian chromium/chromedriver),
    wait until the viewport shows the CT, save a screenshot; check that the study browser lists the SEG, the
-   Parametric Map and the SR, open each in the viewport (double-click its thumbnail) and screenshot it;
+   Parametric Map and the SR, open each in the viewport (double-click its thumbnail) and screenshot it, with
+   what the page drew over the image (SVG annotation elements and their text: the SR's lesion long axes) and
+   the browser console while it loaded (DIR/ohif_console.log);
 7. open OHIF's MONAI Label mode (``/ohif/monai-label?...``), point its panel at the server, run the detector
    from there and screenshot the segment it draws.
 
@@ -74,7 +76,23 @@ def chromium():
     options.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, read with get_log("browser")
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def console_messages(driver) -> list[str]:
+    """The browser console's messages since the last call, one line each ("LEVEL message")."""
+    return [f"{entry['level']} {entry['message']}" for entry in driver.get_log("browser")]
+
+
+def drawn_annotations(driver) -> dict:
+    """What the viewports draw over their images: cornerstone's SVG layer's shapes and text lines."""
+    shapes = driver.execute_script(
+        "return document.querySelectorAll('svg.svg-layer line, svg.svg-layer polyline, svg.svg-layer path, "
+        "svg.svg-layer circle, svg.svg-layer ellipse').length;"
+    )
+    texts = driver.execute_script("return Array.from(document.querySelectorAll('svg.svg-layer text')).map(t => t.textContent);")
+    return {"svg_shapes": int(shapes), "svg_text": [t for t in texts if t.strip()][:12]}
 
 
 def screenshot_ohif(url: str, out_png: Path, timeout: float = 90.0) -> dict:
@@ -122,25 +140,32 @@ def study_series(dicomweb_url: str, study_uid: str) -> list[dict]:
 
 def open_results_in_ohif(url: str, study_uid: str, out: Path, timeout: float = 90.0) -> dict:
     """OHIF's viewer on the study: which of the DICOM results its study browser lists (by series description), and
-    each one opened in the viewport by a double-click on its thumbnail, screenshot before and after."""
+    each one opened in the viewport of a freshly loaded viewer (so no result inherits another's display settings)
+    by a double-click on its thumbnail, screenshot before and after, with what is drawn over the image and the
+    browser console of each (all in DIR/ohif_console.log)."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     driver = chromium()
-    start, shown = time.time(), {}
-    try:
+    start, shown, console = time.time(), {}, {}
+    base = out / "ohif_results_base.png"
+
+    def load_viewer() -> str:
+        begun = time.time()
         driver.get(f"{url}/ohif/viewer?StudyInstanceUIDs={study_uid}")
-        base = out / "ohif_results_base.png"
-        while time.time() - start < timeout:
+        while time.time() - begun < timeout:
             time.sleep(3)
             driver.save_screenshot(str(base))
             if viewport_shows_image(base) > 20:
                 break
         time.sleep(3)
         driver.save_screenshot(str(base))
-        text = driver.find_element(By.TAG_NAME, "body").text
+        return driver.find_element(By.TAG_NAME, "body").text
+
+    try:
         for kind, description in RESULT_SERIES.items():
-            entry = {"listed": description in text}
+            entry = {"listed": description in load_viewer()}
+            console[f"{kind} (viewer loading)"] = console_messages(driver)
             labels = driver.find_elements(By.XPATH, f"//*[contains(text(), '{description}')]")
             if labels:
                 png = out / f"ohif_{kind}.png"
@@ -148,10 +173,16 @@ def open_results_in_ohif(url: str, study_uid: str, out: Path, timeout: float = 9
                 time.sleep(8)  # the series loads (a SEG is hydrated over its CT)
                 driver.save_screenshot(str(png))
                 entry.update(opened=True, screenshot=str(png), viewport_changed=round(changed_fraction(base, png), 4),
-                             page_mentions=[w for w in ("Segmentation", "Lesion 1", "Volume", "Anomaly score", "not supported",
-                                                         "Unable", "Error") if w in driver.find_element(By.TAG_NAME, "body").text])  # fmt: skip
+                             viewport_grey_std=round(viewport_shows_image(png), 2), **drawn_annotations(driver),
+                             page_mentions=[w for w in ("Segmentation", "Lesion 1", "Length", "Volume", "Anomaly score",
+                                                         "not supported", "Unable", "Error") if w in driver.find_element(By.TAG_NAME, "body").text])  # fmt: skip
+                console[kind] = console_messages(driver)
+                entry["console_problems"] = [m for m in console[kind] if m.startswith(("SEVERE", "WARNING"))][:12]
             shown[kind] = entry
     finally:
+        with open(out / "ohif_console.log", "w") as log:
+            for stage, messages in console.items():
+                log.write(f"== {stage}\n" + "".join(f"{m}\n" for m in messages))
         driver.quit()
     return {**shown, "seconds": round(time.time() - start, 1)}
 
@@ -206,6 +237,7 @@ def run_check(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings, summary = {}, {}
     t0 = time.time()
+    shutil.rmtree(out / "orthanc", ignore_errors=True)  # this check's own store: a run's study holds that run's series only
     orthanc, dicomweb_url = dicomweb.start_orthanc(out / "orthanc", label_server.free_port())
     server = None
     try:
@@ -292,7 +324,8 @@ def main() -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ohif_check_"))
     summary = run_check(out)
     print(json.dumps(summary, indent=2))
-    ok = summary["ohif"]["rendered"] and summary["after_save"]["series_in_study"] >= 2 and summary["ohif_monai_label"]["ran"]
+    sr_drawn = summary["ohif_dicom_results"].get("report", {}).get("svg_shapes", 0) > 0  # the lesions' long axes
+    ok = summary["ohif"]["rendered"] and summary["after_save"]["series_in_study"] >= 2 and summary["ohif_monai_label"]["ran"] and sr_drawn
     return 0 if ok else 1
 
 

@@ -202,7 +202,8 @@ def test_infer_removes_a_killed_runs_partial_files_and_follows_the_umask(corpus,
     assert code == 0, lines
     assert not list(out.glob(".*partial*"))
     written = sorted(out.iterdir())
-    assert len(written) == 3 and all(p.stat().st_mode & 0o777 == 0o644 for p in written), [(p.name, oct(p.stat().st_mode)) for p in written]
+    # heatmap, label map, summary and picture
+    assert len(written) == 4 and all(p.stat().st_mode & 0o777 == 0o644 for p in written), [(p.name, oct(p.stat().st_mode)) for p in written]
 
 
 # ----------------------------------------------------------------------------- the checks accept what is real

@@ -304,11 +304,11 @@ def test_inference_writes_outputs_in_input_geometry_where_the_lesion_is(cli_trai
     outputs = {}
     for item in (case, flipped):
         source = nib.load(str(data / item["image"]))
-        for kind in ("heatmap", "anomaly"):
+        for kind in ("heatmap", "anomaly-label"):
             written = nib.load(str(volumes / f"{item['case_id']}_{kind}.nii.gz"))
             assert written.shape == source.shape and np.allclose(written.affine, source.affine, atol=1e-4), kind
             outputs[item["case_id"], kind] = written
-    for kind in ("heatmap", "anomaly"):
+    for kind in ("heatmap", "anomaly-label"):
         back = reoriented(outputs[flipped["case_id"], kind], ("R", "A", "S"))
         assert np.allclose(back.affine, stored.affine, atol=1e-4)
         got = np.asarray(back.dataobj, dtype=np.float64)

@@ -20,7 +20,7 @@ from monai_ad.cli import main
 from monai_ad.detectors import create_detector
 from monai_ad.errors import InputError
 
-SEG_STORAGE, PM_STORAGE, COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.88.34"
+SEG_STORAGE, PM_STORAGE, COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.88.33"
 ROWS, COLUMNS, SLICES, PIXEL_MM, SLICE_MM = 80, 80, 20, 1.5, 2.5
 ORIGIN = np.array([-60.0, -50.0, 100.0])  # ImagePositionPatient of the first slice (LPS, mm)
 LIVER_CENTRE = ORIGIN + np.array([60.0, 60.0, 0.0])  # in-plane centre of the liver block (LPS)
@@ -180,7 +180,7 @@ def numbers(group) -> dict[str, float]:
 
 def test_report_has_a_measurement_group_per_lesion_referencing_its_segment(reading):
     sr, seg, summary = reading["objects"]["report"], reading["objects"]["segmentation"], reading["summary"]
-    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR and sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert sr.SOPClassUID == COMPREHENSIVE_SR and sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     assert sr.StudyInstanceUID == seg.StudyInstanceUID
     evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for series in s.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}  # fmt: skip
@@ -188,22 +188,15 @@ def test_report_has_a_measurement_group_per_lesion_referencing_its_segment(readi
     groups = list(content_items(sr, "125007"))  # Measurement Group
     by_name = {next(i.TextValue for i in g.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112039"): g for g in groups}
     lesion_names = {f"Lesion {lesion['id']}" for lesion in summary["lesions"]}
-    assert set(by_name) == lesion_names | {f"{name} centroid" for name in lesion_names} | {"Study"}
+    assert set(by_name) == lesion_names | {f"{name} long axis" for name in lesion_names} | {"Study"}
     for lesion in summary["lesions"]:
         group = by_name[f"Lesion {lesion['id']}"]
         segment = next(i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121191")  # Referenced Segment
         assert segment.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
         assert int(segment.ReferencedSOPSequence[0].ReferencedSegmentNumber) == lesion["id"]
         centroid_lps = np.asarray(lesion["centroid_mm"]) * [-1, -1, 1]  # RAS → LPS
-        planar = by_name[f"Lesion {lesion['id']} centroid"]  # the same finding as a POINT on its nearest slice
         uid = lambda g: next(i.UID for i in g.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112040")  # noqa: E731
-        assert uid(planar) == uid(group) and numbers(planar) == numbers(group)
-        point = next(i for i in planar.ContentSequence if i.ValueType == "SCOORD")
-        image = reading["sources"][str(point.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)]
-        column, row = (float(v) - 0.5 for v in point.GraphicData)
-        iop = np.asarray(image.ImageOrientationPatient, dtype=float)
-        on_image = np.asarray(image.ImagePositionPatient, dtype=float) + column * PIXEL_MM * iop[:3] + row * PIXEL_MM * iop[3:]
-        assert np.allclose(on_image[:2], centroid_lps[:2], atol=1e-3) and abs(on_image[2] - centroid_lps[2]) <= SLICE_MM / 2 + 1e-6
+        assert uid(by_name[f"Lesion {lesion['id']} long axis"]) == uid(group)  # one finding
         values = numbers(group)
         assert values["Volume"] == pytest.approx(lesion["volume_mm3"], rel=1e-9)
         assert values["Diameter"] == pytest.approx(lesion["max_diameter_mm"], rel=1e-9)
@@ -223,6 +216,72 @@ def test_report_has_a_measurement_group_per_lesion_referencing_its_segment(readi
     assert names == {"monai_ad density"}
     parameters = {i.TextValue for i in content_items(sr, "111002")}
     assert parameters == {f"model {dicom_results.model_version(reading['model'])}"}
+
+
+def test_report_draws_each_lesions_long_axis_on_its_source_slice(reading):
+    """Per lesion a planar group OHIF draws: a Length (mm) with a two-point POLYLINE on one source image, both ends on
+    the lesion there, the length their distance by PixelSpacing, and no longer in-plane diameter of the lesion on
+    any slice (found here by brute force over all its pixels)."""
+    from scipy import ndimage
+    from scipy.spatial.distance import pdist
+
+    sr, summary, sources = reading["objects"]["report"], reading["summary"], reading["sources"]
+    groups = list(content_items(sr, "125007"))
+    identifier = lambda g: next(i.TextValue for i in g.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112039")  # noqa: E731
+    axes = {identifier(g): g for g in groups if identifier(g).endswith(" long axis")}
+    assert len(axes) == len(summary["lesions"]) >= 2
+    label = np.asarray(reading["label_map"].dataobj) > 0
+    components, _ = ndimage.label(label, structure=np.ones((3, 3, 3), dtype=bool))
+    component_map = nib.Nifti1Image(components.astype(np.int32), reading["label_map"].affine)
+    lengths = []
+    for lesion in summary["lesions"]:
+        group = axes[f"Lesion {lesion['id']} long axis"]
+        region = next(i for i in group.ContentSequence if i.ValueType == "SCOORD")
+        assert region.GraphicType == "POLYLINE" and region.RelationshipType == "CONTAINS"
+        assert region.ConceptNameCodeSequence[0].CodeMeaning == "Image Region"
+        image = sources[str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)]
+        ends = np.asarray(region.GraphicData, dtype=float).reshape(2, 2) - 0.5  # (column, row) of each end's pixel centre
+        assert np.allclose(ends, np.round(ends))
+        columns, rows = np.round(ends).astype(int).T
+        lesion_here = map_frame(component_map, image)
+        component = lesion_here[rows[0], columns[0]]
+        assert component > 0 and lesion_here[rows[1], columns[1]] == component  # both ends on one lesion, on that slice
+        assert np.allclose(map_frame(reading["label_map"], image)[rows, columns], 1)
+        row_mm, column_mm = (float(v) for v in image.PixelSpacing)
+        expected = float(np.hypot((columns[1] - columns[0]) * column_mm, (rows[1] - rows[0]) * row_mm))
+        length = next(i for i in group.ContentSequence if i.ValueType == "NUM")
+        assert length.ConceptNameCodeSequence[0].CodeValue == "410668003"  # SCT Length
+        assert length.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm"
+        assert float(length.MeasuredValueSequence[0].NumericValue) == pytest.approx(expected, abs=1e-6)
+        longest = 0.0
+        for source in sources.values():
+            pixels = np.argwhere(map_frame(component_map, source) == component) * [row_mm, column_mm]
+            if len(pixels) > 1:
+                longest = max(longest, float(pdist(pixels).max()))
+        assert expected == pytest.approx(longest, abs=1e-6)
+        assert expected <= lesion["max_diameter_mm"] + 1e-6  # in-plane, centre to centre: within the 3-D diameter
+        lengths.append(expected)
+    assert lengths[0] > lengths[1]  # the 9 mm sphere's axis is longer than the 6 mm one's
+
+
+def test_long_axis_of_a_line_a_single_pixel_and_an_anisotropic_grid():
+    from pydicom.dataset import Dataset
+
+    def image(row_mm, column_mm):
+        ds = Dataset()
+        ds.PixelSpacing = [row_mm, column_mm]
+        return ds
+
+    frames = np.zeros((2, 8, 8), dtype=np.uint8)
+    frames[0, 2, 1:5] = 1  # a one-row lesion: collinear pixels, no convex hull
+    frames[1, 4, 4] = 2  # one pixel: no axis
+    frames[1, 1:4, 6] = 1  # three rows of one column, on a slice with rows 2 mm apart
+    sources = [image(1.0, 1.0), image(2.0, 0.5)]
+    axis = dicom_results.long_axis(sources, frames, 1)
+    assert axis.source is sources[1] and axis.length_mm == pytest.approx(4.0)  # 2 rows × 2 mm beat 3 columns × 1 mm
+    assert sorted(map(tuple, axis.ends)) == [(1, 6), (3, 6)]
+    assert dicom_results.long_axis(sources, frames, 2) is None
+    assert dicom_results.long_axis(sources[:1], frames[:1], 1).length_mm == pytest.approx(3.0)  # the line alone
 
 
 def test_label_map_file_is_named_as_3d_slicer_recognises_a_label_map(reading):
@@ -355,7 +414,7 @@ def test_the_apps_infer_step_stores_the_results_in_a_real_orthanc(reading, tmp_p
         client = DICOMwebClient(url=url)
         for kind, ids in stored.items():
             ds = client.retrieve_instance(uids.study, ids["SeriesInstanceUID"], ids["SOPInstanceUID"])
-            assert ds.SOPClassUID == {"segmentation": SEG_STORAGE, "parametric_map": PM_STORAGE, "report": COMPREHENSIVE_3D_SR}[kind]
+            assert ds.SOPClassUID == {"segmentation": SEG_STORAGE, "parametric_map": PM_STORAGE, "report": COMPREHENSIVE_SR}[kind]
         seg = client.retrieve_instance(uids.study, stored["segmentation"]["SeriesInstanceUID"], stored["segmentation"]["SOPInstanceUID"])
         assert len(seg.SegmentSequence) == len(data["anomaly_summary"]["lesions"]) == len(reading["summary"]["lesions"])
         failed = step({**data, DICOM_SERIES: str(reading["series"]), DICOM_STORE: "http://127.0.0.1:9/dicom-web"})
