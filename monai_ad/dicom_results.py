@@ -34,6 +34,7 @@ import numpy as np
 import monai_ad
 from monai_ad.errors import InputError
 from monai_ad.io import atomic_paths
+from monai_ad.postprocess import farthest_pair
 
 LOCAL_SCHEME = "99MONAIAD"  # a private coding scheme (DICOM's "99" prefix) for what no standard code names
 SERIES_NUMBERS = {"segmentation": 901, "parametric_map": 902, "report": 903}
@@ -326,22 +327,6 @@ class LongAxis:
 
         return ImageRegion(graphic_type=GraphicTypeValues.POLYLINE, graphic_data=self.ends[:, ::-1].astype(float) + 0.5,
                            source_image=SourceImageForRegion.from_source_image(self.source))  # fmt: skip
-
-
-def farthest_pair(points: np.ndarray) -> tuple[int, int]:
-    """Indices of the two points (``[N, d]``, N ≥ 2) farthest apart; they are vertices of the points' convex hull."""
-    from scipy.spatial import ConvexHull, QhullError
-    from scipy.spatial.distance import pdist
-
-    candidates = np.arange(len(points))
-    if len(points) > 3:
-        try:
-            candidates = ConvexHull(points).vertices
-        except QhullError:  # all on one line: every point stays a candidate
-            pass
-    best = int(np.argmax(pdist(points[candidates])))
-    first, second = (index[best] for index in np.triu_indices(len(candidates), 1))
-    return int(candidates[first]), int(candidates[second])
 
 
 def long_axis(sources: Sequence, segments: np.ndarray, lesion_id: int) -> LongAxis | None:

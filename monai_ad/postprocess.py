@@ -98,27 +98,37 @@ def label_lesions(
     return label_map, lesions
 
 
+def farthest_pair(points: np.ndarray) -> tuple[int, int]:
+    """Indices of the two points (``[N, d]``, N >= 2) farthest apart; they are vertices of the points' convex hull.
+    Points all in one plane or line (no hull) are searched whole, or, beyond 1500 of them, through their extremes
+    along the axes and diagonals (the ends of a line or a flat region's outline)."""
+    candidates = np.arange(len(points))
+    if len(points) > points.shape[1]:
+        try:
+            candidates = ConvexHull(points).vertices
+        except QhullError:
+            pass
+    if len(candidates) > 1500:
+        d = points.shape[1]
+        grid = np.stack(np.meshgrid(*[(-1, 0, 1)] * d, indexing="ij"), -1).reshape(-1, d)
+        directions = grid[[tuple(v) > (0,) * d for v in grid[:, ::-1]]].astype(float)  # one of each opposite pair
+        projections = points[candidates] @ directions.T
+        candidates = candidates[np.unique(np.concatenate([projections.argmin(0), projections.argmax(0)]))]
+    best = int(np.argmax(pdist(points[candidates])))
+    first, second = (index[best] for index in np.triu_indices(len(candidates), 1))
+    return int(candidates[first]), int(candidates[second])
+
+
 def max_diameter_mm(voxels: np.ndarray, affine: np.ndarray) -> float:
     """The largest distance across a region (``voxels``: its ``[N, 3]`` voxel indices), in mm, edge to edge:
-    the farthest pair of voxel centres (on their convex hull) plus the width of one voxel along that line."""
+    the farthest pair of voxel centres plus the width of one voxel along that line."""
     world = np.asarray(voxels, dtype=float) @ np.asarray(affine, dtype=float)[:3, :3].T
-    if len(world) > 8:
-        try:
-            world = world[ConvexHull(world).vertices]
-        except QhullError:  # all in one plane or line: the centres themselves
-            pass
-    if len(world) > 1500:  # a flat region's every voxel: its extremes along 13 directions are enough
-        directions = np.array([[x, y, z] for x in (-1, 0, 1) for y in (-1, 0, 1) for z in (0, 1) if (z, y, x) > (0, 0, 0)])
-        projections = world @ directions.T.astype(float)
-        world = world[np.unique(np.concatenate([projections.argmin(0), projections.argmax(0)]))]
-    if len(world) < 2:
-        direction, length = np.array([1.0, 0.0, 0.0]), 0.0
-    else:
-        distances = pdist(world)
-        best = int(np.argmax(distances))
-        a, b = (index[best] for index in np.triu_indices(len(world), 1))
-        length = float(distances[best])
-        direction = (world[b] - world[a]) / length if length > 0 else np.array([1.0, 0.0, 0.0])
+    direction, length = np.array([1.0, 0.0, 0.0]), 0.0
+    if len(world) >= 2:
+        a, b = farthest_pair(world)
+        length = float(np.linalg.norm(world[b] - world[a]))
+        if length > 0:
+            direction = (world[b] - world[a]) / length
     voxel_width = float(np.abs(direction @ np.asarray(affine, dtype=float)[:3, :3]).sum())
     return length + voxel_width
 
