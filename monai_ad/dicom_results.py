@@ -165,14 +165,6 @@ def model_version(model: str | os.PathLike | None) -> str:
     return digest.hexdigest()[:12]
 
 
-def study_score(summary: dict) -> float | None:
-    """The study-level score: the summary's ``study_score``, else its highest slice score."""
-    if summary.get("study_score") is not None:
-        return float(summary["study_score"])
-    scores = [s for s in summary.get("slice_scores", []) if s is not None]
-    return float(max(scores)) if scores else None
-
-
 def build_results(sources: Sequence, result, model_version: str = "unsaved", workers: int = 0) -> DicomResults:
     """SEG, Parametric Map and TID 1500 SR of ``result`` (a ``VolumeResult`` with its maps) read from the DICOM
     series ``sources`` (pydicom datasets with their pixel data and UIDs, e.g. ``read_source_series``)."""
@@ -281,7 +273,7 @@ def build_report(sources: Sequence, segmentation, segments: np.ndarray | None, s
             )  # fmt: skip
         )
     study = []
-    score = study_score(summary)
+    score = summary.get("study_score")
     if score is not None:
         study.append(_measurement(code["anomaly_score"], score, code["score_unit"], algorithm, code["maximum"]))
     if summary.get("p_value") is not None:

@@ -139,14 +139,6 @@ def remote_rois(series: Sequence[RemoteSeries], roi: str | os.PathLike | None) -
 
 
 # ----------------------------------------------------------------------------- one study's row
-def study_score(summary: dict[str, Any]) -> float | None:
-    """The study-level score: ``summary["study_score"]``, else the highest slice score (None when none)."""
-    if summary.get("study_score") is not None:
-        return float(summary["study_score"])
-    scores = [float(s) for s in summary.get("slice_scores") or [] if s is not None and math.isfinite(s)]
-    return max(scores) if scores else None
-
-
 def top_slices(summary: dict[str, Any], k: int = TOP_SLICES) -> list[int]:
     from monai_ad.report import select_most_abnormal
 
@@ -165,7 +157,7 @@ def study_row(summary: dict[str, Any], picture: str | None = None) -> dict[str, 
     lesions = summary.get("lesions") or []
     largest = max(lesions, key=lambda lesion: lesion.get("volume_mm3") or 0.0, default=None)
     row.update(
-        study_score=study_score(summary),
+        study_score=summary.get("study_score"),
         p_value=summary.get("p_value"),
         top_slices=top_slices(summary),
         lesion_count=len(lesions),

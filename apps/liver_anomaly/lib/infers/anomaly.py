@@ -37,7 +37,6 @@ from monai_ad.errors import InputError
 from monai_ad.postprocess import MIN_LESION_MM3
 from monai_ad.prediction import Predictor, VolumeResult, calibration_record
 from monai_ad.settings import Range, check_setting
-from monai_ad.triage import study_score
 
 from lib.studies import ANOMALY_NAMES
 
@@ -117,10 +116,8 @@ class SummaryToResultd(MapTransform):
 
     def __call__(self, data):
         d = dict(data)
-        summary = d.pop(self.summary_key)
-        # the study's place on the triage worklist: its study score and (with conformal calibration) p-value
-        study = {"study_score": study_score(summary), "p_value": summary.get("p_value")}
-        d[self.result_key] = {**dict(d.get(self.result_key) or {}), **summary, **study, **self.extra}
+        # the summary holds the study's place on the triage worklist: its study score and (calibrated) p-value
+        d[self.result_key] = {**dict(d.get(self.result_key) or {}), **d.pop(self.summary_key), **self.extra}
         d.pop("heatmap", None)  # the label map is the answer; the float heatmap stays on the server
         return d
 
