@@ -154,6 +154,27 @@ def test_infer_writes_a_picture_of_the_top_slices(worklist, tmp_path, capsys):
     assert width == 1600 and 300 <= height <= 1200  # one row of the most abnormal slices
 
 
+def test_infer_goes_on_when_a_picture_cannot_be_drawn(worklist, tmp_path, capsys, monkeypatch):
+    """The picture is a view of outputs already written: when it fails, infer warns in one line and goes on."""
+    def broken(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(triage, "write_scan_picture", broken)
+    cases = sorted(worklist["with_lesion"])[:2]
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for case in cases:
+        (images / f"{case}.nii.gz").symlink_to(worklist["studies"] / f"{case}.nii.gz")
+        (masks / f"{case}.nii.gz").symlink_to(worklist["masks"] / f"{case}.nii.gz")
+    out = tmp_path / "out"
+    assert main(["--quiet", "infer", "--model", str(worklist["model"]), "--image", str(images), "--roi", str(masks), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("warning: no picture: OSError: no space left on device") == len(cases)
+    for case in cases:
+        assert (out / f"{case}_anomaly-label.nii.gz").is_file() and not (out / f"{case}_picture.png").exists()
+
+
 def test_triage_of_a_dicomweb_store(worklist, real_ct, tmp_path):
     """The real CT series in a local Orthanc: listed (QIDO-RS), retrieved (WADO-RS) and scored, its liver mask the
     organ map named by its SeriesInstanceUID; a store series without a mask would be a row with its reason."""

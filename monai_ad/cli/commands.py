@@ -70,7 +70,7 @@ def predict_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_infer(args: argparse.Namespace) -> None:
     from monai_ad.prediction import Predictor, infer
-    from monai_ad.triage import hu_window, write_scan_picture
+    from monai_ad.triage import hu_window, one_line, write_scan_picture
 
     images = volumes_in(Path(args.image))
     if args.roi is None:
@@ -85,23 +85,34 @@ def cmd_infer(args: argparse.Namespace) -> None:
     window = hu_window(predictor)
 
     def picture(result) -> None:  # the top slices with overlays, drawn while the result holds its arrays
-        path = write_scan_picture(result, Path(args.out) / f"{result.case}_picture.png", window)
+        try:
+            path = write_scan_picture(result, Path(args.out) / f"{result.case}_picture.png", window)
+        except Exception as error:  # the picture is a view of outputs already written: it never stops the run
+            result.summary.setdefault("warnings", []).append(f"no picture: {one_line(error)}")
+            return
         if path is not None:
             result.files["picture"] = str(path)
 
     results = infer(predictor, images, rois, args.out, progress=not args.quiet, on_result=picture)
+    failed = []
     for result in results:
         s = result.summary
         if Path(s["image"]).is_dir():  # a DICOM series: SEG, parametric map and SR beside the NIfTI outputs
             from monai_ad.dicom_results import dicom_results_for
 
-            result.files.update(dicom_results_for(s["image"], result, args.out, model=args.model, store_url=args.dicom_store))
+            try:
+                result.files.update(dicom_results_for(s["image"], result, args.out, model=args.model, store_url=args.dicom_store))
+            except Exception as error:  # each case's objects are written all or nothing; the other cases go on
+                failed.append(result.case)
+                s.setdefault("warnings", []).append(f"no DICOM results: {one_line(error)}")
         p_value = "" if s.get("p_value") is None else f", p = {s['p_value']:.3g} against {s['conformal']['n_calibration_scans']} normal scans"
         print(f"{result.case}: {len(s['abnormal_slices'])} abnormal slice(s), {len(s['lesions'])} region(s){p_value}")
         for warning in s.get("warnings", []):
             print(f"  warning: {warning}")
         for kind, path in result.files.items():
             print(f"  {kind}: {path}")
+    if failed:
+        raise InputError(f"the DICOM results of {len(failed)} case(s) were not written ({', '.join(failed)}): see the warnings above", args.out)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
