@@ -1,5 +1,5 @@
 """monai_ad's detectors and anomalib's implementations of the same methods, side by side on the same 2-D liver
-slices, in one run: PatchCore, STFPM, CFA and CFLOW (``--methods``).
+slices, in one run: PatchCore, STFPM, CFA, CFLOW, DRAEM and GANomaly (``--methods``).
 
 anomalib is not a monai_ad dependency: build its environment once with ``bash benchmarks/setup_anomalib_env.sh``
 and run this script with that environment's Python:
@@ -30,6 +30,16 @@ What differs, by design of each library:
 - CFLOW: the same backbone levels (``blocks.2/4/6``, layer2–4's analogues), 8 coupling blocks, 128-d positional
   condition, clamp 1.9, 64-row fiber batches, Adam lr 1e-4 and an optimiser step per fiber batch on both sides;
   anomalib's training step (its Lightning module's) is run as written there, over the same batches.
+- DRAEM: both at 128 px with the CPU schedule's sub-network widths (16 and 8; anomalib's ``DraemModel`` builds
+  128 and 64, so its two sub-networks are rebuilt at the narrow widths) and learning rate (Adam, 1e-3), three
+  channels in [0, 1] for anomalib's. Training anomalies: anomalib's ``PerlinAnomalyGenerator`` without a texture
+  folder (DTD is a download) blends its own noise source anywhere in the slice, β ~ U(0.1, 1); monai_ad's
+  ``perlin_anomalies`` blends a Perlin field inside the liver only, β ~ U(0, 0.8) (the paper). monai_ad mean-filters
+  the map (11 px) before its maximum; anomalib takes the raw map's maximum.
+- GANomaly: both at 64 px with the CPU schedule's width (32), latent 100, loss weights 1 / 50 / 1, Adam 2e-4 with
+  β₁ 0.5; anomalib's model is given three channels in [-1, 1], its generator's tanh range. anomalib's GANomaly
+  scores slices only (the latent distance), so its pixel columns are n/a; monai_ad also maps the residual.
+  monai_ad re-initialises a collapsed discriminator; anomalib 2.7's training step does not.
 - CS-Flow is not compared: anomalib's builds torchvision's EfficientNet-B5 with ImageNet weights that torchvision
   downloads, and its flow graph is fixed to that network's 304-channel stride-32 features, so it cannot be given
   the offline EfficientNet-Lite0 levels both sides here use.
@@ -61,7 +71,7 @@ from monai_ad.transforms.pipeline import PreprocessConfig  # noqa: E402
 
 PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]
 LAYER1_TO_3 = ["blocks.1", "blocks.2", "blocks.4"]
-METHODS = ("patchcore", "stfpm", "cfa", "cflow")
+METHODS = ("patchcore", "stfpm", "cfa", "cflow", "draem", "ganomaly")
 LAYER2_TO_4 = ["blocks.2", "blocks.4", "blocks.6"]
 
 
@@ -79,17 +89,28 @@ def offline_timm(weights_file: Path):
     return mock.patch("timm.create_model", create_offline)
 
 
-def evaluate(name: str, pixel: torch.Tensor, slice_scores: torch.Tensor, test: dict[str, torch.Tensor]) -> dict:
+def evaluate(name: str, pixel: torch.Tensor | None, slice_scores: torch.Tensor, test: dict[str, torch.Tensor]) -> dict:
+    """The slice and pixel figures of one side (``pixel`` None: a method that scores slices only)."""
     lesion, roi = test["lesion"][:, 0].numpy(), test["roi"][:, 0].numpy()
     labels = lesion.reshape(len(lesion), -1).any(1).astype(int)
+    row = {"method": name, "slice AUROC": metrics.slice_auroc(labels, slice_scores.float().numpy())}
+    if pixel is None:
+        return {**row, "pixel AUROC (liver)": None, "pixel AUROC (all)": None, "AUPRO": None}
     maps = pixel.float().numpy()
-    return {
-        "method": name,
-        "slice AUROC": metrics.slice_auroc(labels, slice_scores.float().numpy()),
-        "pixel AUROC (liver)": metrics.pixel_auroc(lesion, maps, roi),
-        "pixel AUROC (all)": metrics.pixel_auroc(lesion, maps),
-        "AUPRO": metrics.aupro(lesion, maps),
-    }
+    return {**row, "pixel AUROC (liver)": metrics.pixel_auroc(lesion, maps, roi),
+            "pixel AUROC (all)": metrics.pixel_auroc(lesion, maps), "AUPRO": metrics.aupro(lesion, maps)}  # fmt: skip
+
+
+def resized(slices: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """The slices at ``size`` pixels (image bilinear, masks nearest), for the methods compared below 224 px."""
+    import torch.nn.functional as F
+
+    out = dict(slices)
+    out["image"] = F.interpolate(slices["image"].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    for key in ("roi", "lesion"):
+        if key in slices:
+            out[key] = F.interpolate(slices[key].float(), size=(size, size), mode="nearest").to(slices[key].dtype)
+    return out
 
 
 def run_batches(fn, images: torch.Tensor, rois: torch.Tensor, batch: int, device: torch.device):
@@ -100,9 +121,10 @@ def run_batches(fn, images: torch.Tensor, rois: torch.Tensor, batch: int, device
     pixel, scores = [], []
     for i in range(0, len(images), batch):
         p, s = fn(images[i : i + batch].float().to(device), rois[i : i + batch].to(device))
-        pixel.append(p.cpu()), scores.append(s.cpu())
+        pixel.append(None if p is None else p.cpu()), scores.append(s.cpu())
     synchronize(device)
-    return torch.cat(pixel), torch.cat(scores), time.perf_counter() - start
+    maps = None if any(p is None for p in pixel) else torch.cat(pixel)
+    return maps, torch.cat(scores), time.perf_counter() - start
 
 
 def timed(fn, device: torch.device) -> float:
@@ -116,20 +138,31 @@ def timed(fn, device: torch.device) -> float:
 class Run:
     """One method's data, device and settings, and the rows measured for it."""
 
-    def __init__(self, train, test, device, batch, epochs, seed, weights_file):
+    def __init__(self, train, test, device, batch, epochs, seed, weights_file, prepare=None):
         self.train, self.test, self.device, self.batch = train, test, device, batch
         self.epochs, self.seed, self.weights_file = epochs, seed, weights_file
-        self.mean = torch.tensor((0.5, 0.5, 0.5), device=device).view(1, 3, 1, 1)  # EfficientNet-Lite's input scaling
-        self.std = torch.tensor((0.5, 0.5, 0.5), device=device).view(1, 3, 1, 1)
+        self.prepare = prepare or self.normalise  # how anomalib's model is given a slice
 
-    def normalise(self, image: torch.Tensor) -> torch.Tensor:
-        return (image.expand(-1, 3, -1, -1) - self.mean) / self.std
+    @staticmethod
+    def normalise(image: torch.Tensor) -> torch.Tensor:
+        """Three channels in [-1, 1]: EfficientNet-Lite's input scaling, and the tanh range of a DCGAN generator."""
+        return (image.expand(-1, 3, -1, -1) - 0.5) / 0.5
+
+    @staticmethod
+    def three_channels(image: torch.Tensor) -> torch.Tensor:
+        """Three channels in [0, 1] (DRAEM's input: no normalisation)."""
+        return image.expand(-1, 3, -1, -1)
+
+    def at_size(self, size: int) -> "Run":
+        """The same run on the slices resized to ``size`` pixels."""
+        return Run(resized(self.train, size), resized(self.test, size), self.device, self.batch, self.epochs, self.seed,
+                   self.weights_file, self.prepare)  # fmt: skip
 
     def train_batches(self, generator: torch.Generator):
         images = self.train["image"]
         order = torch.randperm(len(images), generator=generator)
         for i in range(0, len(order), self.batch):
-            yield self.normalise(images[order[i : i + self.batch]].float().to(self.device))
+            yield self.prepare(images[order[i : i + self.batch]].float().to(self.device))
 
     def ours(self, label: str, detector) -> dict:
         detector = detector.to(self.device)
@@ -149,7 +182,7 @@ class Run:
 
         def score(image, roi):
             with torch.no_grad():
-                out = model(self.normalise(image))
+                out = model(self.prepare(image))
             return output(out)
 
         pixel, slice_scores, seconds = run_batches(score, self.test["image"], self.test["roi"], self.batch, self.device)
@@ -296,6 +329,82 @@ def compare_cflow(run: Run) -> list[dict]:
     return [row, other]
 
 
+def compare_draem(run: Run) -> list[dict]:
+    """At 128 px with the CPU schedule's narrow sub-networks on both sides (anomalib's ``DraemModel`` builds the
+    paper's widths, 128 and 64; its sub-networks take the width, so they are rebuilt at 16 and 8)."""
+    from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+    from anomalib.models.image.draem import torch_model as draem_torch
+    from anomalib.models.image.draem.loss import DraemLoss
+
+    schedule = {**create_detector("draem").schedule("cpu"), "epochs": run.epochs, "batch_size": run.batch}
+    size = int(schedule["image_size"])
+    run = run.at_size(size)
+    run.prepare = run.three_channels
+    ours = create_detector("draem", seed=run.seed, **schedule)
+    row = run.ours("DRAEM", ours)
+    torch.manual_seed(run.seed)
+    theirs = draem_torch.DraemModel()
+    theirs.reconstructive_subnetwork = draem_torch.ReconstructiveSubNetwork(base_width=int(schedule["width"]))
+    theirs.discriminative_subnetwork = draem_torch.DiscriminativeSubNetwork(
+        in_channels=6, out_channels=2, base_width=int(schedule["discriminator_width"]))
+    theirs = theirs.to(run.device)
+    # anomalib's Lightning module: Perlin anomalies (no DTD texture folder offline: its generator's own noise
+    # source), blend factor 0.1–1, Adam; here at the CPU schedule's learning rate on both sides (anomalib: 1e-4 for
+    # the paper's widths)
+    augmenter = PerlinAnomalyGenerator(anomaly_source_path=None, blend_factor=(0.1, 1.0))
+    loss = DraemLoss()
+    optimizer = torch.optim.Adam(theirs.parameters(), lr=float(schedule["lr"]))
+
+    def step(images: torch.Tensor) -> torch.Tensor:
+        augmented, mask = augmenter(images)
+        reconstruction, prediction = theirs(augmented)
+        return loss(images, reconstruction, mask, prediction)
+
+    other = run.theirs("DRAEM", theirs, lambda: run.epochs_of(theirs, optimizer, step),
+                       lambda out: (out.anomaly_map, out.pred_score.flatten()))  # fmt: skip
+    return [row, other]
+
+
+def compare_ganomaly(run: Run) -> list[dict]:
+    """At the CPU schedule's 64 px and width on both sides; anomalib's GANomaly scores slices only (no map)."""
+    from anomalib.models.image.ganomaly.loss import DiscriminatorLoss, GeneratorLoss
+    from anomalib.models.image.ganomaly.torch_model import GanomalyModel
+
+    schedule = {**create_detector("ganomaly").schedule("cpu"), "epochs": run.epochs, "batch_size": run.batch}
+    size, width = int(schedule["image_size"]), int(schedule["width"])
+    run = run.at_size(size)
+    ours = create_detector("ganomaly", seed=run.seed, **schedule)
+    row = run.ours("GANomaly", ours)
+    torch.manual_seed(run.seed)
+    theirs = GanomalyModel(input_size=(size, size), num_input_channels=3, n_features=width, latent_vec_size=100).to(run.device)
+    generator_loss, discriminator_loss = GeneratorLoss(wadv=1, wcon=50, wenc=1), DiscriminatorLoss()
+    # anomalib's Lightning module: one Adam each, lr 2e-4, betas (0.5, 0.999); a generator step, then a
+    # discriminator step on the same batch
+    g_opt = torch.optim.Adam(theirs.generator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    d_opt = torch.optim.Adam(theirs.discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+
+    def fit():
+        generator = torch.Generator().manual_seed(run.seed)
+        theirs.train()
+        for _ in range(run.epochs):
+            for images in run.train_batches(generator):
+                padded, fake, latent_i, latent_o = theirs(images)
+                pred_real, _ = theirs.discriminator(padded)
+                pred_fake, _ = theirs.discriminator(fake)
+                g_loss = generator_loss(latent_i, latent_o, padded, fake, pred_real, pred_fake)
+                g_opt.zero_grad()
+                g_loss.backward(retain_graph=True)
+                g_opt.step()
+                pred_fake, _ = theirs.discriminator(fake.detach())
+                d_loss = discriminator_loss(pred_real, pred_fake)
+                d_opt.zero_grad()
+                d_loss.backward()
+                d_opt.step()
+
+    other = run.theirs("GANomaly", theirs, fit, lambda out: (None, out.pred_score.flatten()))
+    return [row, other]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -330,17 +439,20 @@ def main() -> None:
         pair = compare_patchcore(run, args.coreset_ratio) if method == "patchcore" else globals()[f"compare_{method}"](run)
         ratio = {"method": "monai_ad / anomalib"}
         for key in ("slice AUROC", "pixel AUROC (liver)", "pixel AUROC (all)", "AUPRO", "slices/s", "fit s"):
-            ratio[key] = pair[0][key] / pair[1][key]
+            ours, theirs = pair[0][key], pair[1][key]
+            ratio[key] = None if ours is None or theirs is None else ours / theirs
         rows += [*pair, ratio]
     cols = ["method", "slice AUROC", "pixel AUROC (liver)", "pixel AUROC (all)", "AUPRO", "fit s", "slices/s", "memory bank"]
     n_test = len(test["image"])
     notes = [
         f"{len(train['image'])} normal training slices from {args.normal} normal phantoms ({args.preset}); "
         f"{n_test} test slices ({int(test['lesion'].flatten(1).any(1).sum())} with lesions) from the test phantoms",
-        f"batch {batch}; PatchCore coreset ratio {args.coreset_ratio} (fit = features + coreset); STFPM, CFA and CFLOW "
-        f"{args.epochs} epochs each side (fit = training); slices/s = scoring the test slices",
+        f"batch {batch}; PatchCore coreset ratio {args.coreset_ratio} (fit = features + coreset); the trained methods "
+        f"{args.epochs} epochs each side (fit = training); slices/s = scoring the test slices; DRAEM at 128 px and "
+        "GANomaly at 64 px (their CPU schedules), both sides",
         "differences: see the script's docstring (PatchCore embedding width, STFPM weight decay, CFA pooling, "
-        "bf16 on CUDA, slice score over the ROI vs the slice; CS-Flow not comparable offline)",
+        "bf16 on CUDA, slice score over the ROI vs the slice, DRAEM's anomaly source and mean filter, GANomaly's lack "
+        "of a map; CS-Flow not comparable offline)",
     ]
     record("monai_ad vs anomalib: " + ", ".join(args.methods), device, [format_table(rows, cols)], notes,
            results=None if args.no_record else args.results)  # fmt: skip
