@@ -148,6 +148,8 @@ PREPROCESS_RANGES: dict[str, Range] = {
     "pixel_mm": Range(0.0, 10.0, open_low=True),
     "histogram_equalization": Range(boolean=True),
     "mask_outside_roi": Range(boolean=True),
+    "trim_border_hu": Range(-1024.0, 3071.0),
+    "trim_border_mm": Range(0.0, 20.0, open_low=True),
     "window": Range(-1024.0, 3071.0, window=True),
 }
 

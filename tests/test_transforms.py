@@ -17,6 +17,7 @@ from monai_ad.transforms import (
     NormalizeLiverHU,
     PadToSquare,
     SelectROI,
+    TrimROIBorder,
     axial_slices,
     build_preprocessing,
     run_pipeline,
@@ -213,3 +214,33 @@ def test_nrrd_and_mha_load_with_the_same_geometry_as_nifti(oblique_case, tmp_pat
     assert a[IMAGE].shape == b[IMAGE].shape
     assert np.allclose(np.asarray(a[IMAGE].affine), np.asarray(b[IMAGE].affine), atol=1e-4)
     assert torch.allclose(a[IMAGE].as_tensor(), b[IMAGE].as_tensor(), atol=1e-4)
+
+
+def test_trim_roi_border_drops_fat_at_the_capsule_only():
+    """Fat inside the mask's outer 3 mm leaves the ROI; a fat-dense voxel deep inside, and a hypodense lesion
+    at the border, stay."""
+    shape = (1, 40, 40, 20)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    roi = torch.zeros(shape)
+    roi[0, 5:35, 5:35, 3:17] = 1
+    image = torch.full(shape, 60.0)
+    shell = roi.clone()
+    shell[0, 7:33, 7:33, 4:16] = 0  # the mask's outer 2 voxels in-plane, one slice (2 mm) through-plane
+    image[shell > 0] = -100.0  # perihepatic fat taken in by the segmentation
+    image[0, 20, 20, 10] = -100.0  # deep inside: scored as anything else
+    image[0, 5, 18:22, 10] = 10.0  # a hypodense lesion at the capsule: no fat
+    trimmed = TrimROIBorder(min_hu=-30.0, border_mm=3.0)(MetaTensor(roi, affine=torch.as_tensor(affine)), MetaTensor(image, affine=torch.as_tensor(affine)))
+    kept = trimmed[0] > 0
+    assert not kept[(shell[0] > 0) & (image[0] < -30)].any()
+    assert kept[20, 20, 10] and kept[5, 18:22, 10].all()
+    assert int(kept.sum()) == int(((roi[0] > 0) & ~((shell[0] > 0) & (image[0] < -30))).sum())
+    assert isinstance(trimmed, MetaTensor) and torch.equal(trimmed.affine, torch.as_tensor(affine).to(trimmed.affine.dtype))
+
+
+def test_the_pipeline_trims_the_roi_only_when_asked(oblique_case):
+    case = {"image": oblique_case["image"], "roi": oblique_case["label"]}
+    plain = run_pipeline(build_preprocessing({"image_size": 64}), case)
+    trimmed = run_pipeline(build_preprocessing({"image_size": 64, "trim_border_hu": 1000.0}), case)  # every border voxel
+    assert 0 < int(trimmed["roi"].sum()) < int(plain["roi"].sum())
+    with pytest.raises(InputError, match="trim_border_mm"):
+        build_preprocessing({"trim_border_hu": -30.0, "trim_border_mm": 0.0})

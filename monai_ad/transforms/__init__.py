@@ -14,6 +14,7 @@ from monai_ad.transforms.array import (
     PadToSquare,
     ScanProfile,
     SelectROI,
+    TrimROIBorder,
     axial_slices,
     stack_axial_slices,
 )
@@ -29,6 +30,7 @@ from monai_ad.transforms.dictionary import (
     PadToSquared,
     ScanProfiled,
     SelectROId,
+    TrimROIBorderd,
 )
 from monai_ad.transforms.pipeline import (
     IMAGE,

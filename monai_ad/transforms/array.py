@@ -581,6 +581,39 @@ class CheckLiverROI(Transform):
         return roi
 
 
+class TrimROIBorder(Transform):
+    """Take out of a liver ROI the voxels near its border that are fat or air, not liver.
+
+    An organ segmentation's border follows the liver only to within a voxel or two: along the capsule it takes in
+    some of the fat around the liver, whose density no liver tissue has (fat lies at −190…−30 HU). Those voxels
+    would read as the darkest "lesions" of every scan. A voxel of the ROI within ``border_mm`` of its outside
+    (3-D, in mm) whose HU is below ``min_hu`` leaves the ROI; deeper voxels stay whatever their density (a fatty
+    lesion inside the liver is still scored). ``roi`` binary ``[1, ...]``, ``image`` in HU on the same grid.
+    """
+
+    def __init__(self, min_hu: float = -30.0, border_mm: float = 3.0):
+        self.min_hu, self.border_mm = float(min_hu), float(border_mm)
+
+    def __call__(self, roi: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        from scipy import ndimage
+
+        inside = _plain(roi)[0].cpu().numpy() > 0
+        box = bounding_box(inside)
+        if box is None:
+            return roi
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+        part = inside[box]
+        depth = ndimage.distance_transform_edt(np.pad(part, 1), sampling=pixdim(roi)[: part.ndim])
+        depth = depth[tuple(slice(1, -1) for _ in range(part.ndim))]
+        values = _plain(image)[0][box].cpu().numpy()
+        removed = np.zeros_like(inside)
+        removed[box] = part & (depth <= self.border_mm) & (values < self.min_hu)
+        if not removed.any():
+            return roi
+        keep = torch.from_numpy(~removed).to(_plain(roi).device)
+        return roi * keep.to(roi.dtype)[None]
+
+
 class ScanProfile(Transform):
     """What a scan is, in the terms that make a detector's normals comparable to it: the liver's typical HU and
     spread (its histogram's mode, which tumour burden does not move: :func:`liver_level`), the liver's volume and

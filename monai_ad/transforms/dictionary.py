@@ -28,6 +28,7 @@ from monai_ad.transforms.array import (
     PadToSquare,
     ScanProfile,
     SelectROI,
+    TrimROIBorder,
 )
 
 
@@ -204,6 +205,21 @@ class CheckLiverROId(_Applyd):
         image = d.get(self.image_key) if self.image_key is not None else None
         for key in self.key_iterator(d):
             d[key] = self.transform(d[key], image)
+        return d
+
+
+class TrimROIBorderd(MapTransform):
+    """``TrimROIBorder`` on each of ``keys`` (binary liver ROIs), with ``image_key``'s HU image."""
+
+    def __init__(self, keys: KeysCollection, image_key: str = "image", min_hu: float = -30.0, border_mm: float = 3.0,
+                 allow_missing_keys: bool = False):  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.transform, self.image_key = TrimROIBorder(min_hu, border_mm), image_key
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key], d[self.image_key])
         return d
 
 

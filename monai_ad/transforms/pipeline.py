@@ -50,6 +50,7 @@ from monai_ad.transforms.dictionary import (
     PadToSquared,
     ScanProfiled,
     SelectROId,
+    TrimROIBorderd,
 )
 
 IMAGE, ROI, PRED = "image", "roi", "pred"
@@ -82,6 +83,9 @@ class PreprocessConfig:
     - ``liver_spread``: the spread ``normalize_liver_spread`` sets: ``"level"`` (the one ``liver_level`` reads) or
       ``"noise"`` (the in-plane pixel noise, ``transforms.array.pixel_noise``, which tumour burden and the
       parenchyma's enhancement do not move).
+    - ``trim_border_hu``: the ROI's voxels within ``trim_border_mm`` of its border whose HU is below this leave it
+      (``TrimROIBorder``: the fat and air an organ segmentation takes in along the capsule; −30 HU is the fat
+      range's upper end). None: the ROI as given.
     """
 
     image_size: int = 224
@@ -98,6 +102,8 @@ class PreprocessConfig:
     outside_fill: str = "zero"
     liver_level: str = "median"
     liver_spread: str = "level"
+    trim_border_hu: float | None = None
+    trim_border_mm: float = 3.0
 
     @property
     def in_channels(self) -> int:
@@ -247,6 +253,8 @@ def build_preprocessing(
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         CheckSameGeometryd(masks, ref_key=IMAGE),  # after re-orientation: the same grid stored in another axis order is fine
         CheckLiverROId(ROI, image_key=IMAGE),  # a liver's volume, not the body
+        *([TrimROIBorderd(ROI, image_key=IMAGE, min_hu=cfg.trim_border_hu, border_mm=cfg.trim_border_mm)]
+          if cfg.trim_border_hu is not None else []),
         ScanProfiled(IMAGE, roi_key=ROI, profile_key=SCAN_PROFILE),
         CropROId(keys, source_key=ROI, margin_mm=cfg.margin_mm),
     ]
