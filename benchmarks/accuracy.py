@@ -99,8 +99,8 @@ def phantom_datasets(work: Path, quick: bool, seed: int) -> list[dict[str, Any]]
              "describe": f"{preset} phantoms, {n_normal} normal + {n_abnormal} abnormal"}]  # fmt: skip
 
 
-def real_datasets(work: Path, real_ct: Path, quick: bool, seed: int, n_sets: int,
-                  lesion_model: str = "sparse") -> list[dict[str, Any]]:
+def real_scans(real_ct: Path) -> list[dict[str, Any]]:
+    """The real normal scans found in ``real_ct``, each with its organ map (fewer than two: none)."""
     scans = [
         {"name": "ct_3mm", "image": real_ct / "example_ct.nii.gz",
          "organ_map": real_ct / "example_seg_fast_force_split.nii.gz", "liver_label": TS_LIVER},
@@ -108,7 +108,13 @@ def real_datasets(work: Path, real_ct: Path, quick: bool, seed: int, n_sets: int
          "organ_map": real_ct / "example_seg_dicom.nii.gz", "liver_label": TS_LIVER},
     ]  # fmt: skip
     scans = [s for s in scans if Path(s["image"]).exists() and Path(s["organ_map"]).exists()]
-    if len(scans) < 2:
+    return scans if len(scans) >= 2 else []
+
+
+def real_datasets(work: Path, real_ct: Path, quick: bool, seed: int, n_sets: int,
+                  lesion_model: str = "sparse") -> list[dict[str, Any]]:
+    scans = real_scans(real_ct)
+    if not scans:
         return []
     folds = build_leave_one_out(scans, work / f"real_{lesion_model}", n_sets=1 if quick else n_sets, seed=seed,
                                 lesion_model=lesion_model)  # fmt: skip
