@@ -39,7 +39,10 @@ What differs, by design of each library:
 - GANomaly: both at 64 px with the CPU schedule's width (32), latent 100, loss weights 1 / 50 / 1, Adam 2e-4 with
   β₁ 0.5; anomalib's model is given three channels in [-1, 1], its generator's tanh range. anomalib's GANomaly
   scores slices only (the latent distance), so its pixel columns are n/a; monai_ad also maps the residual.
-  monai_ad re-initialises a collapsed discriminator; anomalib 2.7's training step does not.
+  monai_ad re-initialises a collapsed discriminator; anomalib 2.7's training step does not. anomalib's
+  ``GanomalyModel`` calls its DCGAN ``weights_init`` on the generator and discriminator modules themselves, not
+  through ``.apply``, so no layer matches and both keep PyTorch's default initialisation; monai_ad initialises every
+  convolution and BatchNorm as DCGAN does.
 - CS-Flow is not compared: anomalib's builds torchvision's EfficientNet-B5 with ImageNet weights that torchvision
   downloads, and its flow graph is fixed to that network's 304-channel stride-32 features, so it cannot be given
   the offline EfficientNet-Lite0 levels both sides here use.
