@@ -102,7 +102,7 @@ def read_case(folder: Path, entry: dict, trim: TrimROIBorder | None, scales: lis
                    MetaTensor(torch.from_numpy(image[None]), affine=meta_affine))  # fmt: skip
         TRIM_SECONDS.setdefault("_".join(entry["case_id"].split("_")[:2]), []).append(time.perf_counter() - start)
         scored = roi[0].numpy() > 0
-    return readings(image, scored, spacing, scales), label == 2, liver, spacing
+    return readings(image, scored, spacing, scales), label == 2, liver, spacing, image
 
 
 def fold_figures(folder: Path, datalist: Path, trim, scales) -> dict[str, dict]:
@@ -128,12 +128,7 @@ def normal_peaks(folder: Path, datalist: Path, scales: list[float], k: int = 12)
     """The held-out normal scan's ``k`` highest 3-D blob readings in the organ map's liver (ROI as given): the
     depth of each region's maximum inside the mask and the HU there."""
     entry = json.loads(datalist.read_text())["test"][0]
-    maps, _, liver, spacing = read_case(folder, entry, None, scales)
-    image = load_nifti(folder / entry["image"])[0]
-    label = load_nifti(folder / entry["label"])[0] > 0
-    box = bounding_box(label)
-    reach = np.ceil(MARGIN_MM / spacing).astype(int)
-    image = image[tuple(slice(max(b.start - r, 0), b.stop + r) for b, r in zip(box, reach))]
+    maps, _, liver, spacing, image = read_case(folder, entry, None, scales)
     blob = maps["blob (3-D)"]
     depth = ndimage.distance_transform_edt(np.pad(liver, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     regions, n = ndimage.label(blob > np.quantile(blob[liver], 0.999))

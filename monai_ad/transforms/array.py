@@ -601,8 +601,7 @@ class TrimROIBorder(Transform):
         box = bounding_box(inside)
         if box is None:
             return roi
-        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
-        part = inside[box]
+        part = inside[box]  # the padding is the outside beyond the box (and beyond the volume's edge)
         depth = ndimage.distance_transform_edt(np.pad(part, 1), sampling=pixdim(roi)[: part.ndim])
         depth = depth[tuple(slice(1, -1) for _ in range(part.ndim))]
         values = _plain(image)[0][box].cpu().numpy()

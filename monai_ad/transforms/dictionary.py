@@ -193,12 +193,12 @@ class CheckSingleOrgand(_Applyd):
         self.transform = CheckSingleOrgan(labels, max_labels)
 
 
-class CheckLiverROId(_Applyd):
-    """``CheckLiverROI`` on each of ``keys`` (binary liver ROIs), with ``image_key``'s image for the body check."""
+class _ApplyWithImaged(MapTransform):
+    """Apply an array transform to each key (ROIs) with ``image_key``'s image as its second argument (None when
+    ``image_key`` is None or the data holds no such item)."""
 
-    def __init__(self, keys: KeysCollection, image_key: str | None = "image", allow_missing_keys: bool = False, **kwargs):
-        super().__init__(keys, allow_missing_keys)
-        self.transform, self.image_key = CheckLiverROI(**kwargs), image_key
+    transform: object
+    image_key: str | None = "image"
 
     def __call__(self, data):
         d = dict(data)
@@ -208,19 +208,21 @@ class CheckLiverROId(_Applyd):
         return d
 
 
-class TrimROIBorderd(MapTransform):
+class CheckLiverROId(_ApplyWithImaged):
+    """``CheckLiverROI`` on each of ``keys`` (binary liver ROIs), with ``image_key``'s image for the body check."""
+
+    def __init__(self, keys: KeysCollection, image_key: str | None = "image", allow_missing_keys: bool = False, **kwargs):
+        super().__init__(keys, allow_missing_keys)
+        self.transform, self.image_key = CheckLiverROI(**kwargs), image_key
+
+
+class TrimROIBorderd(_ApplyWithImaged):
     """``TrimROIBorder`` on each of ``keys`` (binary liver ROIs), with ``image_key``'s HU image."""
 
     def __init__(self, keys: KeysCollection, image_key: str = "image", min_hu: float = -30.0, border_mm: float = 3.0,
                  allow_missing_keys: bool = False):  # fmt: skip
         super().__init__(keys, allow_missing_keys)
         self.transform, self.image_key = TrimROIBorder(min_hu, border_mm), image_key
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key], d[self.image_key])
-        return d
 
 
 class NormalizeLiverSpreadd(_Applyd):
